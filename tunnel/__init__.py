@@ -1,0 +1,81 @@
+"""tunnel: live-migration data multiplexed with RPC on one connection.
+
+The core (this package's top level) is sans-I/O and never imports trio:
+:class:`Connection` takes bytes and returns events.  ``tunnel.trio`` drives
+it over a trio stream.
+"""
+
+from __future__ import annotations
+
+from ._connection import Connection, ConnectionState, StreamInfo
+from ._errors import (
+    ConnectionLost,
+    ErrorCode,
+    FlowControlError,
+    FrameTooLargeError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    RPCError,
+    StreamAborted,
+    TunnelError,
+)
+from ._events import (
+    CallFailed,
+    CallReceived,
+    ConnectionTerminated,
+    DataReceived,
+    DeviceStateReceived,
+    Event,
+    HandshakeComplete,
+    PagesReceived,
+    PongReceived,
+    ReplyReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+    ZeroPagesReceived,
+)
+from ._frames import DigestAlgorithm, FrameType, StreamKind
+from ._settings import PROTOCOL_VERSION, Feature, Settings, SettingId
+from ._state import StreamState
+
+__all__ = [
+    "CallFailed",
+    "CallReceived",
+    "Connection",
+    "ConnectionLost",
+    "ConnectionState",
+    "ConnectionTerminated",
+    "DataReceived",
+    "DeviceStateReceived",
+    "DigestAlgorithm",
+    "ErrorCode",
+    "Event",
+    "Feature",
+    "FlowControlError",
+    "FrameTooLargeError",
+    "FrameType",
+    "HandshakeComplete",
+    "LocalProtocolError",
+    "PROTOCOL_VERSION",
+    "PagesReceived",
+    "PongReceived",
+    "ProtocolError",
+    "RPCError",
+    "RemoteProtocolError",
+    "ReplyReceived",
+    "SettingId",
+    "Settings",
+    "StreamAborted",
+    "StreamEnded",
+    "StreamInfo",
+    "StreamKind",
+    "StreamOpened",
+    "StreamReset",
+    "StreamState",
+    "TunnelError",
+    "WindowUpdated",
+    "ZeroPagesReceived",
+]

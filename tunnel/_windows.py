@@ -1,0 +1,75 @@
+"""Flow-control bookkeeping, pure arithmetic (after h2's ``windows.py``).
+
+A receiver holds one :class:`ReceiveWindow` per stream and one for the
+connection.  Bytes count against it when a flow-controlled frame arrives and
+are given back to the peer only when the application says it has *taken*
+them (:meth:`ReceiveWindow.acknowledge`), in batches of about half a window
+so that WINDOW_UPDATE frames stay rare.
+"""
+
+from __future__ import annotations
+
+from ._errors import ErrorCode, RemoteProtocolError
+from ._frames import MAX_WINDOW
+
+__all__ = ["ReceiveWindow", "SendCredit"]
+
+
+class ReceiveWindow:
+    """Credit this side has granted and not yet seen used."""
+
+    __slots__ = ("max_window", "available", "_unacknowledged")
+
+    def __init__(self, max_window: int) -> None:
+        self.max_window = max_window
+        #: Bytes the peer may still send before it must wait for an update.
+        self.available = max_window
+        self._unacknowledged = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken by the application."""
+        return self.max_window - self.available - self._unacknowledged
+
+    def consume(self, size: int, what: str) -> None:
+        """The peer sent *size* flow-controlled bytes."""
+        if size > self.available:
+            raise RemoteProtocolError(
+                f"{what}: peer sent {size} bytes with only {self.available} bytes of credit",
+                ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        self.available -= size
+
+    def acknowledge(self, size: int) -> int:
+        """The application took *size* bytes; returns the increment to send now, or 0.
+
+        Credit is returned once at least half a window is waiting, or when the
+        peer has no credit left at all (so a window smaller than one frame can
+        never deadlock).
+        """
+        self._unacknowledged += size
+        if self._unacknowledged and (
+            self._unacknowledged * 2 >= self.max_window or self.available == 0
+        ):
+            increment = self._unacknowledged
+            self._unacknowledged = 0
+            self.available += increment
+            return increment
+        return 0
+
+
+class SendCredit:
+    """Credit the peer has granted this side."""
+
+    __slots__ = ("available",)
+
+    def __init__(self, initial: int) -> None:
+        self.available = initial
+
+    def grant(self, increment: int, what: str) -> None:
+        if self.available + increment > MAX_WINDOW:
+            raise RemoteProtocolError(
+                f"{what}: window update of {increment} would exceed 2**31-1",
+                ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        self.available += increment
