@@ -1,0 +1,96 @@
+"""Shared fixtures: connected tunnel pairs over several real and in-memory transports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+import tunnel
+from tunnel.transport import TunnelConnection, open_connection
+
+TransportPair = Callable[[], "asynccontextmanager[tuple[trio.abc.Stream, trio.abc.Stream]]"]
+
+
+@asynccontextmanager
+async def memory_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+    a, b = trio.testing.memory_stream_pair()
+    yield a, b
+
+
+@asynccontextmanager
+async def lockstep_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+    a, b = trio.testing.lockstep_stream_pair()
+    yield a, b
+
+
+@asynccontextmanager
+async def tcp_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listeners[0].accept()
+        yield client, server
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+@asynccontextmanager
+async def unix_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+    a, b = trio.socket.socketpair()
+    yield trio.SocketStream(a), trio.SocketStream(b)
+
+
+@asynccontextmanager
+async def tls_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("tunnel.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    async with tcp_pair() as (raw_client, raw_server):
+        client = trio.SSLStream(raw_client, client_ctx, server_hostname="tunnel.test")
+        server = trio.SSLStream(raw_server, server_ctx, server_side=True)
+        yield client, server
+
+
+TRANSPORTS = {"memory": memory_pair, "tcp": tcp_pair, "unix": unix_pair, "tls": tls_pair}
+
+
+@asynccontextmanager
+async def connected(
+    pair: Callable[[], object] = memory_pair,
+    *,
+    client_settings: tunnel.Settings | None = None,
+    server_settings: tunnel.Settings | None = None,
+    **kwargs: object,
+) -> AsyncIterator[tuple[TunnelConnection, TunnelConnection]]:
+    """Two tunnel connections joined by a transport pair, both running."""
+    async with pair() as (a, b):  # type: ignore[operator]
+        async with trio.open_nursery() as nursery:
+            server_ready: trio.Event = trio.Event()
+            holder: dict[str, TunnelConnection] = {}
+            done = trio.Event()
+
+            async def run_server() -> None:
+                async with open_connection(b, client=False, settings=server_settings, **kwargs) as conn:  # type: ignore[arg-type]
+                    holder["server"] = conn
+                    server_ready.set()
+                    await done.wait()
+
+            nursery.start_soon(run_server)
+            async with open_connection(a, client=True, settings=client_settings, **kwargs) as client:  # type: ignore[arg-type]
+                await server_ready.wait()
+                try:
+                    yield client, holder["server"]
+                finally:
+                    done.set()

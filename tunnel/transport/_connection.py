@@ -1,0 +1,625 @@
+"""The trio driver: RPC and streams multiplexed on one trio stream.
+
+Theory of operation.  Three background tasks serve one
+:class:`tunnel.Connection` core.  The *reader* reads from the transport and
+dispatches the core's events to streams, calls and handlers; it never waits
+for an application, so one slow consumer cannot stall the others (each
+stream's backlog is bounded by its window instead).  The *writer* is the
+only task that writes: each round it first drains what the core has queued
+(RPC, window updates, pongs, opens, ends, aborts) and only then writes one
+data frame, taken round-robin from the streams that have data, credit and
+bandwidth budget.  So control traffic waits behind at most one data frame,
+and N busy streams get equal shares.  The *keepalive* task pings an idle
+peer and declares it dead after the timeout.
+
+Every failure (transport error, protocol error, keepalive timeout, GOODBYE)
+goes through :meth:`TunnelConnection._fail`, which fails every stream and
+pending call with :class:`tunnel.ConnectionLost`; the writer then flushes any
+GOODBYE the core queued and closes the transport.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from .._connection import Connection
+from .._errors import ErrorCode, FrameTooLargeError, RemoteProtocolError, RPCError
+from .._events import (
+    CallFailed,
+    CallReceived,
+    ConnectionTerminated,
+    DataReceived,
+    DeviceStateReceived,
+    Event,
+    HandshakeComplete,
+    PagesReceived,
+    PongReceived,
+    ReplyReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+    ZeroPagesReceived,
+)
+from .._frames import Buffer, DigestAlgorithm, StreamKind
+from .._settings import Settings
+from .._state import StreamState
+from ._io import BufferWriter
+from ._stats import ConnectionStatistics
+from ._stream import DeviceStateRecord, PagesRecord, TunnelStream, ZeroPagesRecord, record_size
+from ._util import BrokenConnection, Signal, aborted
+
+__all__ = ["Handler", "TunnelConnection", "open_connection"]
+
+#: An RPC handler: takes the call body, returns the reply body.
+Handler = Callable[[bytes], Awaitable[Buffer]]
+
+#: Reads when no DATA payload is under way: small, so a payload that follows
+#: a header mostly arrives in reads of its own (whole bytes objects, no slicing).
+_HEAD_READ = 4096
+_PAYLOAD_READ = 1024 * 1024
+_CLOSE_TIMEOUT = 5.0
+
+
+class _Call:
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result = b""
+        self.error: BaseException | None = None
+
+
+class TunnelConnection:
+    """RPC and migration streams over one trio stream.  Create with :func:`open_connection`."""
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        core: Connection,
+        *,
+        keepalive_interval: float | None,
+        keepalive_timeout: float,
+        chunk_size: int,
+    ) -> None:
+        self._transport = transport
+        self._core = core
+        self._out = BufferWriter(transport)
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.chunk_size = chunk_size
+        self._kick_event = trio.Event()
+        self._senders: deque[TunnelStream] = deque()
+        self._streams: dict[int, TunnelStream] = {}
+        self._incoming: deque[TunnelStream] = deque()
+        self._incoming_signal = Signal()
+        self._calls: dict[int, _Call] = {}
+        self._handlers: dict[tuple[int, int], Handler] = {}
+        self._handshake = trio.Event()
+        self._error: BaseException | None = None
+        self._internal_error: BaseException | None = None
+        self._closed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._last_rx = trio.current_time()
+        self._bytes_received = 0
+        self._frames_sent = 0
+        self._calls_served = 0
+        self._pings = 0
+        self._pong_waiters: dict[bytes, trio.Event] = {}
+
+    # ------------------------------------------------------------------
+    # Public API
+
+    @property
+    def client(self) -> bool:
+        return self._core.client
+
+    @property
+    def peer_settings(self) -> Settings:
+        assert self._core.peer_settings is not None
+        return self._core.peer_settings
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    def register(self, program: int, procedure: int, handler: Handler) -> None:
+        """Serve calls to (*program*, *procedure*) with ``await handler(body) -> reply body``.
+
+        A handler that raises :class:`tunnel.RPCError` sends its code and
+        message back; any other exception becomes ``APPLICATION_ERROR``.
+        """
+        self._handlers[(program, procedure)] = handler
+
+    async def call(self, program: int, procedure: int, body: Buffer = b"", *, version: int = 1) -> bytes:
+        """Call a procedure on the peer and return its reply body.
+
+        Raises :class:`tunnel.RPCError` with the peer's code and message, or
+        :class:`tunnel.ConnectionLost`.  Cancelling leaves the connection usable.
+        """
+        self._check_alive()
+        serial = self._core.send_call(program, version, procedure, body)
+        call = _Call()
+        self._calls[serial] = call
+        self._kick()
+        try:
+            await call.done.wait()
+        finally:
+            if not call.done.is_set():
+                del self._calls[serial]
+                self._core.cancel_call(serial)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    async def open_stream(
+        self,
+        *,
+        kind: int = StreamKind.BYTES,
+        digest: int = DigestAlgorithm.CRC32,
+        migration_id: bytes = b"\0" * 16,
+        label: str = "",
+        bandwidth: int = 0,
+    ) -> TunnelStream:
+        """Open a stream; the peer receives it from :meth:`accept_stream`."""
+        self._check_alive()
+        stream_id = self._core.open_stream(kind=kind, digest=digest, migration_id=migration_id, label=label)
+        stream = TunnelStream(
+            self, stream_id, kind=kind, digest=digest, migration_id=migration_id, label=label, bandwidth=bandwidth
+        )
+        self._streams[stream_id] = stream
+        self._kick()
+        await trio.lowlevel.checkpoint()
+        return stream
+
+    async def accept_stream(self) -> TunnelStream:
+        """The next stream the peer opened (its kind, label and migration id are attributes)."""
+        while not self._incoming:
+            self._check_alive()
+            await self._incoming_signal.wait()
+        stream = self._incoming.popleft()
+        await trio.lowlevel.checkpoint()
+        return stream
+
+    async def ping(self) -> float:
+        """Round-trip time of one PING, in seconds."""
+        self._check_alive()
+        self._pings += 1
+        opaque = self._pings.to_bytes(8, "big")
+        waiter = trio.Event()
+        self._pong_waiters[opaque] = waiter
+        start = trio.current_time()
+        self._core.ping(opaque)
+        self._kick()
+        try:
+            await waiter.wait()
+        finally:
+            self._pong_waiters.pop(opaque, None)
+        self._check_alive()
+        return trio.current_time() - start
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(
+            bytes_sent=self._out.written,
+            bytes_received=self._bytes_received,
+            frames_sent=self._frames_sent,
+            connection_credit=self._core.connection_credit,
+            connection_window=self._core.connection_window,
+            buffered=self._core.buffered_received,
+            calls_outstanding=len(self._calls),
+            calls_served=self._calls_served,
+            streams=tuple(s.statistics() for s in self._streams.values()),
+            idle_s=trio.current_time() - self._last_rx,
+        )
+
+    async def aclose(self) -> None:
+        """Orderly shutdown: GOODBYE, flush, close the transport, stop the tasks."""
+        if self._error is None:
+            self._core.close(ErrorCode.NO_ERROR, "closing")
+            self._fail(BrokenConnection("the connection was closed locally"))
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(_CLOSE_TIMEOUT + 1):
+                await self._closed.wait()
+            if not self._closed.is_set():  # pragma: no cover - writer stuck past its own timeout
+                await trio.aclose_forcefully(self._transport)
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------
+    # Used by streams
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _kick(self) -> None:
+        self._kick_event.set()
+
+    def _schedule(self, stream: TunnelStream) -> None:
+        if stream not in self._senders:
+            self._senders.append(stream)
+        self._kick()
+
+    def _send_window(self, stream_id: int) -> int:
+        self._check_alive()
+        return self._core.send_window(stream_id)
+
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        if size and self._error is None:
+            self._core.acknowledge_received(stream_id, size)
+            if self._core.pending_output:
+                self._kick()
+
+    def _end_stream(self, stream_id: int) -> None:
+        self._check_alive()
+        self._core.end_stream(stream_id)
+        self._kick()
+
+    def _abort_stream(self, stream_id: int, error_code: int, reason: str) -> None:
+        if self._error is None:
+            self._core.abort_stream(stream_id, error_code, reason)
+            self._kick()
+
+    def _close_stream(self, stream: TunnelStream) -> None:
+        """aclose(): end our direction, abort the peer's if it is still sending."""
+        if self._error is not None:
+            return
+        state = self._core.stream_state(stream.stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and not stream._eof_sent:
+            self._core.end_stream(stream.stream_id)
+            state = self._core.stream_state(stream.stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            self._core.abort_stream(stream.stream_id, ErrorCode.CANCEL, "the receiver closed the stream")
+        self._kick()
+
+    def _forget(self, stream: TunnelStream) -> None:
+        self._streams.pop(stream.stream_id, None)
+
+    def _check_record_fits(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord) -> None:
+        size = record_size(record)
+        peer = self.peer_settings
+        limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
+        if size > limit:
+            raise FrameTooLargeError(
+                f"a record of {size} bytes can never be sent: the peer accepts frames and windows of {limit} bytes"
+            )
+
+    # ------------------------------------------------------------------
+    # Failure
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        for stream in list(self._streams.values()) + list(self._incoming):
+            stream._on_error(error)
+        for call in self._calls.values():
+            call.error = error
+            call.done.set()
+        self._calls.clear()
+        for waiter in self._pong_waiters.values():
+            waiter.set()
+        self._incoming_signal.fire()
+        self._handshake.set()
+        self._kick()
+
+    # ------------------------------------------------------------------
+    # Background tasks
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._guard, self._reader)
+            nursery.start_soon(self._guard, self._writer)
+            if self.keepalive_interval is not None:
+                nursery.start_soon(self._guard, self._keepalive)
+            task_status.started()
+
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await task()
+        except Exception as exc:  # a bug: surface it, never as a bare group
+            self._internal_error = exc
+            self._fail(BrokenConnection(f"internal error in the tunnel: {exc!r}"))
+
+    async def _reader(self) -> None:
+        core = self._core
+        while self._error is None:
+            pending = core.pending_data_payload
+            size = min(pending[1], _PAYLOAD_READ) if pending else _HEAD_READ
+            try:
+                data = await self._transport.receive_some(size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(BrokenConnection(f"the connection broke: {exc or type(exc).__name__}"))
+                return
+            if not data:
+                self._fail(BrokenConnection("the peer closed the connection without saying goodbye"))
+                return
+            self._last_rx = trio.current_time()
+            self._bytes_received += len(data)
+            try:
+                events = core.receive_data(data)
+            except RemoteProtocolError as exc:
+                self._dispatch_all(())
+                self._fail(BrokenConnection(f"protocol error from the peer: {exc}"))
+                return
+            self._dispatch_all(events)
+            if core.pending_output:
+                self._kick()
+
+    def _dispatch_all(self, events: list[Event] | tuple[()]) -> None:
+        for event in events:
+            self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None or event.data is None:
+                self._acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                data = event.data
+                if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data) == len(data.obj):
+                    data = data.obj  # a whole read: hand out the bytes object itself
+                stream._on_record(data, event.flow_controlled_length)
+        elif isinstance(event, PagesReceived | ZeroPagesReceived | DeviceStateReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                self._acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._on_record(event, event.flow_controlled_length)
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                for stream in self._streams.values():
+                    stream._on_credit()
+            else:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._on_credit()
+            self._kick()
+        elif isinstance(event, StreamOpened):
+            stream = TunnelStream(
+                self,
+                event.stream_id,
+                kind=event.kind,
+                digest=event.digest,
+                migration_id=event.migration_id,
+                label=event.label,
+            )
+            self._streams[event.stream_id] = stream
+            self._incoming.append(stream)
+            self._incoming_signal.fire()
+        elif isinstance(event, StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_eof()
+        elif isinstance(event, StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_error(aborted(event.error_code, event.reason, remote=event.remote))
+            self._kick()
+        elif isinstance(event, CallReceived):
+            self._start_handler(event)
+        elif isinstance(event, ReplyReceived | CallFailed):
+            call = self._calls.pop(event.serial, None)
+            if call is not None:
+                if isinstance(event, ReplyReceived):
+                    call.result = bytes(event.body)
+                else:
+                    call.error = RPCError(event.error_code, event.message)
+                call.done.set()
+        elif isinstance(event, PongReceived):
+            waiter = self._pong_waiters.get(event.opaque)
+            if waiter is not None:
+                waiter.set()
+        elif isinstance(event, ConnectionTerminated):
+            reason = event.reason or "no reason given"
+            self._fail(BrokenConnection(f"the peer closed the connection ({ErrorCode.name_of(event.error_code)}: {reason})"))
+        elif isinstance(event, HandshakeComplete):
+            self._handshake.set()
+
+    def _start_handler(self, event: CallReceived) -> None:
+        handler = self._handlers.get((event.program, event.procedure))
+        if handler is None:
+            self._core.send_error(
+                event.serial,
+                ErrorCode.UNKNOWN_PROCEDURE,
+                f"no handler for program {event.program} procedure {event.procedure}",
+            )
+            self._kick()
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._serve, handler, event.serial, bytes(event.body))
+
+    async def _serve(self, handler: Handler, serial: int, body: bytes) -> None:
+        try:
+            reply = await handler(body)
+        except RPCError as exc:
+            code, message = exc.code, exc.message
+        except Exception as exc:  # the handler's failure goes back to the caller
+            code, message = ErrorCode.APPLICATION_ERROR, f"{type(exc).__name__}: {exc}"
+        else:
+            if self._error is not None:
+                return
+            try:
+                self._core.send_reply(serial, reply)
+            except FrameTooLargeError as exc:
+                self._core.send_error(serial, ErrorCode.APPLICATION_ERROR, f"reply too large: {exc}")
+            self._calls_served += 1
+            self._kick()
+            return
+        if self._error is None:
+            self._core.send_error(serial, code, message)
+            self._calls_served += 1
+            self._kick()
+
+    async def _writer(self) -> None:
+        try:
+            while self._error is None:
+                self._kick_event = trio.Event()
+                deadline = await self._write_round()
+                if deadline is not None:
+                    with trio.move_on_at(deadline):
+                        await self._kick_event.wait()
+            # Flush what the core queued last (a GOODBYE), then close.
+            with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                buffers = self._core.data_to_send()
+                if buffers:
+                    await self._out.write(buffers)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(BrokenConnection(f"the connection broke: {exc or type(exc).__name__}"))
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._transport)
+            self._closed.set()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+
+    async def _write_round(self) -> float | None:
+        """Write one batch; returns None if it did, else when to look again."""
+        core = self._core
+        buffers = core.data_to_send()
+        if buffers:
+            self._frames_sent += 1
+            await self._out.write(buffers)
+            return None
+        now = trio.current_time()
+        deadline = math.inf
+        for _ in range(len(self._senders)):
+            stream = self._senders[0]
+            self._senders.rotate(-1)
+            out = stream._outgoing
+            if out is None:
+                self._senders.remove(stream)
+                continue
+            ready_at = stream._rate.ready_at(now)
+            if ready_at > now:
+                deadline = min(deadline, ready_at)
+                continue
+            window = core.send_window(stream.stream_id)
+            if out.record is not None:
+                size = record_size(out.record)  # type: ignore[arg-type]
+                if window < size:
+                    _blocked(stream, now)
+                    continue
+                _send_record(core, stream.stream_id, out.record)
+                finished = True
+            else:
+                assert out.data is not None
+                if window <= 0:
+                    _blocked(stream, now)
+                    continue
+                size = min(len(out.data), window, stream._rate.chunk(self.chunk_size))
+                core.send_data(stream.stream_id, out.data[:size])
+                out.data = out.data[size:]
+                finished = not out.data
+            _unblocked(stream, now)
+            stream._rate.spend(size, now)
+            stream._frames_sent += 1
+            if finished:
+                stream._outgoing = None
+                self._senders.remove(stream)
+            self._frames_sent += 1
+            await self._out.write(core.data_to_send())
+            if finished:
+                out.done.set()
+            return None
+        return deadline
+
+    async def _keepalive(self) -> None:
+        assert self.keepalive_interval is not None
+        pinged_at = -math.inf
+        while self._error is None:
+            now = trio.current_time()
+            idle = now - self._last_rx
+            if idle >= self.keepalive_timeout:
+                self._core.close(ErrorCode.KEEPALIVE_TIMEOUT, f"nothing received for {idle:.1f} s")
+                self._fail(
+                    BrokenConnection(
+                        f"keepalive timeout: nothing received from the peer for {idle:.1f} s "
+                        f"(timeout {self.keepalive_timeout} s)"
+                    )
+                )
+                return
+            if idle >= self.keepalive_interval and pinged_at < self._last_rx:
+                pinged_at = now
+                self._core.ping(b"keepaliv")
+                self._kick()
+                await trio.sleep_until(self._last_rx + self.keepalive_timeout)
+            else:
+                await trio.sleep_until(min(self._last_rx + self.keepalive_interval, self._last_rx + self.keepalive_timeout))
+
+
+def _blocked(stream: TunnelStream, now: float) -> None:
+    if stream._blocked_since is None:
+        stream._blocked_since = now
+
+
+def _unblocked(stream: TunnelStream, now: float) -> None:
+    if stream._blocked_since is not None:
+        stream._blocked_total += now - stream._blocked_since
+        stream._blocked_since = None
+
+
+def _send_record(core: Connection, stream_id: int, record: object) -> None:
+    if isinstance(record, PagesRecord):
+        core.send_pages(stream_id, region=record.region, page_size=record.page_size, addresses=record.addresses, data=record.data)
+    elif isinstance(record, ZeroPagesRecord):
+        core.send_zero_pages(stream_id, region=record.region, page_size=record.page_size, runs=record.runs)
+    elif isinstance(record, DeviceStateRecord):
+        core.send_device_state(stream_id, name=record.name, version=record.version, data=record.data)
+    else:  # pragma: no cover
+        raise TypeError(record)
+
+
+@asynccontextmanager
+async def open_connection(
+    transport: trio.abc.Stream,
+    *,
+    client: bool,
+    settings: Settings | None = None,
+    keepalive_interval: float | None = 5.0,
+    keepalive_timeout: float = 20.0,
+    chunk_size: int = 256 * 1024,
+) -> AsyncIterator[TunnelConnection]:
+    """Run a tunnel connection over *transport* for the body of the ``async with``.
+
+    *client* is True on the side that opened the transport.  The handshake
+    completes before the body starts.  On exit the connection says goodbye,
+    flushes and closes the transport; background tasks never outlive it.
+    Failures appear as :class:`tunnel.ConnectionLost` (also a
+    ``trio.BrokenResourceError``) from the operations they affect.
+    """
+    core = Connection(client=client, settings=settings)
+    conn = TunnelConnection(
+        transport,
+        core,
+        keepalive_interval=keepalive_interval,
+        keepalive_timeout=keepalive_timeout,
+        chunk_size=min(chunk_size, (settings or Settings()).max_frame_size),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn._run)
+            try:
+                with trio.move_on_after(keepalive_timeout):
+                    await conn._handshake.wait()
+                if not conn._handshake.is_set():
+                    conn._fail(BrokenConnection(f"no handshake from the peer within {keepalive_timeout} s"))
+                conn._check_alive()
+                conn.chunk_size = min(conn.chunk_size, core.max_send_frame)
+                yield conn
+            finally:
+                await conn.aclose()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise  # pragma: no cover - background tasks never raise
+    if conn._internal_error is not None:
+        raise BrokenConnection("internal error in the tunnel") from conn._internal_error
+
