@@ -77,7 +77,7 @@ from ._frames import (
     encode_parts,
     header,
 )
-from ._reader import DataChunk, DataStart, FrameReader, Preface, Record
+from ._reader import DataChunk, DataStart, FrameReader, Item, Preface, Record
 from ._settings import PREFACE, MAGIC, PROTOCOL_VERSION, Feature, Settings, negotiate_version
 from ._state import TRANSITIONS, StreamInput, StreamState
 from ._windows import ReceiveWindow, SendCredit
@@ -270,11 +270,22 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return []
         events: list[Event] = []
+        items: list[Item] = []
         try:
-            for item in self._reader.feed(data):
+            # The frames before a malformed one are processed first, so the
+            # outcome does not depend on how the peer's bytes were split into
+            # reads (a GOODBYE before the bad bytes still wins).
+            try:
+                self._reader.feed(data, items)
+                malformed: RemoteProtocolError | None = None
+            except RemoteProtocolError as exc:
+                malformed = exc
+            for item in items:
                 if self.state is ConnectionState.CLOSED:
                     break  # nothing after a GOODBYE is processed
                 self._process(item, events)
+            if malformed is not None and self.state is not ConnectionState.CLOSED:
+                raise malformed
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
@@ -293,6 +304,7 @@ class Connection:
         stream_id = pending[0]
         s = self._streams.get(stream_id)
         if s is None or s.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            self._give_back_connection(size)  # dropped: the stream is gone, as for DataChunk
             return []
         if s.digest != DigestAlgorithm.NONE:
             raise LocalProtocolError("a stream with a digest cannot receive spliced data")

@@ -81,11 +81,18 @@ class FrameReader:
             raise ValueError(f"cannot skip {size} bytes, {self.data_remaining} remain in the DATA frame")
         self.data_remaining -= size
 
-    def feed(self, data: Buffer) -> list[Item]:
+    def feed(self, data: Buffer, out: list[Item] | None = None) -> list[Item]:
+        """Items completed by *data*, appended to *out* if given.
+
+        On RemoteProtocolError *out* keeps the items parsed before the
+        malformed bytes, so the caller can process them as if they had
+        arrived in a read of their own.
+        """
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        out: list[Item] = []
+        if out is None:
+            out = []
         pos = 0
         end = len(view)
         if not self._preface_done:
@@ -110,7 +117,10 @@ class FrameReader:
                 continue
             if self._frame is not None:
                 take = min(len(self._frame) - self._frame_filled, end - pos)
-                self._frame[self._frame_filled : self._frame_filled + take] = view[pos : pos + take]
+                # Through a memoryview: bytearray slice assignment from a non-bytearray
+                # first copies the value into a temporary bytearray (CPython), which
+                # made assembling a 256 KiB PAGES frame ~4x slower.
+                memoryview(self._frame)[self._frame_filled : self._frame_filled + take] = view[pos : pos + take]
                 self._frame_filled += take
                 pos += take
                 if self._frame_filled == len(self._frame):

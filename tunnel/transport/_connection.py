@@ -20,6 +20,7 @@ GOODBYE the core queued and closes the transport.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +29,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from .._connection import Connection
-from .._errors import ErrorCode, FrameTooLargeError, RemoteProtocolError, RPCError
+from .._errors import ErrorCode, FrameTooLargeError, LocalProtocolError, RemoteProtocolError, RPCError
 from .._events import (
     CallFailed,
     CallReceived,
@@ -49,9 +50,11 @@ from .._events import (
 from .._frames import Buffer, DigestAlgorithm, StreamKind
 from .._settings import Settings
 from .._state import StreamState
-from ._io import BufferWriter
+from ._buffers import BufferPool, ReadBuffer
+from ._io import BufferWriter, raw_socket
+from ._splice import SinkQueue, can_splice, splice_some
 from ._stats import ConnectionStatistics
-from ._stream import DeviceStateRecord, PagesRecord, TunnelStream, ZeroPagesRecord, record_size
+from ._stream import DeviceStateRecord, PagesRecord, TunnelStream, ZeroPagesRecord, _Outgoing, record_size
 from ._util import BrokenConnection, Signal, aborted
 
 __all__ = ["Handler", "TunnelConnection", "open_connection"]
@@ -59,10 +62,14 @@ __all__ = ["Handler", "TunnelConnection", "open_connection"]
 #: An RPC handler: takes the call body, returns the reply body.
 Handler = Callable[[bytes], Awaitable[Buffer]]
 
-#: Reads when no DATA payload is under way: small, so a payload that follows
-#: a header mostly arrives in reads of its own (whole bytes objects, no slicing).
+_READ_SIZE = 1024 * 1024
+#: A pooled buffer with less room than this left is retired or restarted.
+_MIN_READ = 128 * 1024
+#: Received slices smaller than this are copied rather than keeping a buffer alive.
+_MIN_PIN = 4096
+#: Reads while a spliced sink is active and no DATA payload is under way:
+#: small, so the next payload is not pulled into memory with the header.
 _HEAD_READ = 4096
-_PAYLOAD_READ = 1024 * 1024
 _CLOSE_TIMEOUT = 5.0
 
 
@@ -90,6 +97,12 @@ class TunnelConnection:
         self._transport = transport
         self._core = core
         self._out = BufferWriter(transport)
+        self._sock = raw_socket(transport)
+        self._pool = BufferPool(_READ_SIZE)
+        self._buffer: ReadBuffer | None = None
+        #: Streams whose payload the reader splices into a file descriptor.
+        self._sinks: dict[int, SinkQueue] = {}
+        self._can_splice = self._sock is not None and can_splice()
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.chunk_size = chunk_size
@@ -329,28 +342,95 @@ class TunnelConnection:
 
     async def _reader(self) -> None:
         core = self._core
+        sock = self._sock
+        offset = 0
+        waited = False
         while self._error is None:
-            pending = core.pending_data_payload
-            size = min(pending[1], _PAYLOAD_READ) if pending else _HEAD_READ
             try:
-                data = await self._transport.receive_some(size)
+                pending = core.pending_data_payload if self._sinks else None
+                if pending is not None and pending[0] in self._sinks:
+                    # Payload for a file sink: socket -> sink pipe, in the kernel.
+                    if await self._splice_in(pending[0], pending[1], waited):
+                        waited = False
+                        continue
+                    if not waited:
+                        waited = True
+                        await trio.lowlevel.wait_readable(sock)  # type: ignore[arg-type]
+                        continue
+                    # The socket has data but the pipe is full: read into memory.
+                waited = False
+                if sock is not None:
+                    # Plain socket: read into a pooled buffer, hand out slices of it.
+                    if self._buffer is None:
+                        self._buffer = self._pool.get()
+                        offset = 0
+                    buf = self._buffer
+                    want = len(buf.data) - offset
+                    if self._sinks:
+                        want = min(want, pending[1] if pending is not None else _HEAD_READ)
+                    size = await sock.recv_into(buf.view[offset:], want)
+                    data: Buffer = buf.view[offset : offset + size]
+                    offset += size
+                else:
+                    data = await self._transport.receive_some(_READ_SIZE)
+                    size = len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._fail(BrokenConnection(f"the connection broke: {exc or type(exc).__name__}"))
                 return
-            if not data:
+            if not size:
                 self._fail(BrokenConnection("the peer closed the connection without saying goodbye"))
                 return
             self._last_rx = trio.current_time()
-            self._bytes_received += len(data)
+            self._bytes_received += size
             try:
                 events = core.receive_data(data)
             except RemoteProtocolError as exc:
-                self._dispatch_all(())
                 self._fail(BrokenConnection(f"protocol error from the peer: {exc}"))
                 return
             self._dispatch_all(events)
+            buf = self._buffer
+            if buf is not None:
+                if buf.refs == 0:
+                    offset = 0  # nothing refers to it any more: fill it again from the start
+                elif len(buf.data) - offset < _MIN_READ:
+                    self._pool.retire(buf)
+                    self._buffer = None
             if core.pending_output:
                 self._kick()
+
+    async def _splice_in(self, stream_id: int, remaining: int, waited: bool) -> bool:
+        """Splice payload from the socket into a sink's pipe; False if nothing moved."""
+        sink = self._sinks[stream_id]
+        room = sink.pipe.room
+        if room <= 0:
+            return False
+        assert self._sock is not None
+        moved = splice_some(self._sock.fileno(), sink.pipe.write_fd, min(remaining, room))
+        if moved is None:
+            return False
+        if moved == 0:
+            self._fail(BrokenConnection("the peer closed the connection without saying goodbye"))
+            return True
+        self._last_rx = trio.current_time()
+        self._bytes_received += moved
+        for event in self._core.receive_external_data(moved):
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream._sink is sink:
+                stream._on_spliced(moved)
+            else:
+                self._acknowledge(stream_id, event.flow_controlled_length)  # type: ignore[attr-defined]
+        await trio.lowlevel.checkpoint()
+        return True
+
+    def _lend(self, data: Buffer) -> tuple[Buffer, ReadBuffer | None]:
+        """Keep *data* (a slice of the current read buffer) alive, or copy it."""
+        buf = self._buffer
+        if buf is None or not isinstance(data, memoryview) or data.obj is not buf.data:
+            return data, None
+        if len(data) < _MIN_PIN or not self._pool.may_pin:
+            return bytes(data), None
+        buf.refs += 1
+        return data, buf
 
     def _dispatch_all(self, events: list[Event] | tuple[()]) -> None:
         for event in events:
@@ -362,16 +442,21 @@ class TunnelConnection:
             if stream is None or event.data is None:
                 self._acknowledge(event.stream_id, event.flow_controlled_length)
             else:
-                data = event.data
+                data, buf = self._lend(event.data)
                 if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data) == len(data.obj):
                     data = data.obj  # a whole read: hand out the bytes object itself
-                stream._on_record(data, event.flow_controlled_length)
+                stream._on_record(data, event.flow_controlled_length, buf)
         elif isinstance(event, PagesReceived | ZeroPagesReceived | DeviceStateReceived):
             stream = self._streams.get(event.stream_id)
             if stream is None:
                 self._acknowledge(event.stream_id, event.flow_controlled_length)
+            elif isinstance(event, ZeroPagesReceived):
+                stream._on_record(event, event.flow_controlled_length, None)
             else:
-                stream._on_record(event, event.flow_controlled_length)
+                data, buf = self._lend(event.data)
+                if data is not event.data:
+                    event = dataclasses.replace(event, data=data)
+                stream._on_record(event, event.flow_controlled_length, buf)
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
                 for stream in self._streams.values():
@@ -502,12 +587,22 @@ class TunnelConnection:
                 deadline = min(deadline, ready_at)
                 continue
             window = core.send_window(stream.stream_id)
+            if out.pipe is not None:
+                if await self._write_spliced(stream, out, window, now):
+                    return None
+                continue
             if out.record is not None:
                 size = record_size(out.record)  # type: ignore[arg-type]
                 if window < size:
                     _blocked(stream, now)
                     continue
-                _send_record(core, stream.stream_id, out.record)
+                try:
+                    _send_record(core, stream.stream_id, out.record)
+                except LocalProtocolError as exc:  # an invalid record fails its send, not the connection
+                    stream._outgoing = None
+                    self._senders.remove(stream)
+                    out.fail(exc)
+                    return None
                 finished = True
             else:
                 assert out.data is not None
@@ -521,6 +616,7 @@ class TunnelConnection:
             _unblocked(stream, now)
             stream._rate.spend(size, now)
             stream._frames_sent += 1
+            stream._bytes_sent += size  # statistics() falls back to it once the core forgets the stream
             if finished:
                 stream._outgoing = None
                 self._senders.remove(stream)
@@ -530,6 +626,35 @@ class TunnelConnection:
                 out.done.set()
             return None
         return deadline
+
+    async def _write_spliced(self, stream: TunnelStream, out: _Outgoing, window: int, now: float) -> bool:
+        """One DATA frame whose payload goes from the stream's pipe into the socket."""
+        pipe = out.pipe
+        assert pipe is not None
+        if pipe.level == 0:
+            self._senders.remove(stream)  # send_fd schedules the stream again when it fills
+            return False
+        if window <= 0:
+            _blocked(stream, now)
+            return False
+        _unblocked(stream, now)
+        size = min(pipe.level, window, stream._rate.chunk(self.chunk_size))
+        head = self._core.prepare_external_data(stream.stream_id, size)
+        out.writing = True
+        try:
+            await self._out.write_spliced(head, pipe.read_fd, size)
+        finally:
+            out.writing = False
+        pipe.level -= size
+        stream._bytes_spliced += size
+        stream._frames_sent += 1
+        stream._bytes_sent += size
+        stream._rate.spend(size, now)
+        self._frames_sent += 1
+        if stream._outgoing is not out and out.source_eof:
+            pipe.close()  # send_fd finished while we were splicing
+        out.drained.fire()
+        return True
 
     async def _keepalive(self) -> None:
         assert self.keepalive_interval is not None
@@ -546,7 +671,9 @@ class TunnelConnection:
                     )
                 )
                 return
-            if idle >= self.keepalive_interval and pinged_at < self._last_rx:
+            # <=: a reply that arrives in the same clock tick as the ping still
+            # counts (else the loop below would spin, sleeping until a past time).
+            if idle >= self.keepalive_interval and pinged_at <= self._last_rx:
                 pinged_at = now
                 self._core.ping(b"keepaliv")
                 self._kick()
@@ -585,7 +712,7 @@ async def open_connection(
     settings: Settings | None = None,
     keepalive_interval: float | None = 5.0,
     keepalive_timeout: float = 20.0,
-    chunk_size: int = 256 * 1024,
+    chunk_size: int = 1024 * 1024,
 ) -> AsyncIterator[TunnelConnection]:
     """Run a tunnel connection over *transport* for the body of the ``async with``.
 

@@ -8,9 +8,12 @@ worth its cost, and large payloads are written as they are.
 
 from __future__ import annotations
 
+import socket
+
 import trio
 
 from .._frames import Buffer
+from ._splice import splice_some
 
 __all__ = ["BufferWriter", "raw_socket"]
 
@@ -70,3 +73,24 @@ class BufferWriter:
             self.written += len(buf)
         if pending:
             await self._transport.send_all(b"".join(pending))
+
+    async def write_spliced(self, header: bytes, pipe_fd: int, size: int) -> None:
+        """Write *header*, then move *size* bytes from *pipe_fd* into the socket (kernel only)."""
+        sock = self._sock
+        assert sock is not None
+        view = memoryview(header)
+        while view:
+            sent = await sock.send(view, socket.MSG_MORE)  # the payload follows at once
+            view = view[sent:]
+            self.written += sent
+        fd = sock.fileno()
+        while size:
+            moved = splice_some(pipe_fd, fd, size)
+            if moved is None:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            if moved == 0:  # pragma: no cover - the pipe holds at least size bytes
+                raise OSError("splice source ran dry")
+            size -= moved
+            self.written += moved
+        await trio.lowlevel.checkpoint_if_cancelled()

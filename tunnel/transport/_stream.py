@@ -17,13 +17,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
+import os
+
 import trio
 
 from .._errors import ErrorCode, TunnelError
 from .._events import DeviceStateReceived, PagesReceived, ZeroPagesReceived
-from .._frames import Buffer
+from .._frames import Buffer, DigestAlgorithm
 from .._state import StreamState
+from ._buffers import ReadBuffer
 from ._ratelimit import RateLimit
+from ._splice import KernelPipe, SinkQueue, is_spliceable, splice_some
 from ._stats import StreamStatistics
 from ._util import BrokenStream, ConflictGuard, Signal, aborted
 
@@ -60,15 +64,31 @@ Record = Union[bytes, memoryview, PagesRecord, ZeroPagesRecord, DeviceStateRecor
 
 
 class _Outgoing:
-    """The one piece of work a stream has handed to the writer."""
+    """The one piece of work a stream has handed to the writer.
 
-    __slots__ = ("data", "record", "done", "error")
+    Either a caller's buffer (*data*), one typed *record*, or a kernel
+    *pipe* that ``send_fd`` keeps filling from a file descriptor.
+    """
 
-    def __init__(self, data: memoryview | None, record: object | None) -> None:
+    __slots__ = ("data", "record", "pipe", "source_eof", "writing", "drained", "done", "error", "wait_scope")
+
+    def __init__(self, data: memoryview | None, record: object | None, pipe: KernelPipe | None = None) -> None:
         self.data = data
         self.record = record
+        self.pipe = pipe
+        self.source_eof = False
+        self.writing = False
+        self.drained = Signal()
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.wait_scope: trio.CancelScope | None = None
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+        self.drained.fire()
+        if self.wait_scope is not None:
+            self.wait_scope.cancel()
 
 
 class TunnelStream(trio.abc.HalfCloseableStream):
@@ -104,11 +124,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._bytes_spliced = 0
         # receive side
         self._recv_guard = ConflictGuard("another task is receiving on this stream")
-        self._backlog: deque[tuple[object, int]] = deque()  # (item, flow-controlled length)
+        # (item, flow-controlled length, pooled read buffer the item is a slice of)
+        self._backlog: deque[tuple[object, int, ReadBuffer | None]] = deque()
+        self._lent: ReadBuffer | None = None  # buffer behind the last item handed out
         self._buffered = 0
         self._head_offset = 0  # bytes of the first backlog item already taken
         self._eof_received = False
         self._recv_signal = Signal()
+        self._sink: SinkQueue | None = None
+        self._sink_scope: trio.CancelScope | None = None
         self._frames_received = 0
         self._bytes_received = 0
         # both
@@ -118,18 +142,32 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------
     # Called by the connection
 
-    def _on_record(self, item: object, length: int) -> None:
+    def _on_record(self, item: object, length: int, buf: ReadBuffer | None) -> None:
         if self._closed or self._error is not None:
             self._conn._acknowledge(self.stream_id, length)
+            if buf is not None:
+                buf.release()
             return
-        self._backlog.append((item, length))
+        if self._sink is not None and isinstance(item, (bytes, memoryview)):
+            self._sink.add_memory(item, buf)
+        else:
+            self._backlog.append((item, length, buf))
         self._buffered += length
         self._bytes_received += length
         self._frames_received += 1
         self._recv_signal.fire()
 
+    def _on_spliced(self, size: int) -> None:
+        """The reader spliced *size* payload bytes into this stream's sink pipe."""
+        assert self._sink is not None
+        self._sink.add_pipe(size)
+        self._buffered += size
+        self._bytes_received += size
+
     def _on_eof(self) -> None:
         self._eof_received = True
+        if self._sink is not None:
+            self._sink.signal.fire()
         self._recv_signal.fire()
 
     def _on_error(self, error: BaseException) -> None:
@@ -140,10 +178,21 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._drop_backlog()
         out, self._outgoing = self._outgoing, None
         if out is not None:
-            out.error = error
-            out.done.set()
+            out.fail(error)
+        self._wake_sink()
         self._recv_signal.fire()
         self._credit_signal.fire()
+
+    def _wake_sink(self) -> None:
+        if self._sink is not None:
+            self._sink.signal.fire()
+        if self._sink_scope is not None:
+            self._sink_scope.cancel()
+
+    def _release_lent(self) -> None:
+        if self._lent is not None:
+            self._lent.release()
+            self._lent = None
 
     def _on_credit(self) -> None:
         self._credit_signal.fire()
@@ -151,7 +200,17 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _drop_backlog(self) -> None:
         if self._buffered:
             self._conn._acknowledge(self.stream_id, self._buffered)
+        for _, _, buf in self._backlog:
+            if buf is not None:
+                buf.release()
         self._backlog.clear()
+        if self._sink is not None:
+            self._conn._sinks.pop(self.stream_id, None)
+            for _, buf in self._sink.release():
+                if buf is not None:
+                    buf.release()
+            self._sink = None
+        self._release_lent()
         self._buffered = 0
         self._head_offset = 0
 
@@ -232,6 +291,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def _wait_item(self) -> bool:
         """Wait for a backlog item; False at end of stream."""
+        self._release_lent()  # what the previous receive returned is no longer needed
         while not self._backlog:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
@@ -245,7 +305,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         return True
 
     def _take_bytes(self, max_bytes: int | None, view_ok: bool) -> Buffer:
-        item, length = self._backlog[0]
+        item, length, buf = self._backlog[0]
         if not isinstance(item, (bytes, memoryview)):
             raise TunnelError(f"the next item on stream {self.stream_id} is a {type(item).__name__}: use receive_record()")
         start = self._head_offset
@@ -256,12 +316,18 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._head_offset = 0
         else:
             self._head_offset = end
+            buf = None  # still held by the backlog entry
         self._buffered -= taken
         self._conn._acknowledge(self.stream_id, taken)
         if start == 0 and end == length and isinstance(item, bytes):
             return item
         chunk = memoryview(item)[start:end]
-        return chunk if view_ok else bytes(chunk)
+        if view_ok:
+            self._lent = buf
+            return chunk
+        if buf is not None:
+            buf.release()
+        return bytes(chunk)
 
     def _check_max(self, max_bytes: int | None) -> None:
         if max_bytes is not None:
@@ -283,7 +349,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return data
 
     async def receive_view(self, max_bytes: int | None = None) -> Buffer:
-        """Like :meth:`receive_some` without a copy: may return a memoryview."""
+        """Like :meth:`receive_some` without a copy: may return a memoryview.
+
+        The view is valid until the next receive call on this stream (its
+        memory is then reused): copy what you need to keep.
+        """
         self._check_max(max_bytes)
         with self._recv_guard:
             if not await self._wait_item():
@@ -299,16 +369,214 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if not await self._wait_item():
                 await trio.lowlevel.checkpoint()
                 return b""
-            item, length = self._backlog[0]
+            item, length, buf = self._backlog[0]
             if isinstance(item, (bytes, memoryview)):
                 data = self._take_bytes(None, view_ok=True)
             else:
                 self._backlog.popleft()
+                self._lent = buf
                 self._buffered -= length
                 self._conn._acknowledge(self.stream_id, length)
                 data = _record_of(item)
             await trio.lowlevel.checkpoint()
             return data
+
+    # ------------------------------------------------------------------
+    # File descriptors: the data path of a real hypervisor
+
+    async def send_fd(self, fd: int, *, limit: int | None = None) -> int:
+        """Send what *fd* (a pipe or socket to QEMU, a file) yields until its EOF.
+
+        Returns the number of bytes sent; does not send EOF on the stream.
+        On a plain-socket connection, for a pipe or socket *fd* on a stream
+        without a digest, the bytes are spliced by the kernel and never
+        enter Python; otherwise they are copied through one reused buffer.
+        *fd* is switched to non-blocking mode.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        with self._send_guard:
+            self._check_send()
+            os.set_blocking(fd, False)
+            if self._conn._can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd):
+                return await self._send_fd_spliced(fd, limit)
+            return await self._send_fd_copied(fd, limit)
+
+    async def _send_fd_copied(self, fd: int, limit: int | None) -> int:
+        buf = bytearray(self._conn.chunk_size)
+        view = memoryview(buf)
+        total = 0
+        while limit is None or total < limit:
+            want = len(buf) if limit is None else min(len(buf), limit - total)
+            try:
+                size = os.readv(fd, [view[:want]])
+            except BlockingIOError:
+                await self._wait_fd(trio.lowlevel.wait_readable, fd, None)
+                continue
+            if not size:
+                break
+            await self._hand_over(_Outgoing(view[:size], None))
+            total += size
+        await trio.lowlevel.checkpoint()
+        return total
+
+    async def _wait_fd(self, wait: object, fd: int, out: _Outgoing | None) -> None:
+        """Wait on *fd*, but wake with the stream's error if it fails meanwhile."""
+        with trio.CancelScope() as scope:
+            if out is not None:
+                out.wait_scope = scope
+            else:
+                self._sink_scope = scope
+            await wait(fd)  # type: ignore[operator]
+        if out is not None:
+            out.wait_scope = None
+        else:
+            self._sink_scope = None
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._error is not None:
+            raise self._error
+
+    async def _send_fd_spliced(self, fd: int, limit: int | None) -> int:
+        out = _Outgoing(None, None, KernelPipe())
+        pipe = out.pipe
+        assert pipe is not None
+        self._outgoing = out
+        total = 0
+        try:
+            while True:
+                if out.error is not None:
+                    raise out.error
+                if limit is not None and total >= limit:
+                    out.source_eof = True
+                moved = None
+                if not out.source_eof and pipe.room > 0:
+                    want = pipe.room if limit is None else min(pipe.room, limit - total)
+                    moved = splice_some(fd, pipe.write_fd, want)
+                    if moved == 0:
+                        out.source_eof = True
+                    elif moved:
+                        pipe.level += moved
+                        total += moved
+                        self._conn._schedule(self)
+                        continue
+                if out.source_eof and pipe.level == 0:
+                    break
+                if pipe.level == 0:
+                    await self._wait_fd(trio.lowlevel.wait_readable, fd, out)
+                else:
+                    await out.drained.wait()  # the writer moved some on; fill again
+        finally:
+            if self._outgoing is out:
+                self._outgoing = None
+            if out.writing:
+                out.source_eof = True  # the writer closes the pipe when its splice is done
+            else:
+                pipe.close()
+        if out.error is not None:
+            raise out.error
+        await trio.lowlevel.checkpoint()
+        return total
+
+    async def receive_fd(self, fd: int) -> int:
+        """Write everything the peer sends on this stream into *fd*, until end of stream.
+
+        Returns the number of bytes written.  Spliced (never entering
+        Python) under the same conditions as :meth:`send_fd`; credit goes
+        back to the peer only once bytes are in *fd*.  If writing to *fd*
+        fails, the stream is aborted with the reason and the error raised.
+        """
+        with self._recv_guard:
+            self._release_lent()
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            os.set_blocking(fd, False)
+            if self._conn._can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd):
+                return await self._receive_fd_spliced(fd)
+            total = 0
+            while True:
+                if not await self._wait_item():
+                    break
+                data = self._take_bytes(None, view_ok=True)
+                total += await self._write_fd(fd, memoryview(data))
+                self._release_lent()
+            await trio.lowlevel.checkpoint()
+            return total
+
+    async def _write_fd(self, fd: int, view: memoryview) -> int:
+        written = 0
+        while written < len(view):
+            try:
+                written += os.write(fd, view[written:])
+            except BlockingIOError:
+                await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
+            except OSError as exc:
+                await self.abort(ErrorCode.APPLICATION_ERROR, f"destination write failed: {exc}")
+                raise
+        return written
+
+    async def _receive_fd_spliced(self, fd: int) -> int:
+        sink = SinkQueue()
+        for item, length, buf in self._backlog:
+            if not isinstance(item, (bytes, memoryview)):
+                sink.release()
+                raise TunnelError(f"stream {self.stream_id} carries typed records: use receive_record()")
+        while self._backlog:
+            item, length, buf = self._backlog.popleft()
+            start, self._head_offset = self._head_offset, 0
+            sink.add_memory(memoryview(item)[start:], buf)  # type: ignore[arg-type]
+        self._sink = sink
+        self._conn._sinks[self.stream_id] = sink
+        total = 0
+        try:
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("the stream was closed")
+                if self._error is not None and not self._eof_received:
+                    raise self._error
+                if sink.segments:
+                    head = sink.segments[0]
+                    if isinstance(head, int):
+                        moved = splice_some(sink.pipe.read_fd, fd, head)
+                        if moved is None:
+                            await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
+                            continue
+                        if moved == 0:  # pragma: no cover - the pipe holds head bytes
+                            raise OSError("sink pipe ran dry")
+                        sink.pipe.level -= moved
+                        if moved == head:
+                            sink.segments.popleft()
+                        else:
+                            sink.segments[0] = head - moved
+                        self._bytes_spliced += moved
+                    else:
+                        data, buf = head
+                        moved = await self._write_fd(fd, memoryview(data))
+                        if self._sink is not sink or not sink.segments or sink.segments[0] is not head:
+                            continue  # failed meanwhile: the backlog was dropped and acknowledged
+                        sink.segments.popleft()
+                        if buf is not None:
+                            buf.release()
+                    total += moved
+                    self._buffered -= moved
+                    self._conn._acknowledge(self.stream_id, moved)
+                elif self._eof_received:
+                    break
+                else:
+                    await sink.signal.wait()
+        finally:
+            self._sink = None
+            self._conn._sinks.pop(self.stream_id, None)
+            leftover = sink.release()
+            if not self._closed and self._error is None:
+                for data, buf in reversed(leftover):  # back to the backlog, in order
+                    self._backlog.appendleft((data, len(data), buf))
+            else:
+                for _, buf in leftover:
+                    if buf is not None:
+                        buf.release()
+        await trio.lowlevel.checkpoint()
+        return total
 
     # ------------------------------------------------------------------
     # Control
@@ -338,8 +606,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._drop_backlog()
             out, self._outgoing = self._outgoing, None
             if out is not None:
-                out.error = trio.ClosedResourceError("the stream was closed")
-                out.done.set()
+                out.fail(trio.ClosedResourceError("the stream was closed"))
+            self._wake_sink()
             self._recv_signal.fire()
             self._credit_signal.fire()
             self._conn._forget(self)
