@@ -326,22 +326,6 @@ class Connection:
             return stream_id >= self._next_stream_id
         return stream_id > self._highest_peer_stream
 
-    def _record_stream(self, stream_id: int, size: int, what: str, events: list[Event]) -> _Stream | None:
-        """Account a flow-controlled frame; the stream to deliver it to, or None to drop it."""
-        self._conn_window.consume(size, "connection window")
-        s = self._streams.get(stream_id)
-        if s is None:
-            if self._is_idle(stream_id):
-                raise RemoteProtocolError(f"{what} on stream {stream_id}, which was never opened")
-            self._give_back_connection(size)  # late frame for a closed stream
-            return None
-        if (s.state, StreamInput.RECV_RECORD) not in TRANSITIONS:
-            self._give_back_connection(size)
-            events.append(self._stream_error(s, ErrorCode.STREAM_STATE_ERROR, f"{what} after the peer ended the stream"))
-            return None
-        s.window.consume(size, f"stream {stream_id} window")
-        return s
-
     def _give_back_connection(self, size: int) -> None:
         increment = self._conn_window.acknowledge(size)
         if increment:
