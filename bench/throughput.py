@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
+import subprocess
 import sys
 import tempfile
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,37 +53,45 @@ def make_certs(certdir: str) -> None:
     cert.cert_chain_pems[0].write_to_path(os.path.join(certdir, "cert.pem"))
 
 
-def _producer(fd: int, total: int) -> threading.Thread:
-    """Writes *total* random bytes into a pipe (the 'hypervisor' on the source)."""
-    block = memoryview(random_block(CHUNK * 4))
+_PRODUCER = """
+import os, sys
+total = int(sys.argv[1]); block = memoryview(os.urandom(4 << 20))
+while total:
+    total -= os.write(1, block[: min(len(block), total)])
+"""
+_CONSUMER = """
+import os
+buf = bytearray(1 << 20); got = 0
+while True:
+    n = os.readv(0, [buf])
+    if not n:
+        break
+    got += n
+print(got)
+"""
 
-    def run() -> None:
-        left = total
-        while left:
-            n = os.write(fd, block[: min(len(block), left)])
-            left -= n
-        os.close(fd)
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+def _producer(total: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A separate process (the 'hypervisor' on the source) writing *total* random bytes into a pipe."""
+    proc = subprocess.Popen([sys.executable, "-c", _PRODUCER, str(total)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    return proc, proc.stdout.fileno()
 
 
-def _consumer(fd: int) -> tuple[threading.Thread, list[int]]:
-    got = [0]
+def _consumer() -> tuple[subprocess.Popen[bytes], int]:
+    """A separate process (the destination 'hypervisor') reading a pipe and counting bytes."""
+    proc = subprocess.Popen([sys.executable, "-c", _CONSUMER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None
+    return proc, proc.stdin.fileno()
 
-    def run() -> None:
-        buf = bytearray(CHUNK)
-        while True:
-            n = os.readv(fd, [buf])
-            if not n:
-                break
-            got[0] += n
-        os.close(fd)
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, got
+def _consumer_count(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.close()
+    out = proc.stdout.read()
+    proc.wait()
+    return int(out)
 
 
 async def sender(mode: str, port: int, total: int, certdir: str) -> dict[str, float]:
@@ -106,8 +114,7 @@ async def sender(mode: str, port: int, total: int, certdir: str) -> dict[str, fl
         await stream.receive_some(1)
         await stream.aclose()
     elif mode == "fd_raw":
-        r, w = os.pipe()
-        _producer(w, total)
+        proc, r = _producer(total)
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         os.set_blocking(r, False)
@@ -120,17 +127,16 @@ async def sender(mode: str, port: int, total: int, certdir: str) -> dict[str, fl
             if not n:
                 break
             await stream.send_all(view[:n])
-        os.close(r)
+        proc.wait()
         await stream.receive_some(1)
         await stream.aclose()
     else:
         async with open_connection(stream, client=True, keepalive_interval=None) as conn:
             s = await conn.open_stream(label="bench", digest=DigestAlgorithm.NONE)
             if mode == "fd_tunnel":
-                r, w = os.pipe()
-                _producer(w, total)
+                proc, r = _producer(total)
                 await s.send_fd(r)
-                os.close(r)
+                proc.wait()
             else:
                 sent = 0
                 while sent < total:
@@ -168,8 +174,7 @@ async def receiver(mode: str, listener_fd: int, total: int, certdir: str) -> dic
         await stream.send_all(b"k")
         await stream.aclose()
     elif mode == "fd_raw":
-        r, w = os.pipe()
-        t, counted = _consumer(r)
+        proc, w = _consumer()
         os.set_blocking(w, False)
         while got < total:
             data = await stream.receive_some(CHUNK)
@@ -184,21 +189,16 @@ async def receiver(mode: str, listener_fd: int, total: int, certdir: str) -> dic
                     continue
                 view = view[n:]
             got += len(data)
-        os.close(w)
-        await trio.to_thread.run_sync(t.join)
-        got = counted[0]
+        got = await trio.to_thread.run_sync(_consumer_count, proc)
         await stream.send_all(b"k")
         await stream.aclose()
     else:
         async with open_connection(stream, client=False, keepalive_interval=None) as conn:
             s = await conn.accept_stream()
             if mode == "fd_tunnel":
-                r, w = os.pipe()
-                t, counted = _consumer(r)
+                proc, w = _consumer()
                 await s.receive_fd(w)
-                os.close(w)
-                await trio.to_thread.run_sync(t.join)
-                got = counted[0]
+                got = await trio.to_thread.run_sync(_consumer_count, proc)
             else:
                 while True:
                     data = await s.receive_view(CHUNK)
