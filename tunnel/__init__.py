@@ -38,10 +38,11 @@ from ._events import (
     ZeroPagesReceived,
 )
 from ._frames import DigestAlgorithm, FrameType, StreamKind
-from ._settings import PROTOCOL_VERSION, Feature, Settings, SettingId
+from ._settings import PROTOCOL_VERSION, Feature, SettingId, Settings
 from ._state import StreamState
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "CallFailed",
     "CallReceived",
     "Connection",
@@ -59,7 +60,6 @@ __all__ = [
     "FrameType",
     "HandshakeComplete",
     "LocalProtocolError",
-    "PROTOCOL_VERSION",
     "PagesReceived",
     "PongReceived",
     "ProtocolError",

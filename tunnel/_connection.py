@@ -55,7 +55,6 @@ from ._events import (
 from ._frames import (
     HEADER_SIZE,
     Buffer,
-    Data,
     DeviceState,
     DigestAlgorithm,
     Frame,
@@ -75,10 +74,11 @@ from ._frames import (
     WindowUpdate,
     ZeroPages,
     encode_parts,
+    frame_type,
     header,
 )
 from ._reader import DataChunk, DataStart, FrameReader, Item, Preface, Record
-from ._settings import PREFACE, MAGIC, PROTOCOL_VERSION, Feature, Settings, negotiate_version
+from ._settings import MAGIC, PREFACE, PROTOCOL_VERSION, Feature, Settings, negotiate_version
 from ._state import TRANSITIONS, StreamInput, StreamState
 from ._windows import ReceiveWindow, SendCredit
 
@@ -95,7 +95,7 @@ class ConnectionState(Enum):
 
 
 class _Stream:
-    __slots__ = ("stream_id", "state", "kind", "digest", "local", "credit", "window", "sent", "received")
+    __slots__ = ("credit", "digest", "kind", "local", "received", "sent", "state", "stream_id", "window")
 
     def __init__(self, stream_id: int, kind: int, digest: int, local: bool, credit: int, window: int) -> None:
         self.stream_id = stream_id
@@ -439,7 +439,7 @@ class Connection:
     def _on_record(self, record: Record, events: list[Event]) -> None:
         frame = record.frame
         size = len(record.payload)
-        s = self._record_stream(frame.stream_id, size, _TYPE_NAMES[type(frame)], events)
+        s = self._record_stream(frame.stream_id, size, frame_type(frame).name, events)
         if s is None:
             return
         s.received.update(record.payload)
@@ -666,11 +666,8 @@ class Connection:
         parts = encode_parts(frame)
         size = sum(len(p) for p in parts) - HEADER_SIZE
         self._take_credit(s, size)
-        if s.sent.algorithm is not DigestAlgorithm.NONE:
-            for part in parts[1:]:
-                s.sent.update(part)
-        else:
-            s.sent.skip(size)
+        for part in parts[1:]:
+            s.sent.update(part)  # counts only, for a stream without a digest
         self._out.extend(parts)
 
     def send_pages(self, stream_id: int, *, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> None:
@@ -782,9 +779,6 @@ class Connection:
         self._queue(Goodbye(last_stream_id=self._highest_peer_stream, error_code=error_code, reason=reason))
         self.state = ConnectionState.CLOSED
         self.close_reason = f"closed locally: {ErrorCode.name_of(error_code)}: {reason}"
-
-
-_TYPE_NAMES = {Pages: "PAGES", ZeroPages: "ZERO_PAGES", DeviceState: "DEVICE_STATE"}
 
 
 def _name(item: object) -> str:

@@ -13,7 +13,7 @@ __all__ = ["RunningDigest"]
 class RunningDigest:
     """Counts payload bytes and folds them into the stream's digest."""
 
-    __slots__ = ("algorithm", "total", "_crc", "_sha")
+    __slots__ = ("_crc", "_sha", "algorithm", "total")
 
     def __init__(self, algorithm: int) -> None:
         self.algorithm = DigestAlgorithm(algorithm)

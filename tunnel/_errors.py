@@ -18,8 +18,8 @@ __all__ = [
     "FrameTooLargeError",
     "LocalProtocolError",
     "ProtocolError",
-    "RemoteProtocolError",
     "RPCError",
+    "RemoteProtocolError",
     "StreamAborted",
     "TunnelError",
 ]

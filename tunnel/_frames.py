@@ -26,6 +26,8 @@ from typing import Union
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "HEADER",
+    "HEADER_SIZE",
     "Buffer",
     "Data",
     "DeviceState",
@@ -33,8 +35,6 @@ __all__ = [
     "Frame",
     "FrameType",
     "Goodbye",
-    "HEADER",
-    "HEADER_SIZE",
     "Pages",
     "Ping",
     "Pong",
@@ -355,13 +355,13 @@ def _fields(frame: Frame) -> list[Buffer]:
     if isinstance(frame, StreamOpen):
         if len(frame.migration_id) != 16:
             raise LocalProtocolError("migration id must be 16 bytes")
-        if not 0 <= frame.kind <= 0xFF or frame.digest not in _DIGEST_SIZES.keys():
+        if not 0 <= frame.kind <= 0xFF or frame.digest not in _DIGEST_SIZES:
             raise LocalProtocolError(f"bad stream kind {frame.kind} or digest {frame.digest}")
         return [_OPEN.pack(frame.kind, frame.digest, 0, frame.migration_id) + _utf8(frame.label)]
     if isinstance(frame, StreamEnd):
         if not 0 <= frame.total_bytes < 2**64:
             raise LocalProtocolError("total_bytes does not fit in 64 bits")
-        if frame.digest_algorithm not in _DIGEST_SIZES.keys() or len(frame.digest) != _DIGEST_SIZES[
+        if frame.digest_algorithm not in _DIGEST_SIZES or len(frame.digest) != _DIGEST_SIZES[
             DigestAlgorithm(frame.digest_algorithm)
         ]:
             raise LocalProtocolError("digest does not match its algorithm")
@@ -544,7 +544,7 @@ def decode_payload(ftype: FrameType, stream_id: int, payload: memoryview) -> Fra
         kind, digest, reserved2, migration_id = _OPEN.unpack_from(payload)
         if reserved2:
             raise _bad("STREAM_OPEN reserved field is not zero")
-        if digest not in _DIGEST_SIZES.keys():
+        if digest not in _DIGEST_SIZES:
             raise _bad(f"unknown digest algorithm {digest}")
         return StreamOpen(
             stream_id=stream_id,
@@ -558,7 +558,7 @@ def decode_payload(ftype: FrameType, stream_id: int, payload: memoryview) -> Fra
         total, algorithm, digest_len, reserved2 = _END.unpack_from(payload)
         if reserved2:
             raise _bad("STREAM_END reserved field is not zero")
-        if algorithm not in _DIGEST_SIZES.keys():
+        if algorithm not in _DIGEST_SIZES:
             raise _bad(f"unknown digest algorithm {algorithm}")
         if digest_len != _DIGEST_SIZES[DigestAlgorithm(algorithm)]:
             raise _bad(f"digest length {digest_len} does not match algorithm {algorithm}")

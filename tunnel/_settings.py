@@ -16,10 +16,10 @@ from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ._frames import MAX_WINDOW, SettingsFrame
 
 __all__ = [
-    "Feature",
     "MAGIC",
     "PREFACE",
     "PROTOCOL_VERSION",
+    "Feature",
     "SettingId",
     "Settings",
     "negotiate_version",

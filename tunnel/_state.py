@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-__all__ = ["StreamInput", "StreamState", "TRANSITIONS"]
+__all__ = ["TRANSITIONS", "StreamInput", "StreamState"]
 
 
 class StreamState(Enum):

@@ -18,7 +18,7 @@ __all__ = ["ReceiveWindow", "SendCredit"]
 class ReceiveWindow:
     """Credit this side has granted and not yet seen used."""
 
-    __slots__ = ("max_window", "available", "_unacknowledged")
+    __slots__ = ("_unacknowledged", "available", "max_window")
 
     def __init__(self, max_window: int) -> None:
         self.max_window = max_window

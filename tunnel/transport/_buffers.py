@@ -20,7 +20,7 @@ __all__ = ["BufferPool", "ReadBuffer"]
 
 
 class ReadBuffer:
-    __slots__ = ("data", "view", "refs", "retired", "pool")
+    __slots__ = ("data", "pool", "refs", "retired", "view")
 
     def __init__(self, pool: BufferPool, size: int) -> None:
         self.data = bytearray(size)

@@ -74,7 +74,7 @@ _CLOSE_TIMEOUT = 5.0
 
 
 class _Call:
-    __slots__ = ("done", "result", "error")
+    __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
         self.done = trio.Event()

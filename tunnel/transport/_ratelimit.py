@@ -14,7 +14,7 @@ class RateLimit:
     without stalling a stream that was briefly idle.
     """
 
-    __slots__ = ("rate", "burst_s", "_next")
+    __slots__ = ("_next", "burst_s", "rate")
 
     def __init__(self, rate: int = 0, burst_s: float = 0.05) -> None:
         self.rate = 0

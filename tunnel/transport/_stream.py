@@ -13,11 +13,10 @@ the application.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
-
-import os
 
 import trio
 
@@ -70,7 +69,7 @@ class _Outgoing:
     *pipe* that ``send_fd`` keeps filling from a file descriptor.
     """
 
-    __slots__ = ("data", "record", "pipe", "source_eof", "writing", "drained", "done", "error", "wait_scope")
+    __slots__ = ("data", "done", "drained", "error", "pipe", "record", "source_eof", "wait_scope", "writing")
 
     def __init__(self, data: memoryview | None, record: object | None, pipe: KernelPipe | None = None) -> None:
         self.data = data
