@@ -25,6 +25,7 @@ from tunnel._frames import (
     DigestAlgorithm,
     Frame,
     Goodbye,
+    Iteration,
     Pages,
     Ping,
     Pong,
@@ -37,6 +38,7 @@ from tunnel._frames import (
     StreamOpen,
     WindowUpdate,
     ZeroPages,
+    ZstdPages,
 )
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "device_states",
     "frames",
     "goodbyes",
+    "iterations",
     "pages",
     "pings",
     "pongs",
@@ -60,6 +63,7 @@ __all__ = [
     "u64",
     "window_updates",
     "zero_pages",
+    "zstd_pages",
 ]
 
 u16 = st.integers(0, 0xFFFF)
@@ -161,6 +165,21 @@ def zero_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_runs: int = 8)
     return ZeroPages(stream_id=draw(ids), region=draw(u32), page_size=page_size, runs=runs)
 
 
+@st.composite
+def zstd_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_page_shift: int = 21, max_pages: int = 8) -> ZstdPages:
+    """ZSTD_PAGES frames.  The core does not look inside the compressed bytes,
+    so they are arbitrary (at least one byte, as the layout requires)."""
+    page_size = 1 << draw(st.integers(MIN_PAGE_SHIFT, max_page_shift))
+    slot = st.integers(0, 2**64 // page_size - 1).map(lambda k: k * page_size)
+    addresses = tuple(draw(st.lists(slot, max_size=max_pages)))
+    compressed = draw(st.binary(min_size=1, max_size=256))
+    return ZstdPages(stream_id=draw(ids), region=draw(u32), page_size=page_size, addresses=addresses, compressed=compressed)
+
+
+def iterations(ids: St[int] = stream_ids) -> St[Iteration]:
+    return st.builds(Iteration, stream_id=ids, iteration=u32, final=st.booleans())
+
+
 def device_states(ids: St[int] = stream_ids, max_size: int = _MAX_BULK) -> St[DeviceState]:
     return st.builds(DeviceState, stream_id=ids, name=_text, version=u32, data=_bulk(max_size))
 
@@ -198,4 +217,6 @@ def frames(ids: St[int] | None = None, *, window_ids: St[int] | None = None) -> 
         device_states(sids),
         stream_ends(sids),
         stream_aborts(sids),
+        iterations(sids),
+        zstd_pages(sids),
     )

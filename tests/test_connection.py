@@ -33,6 +33,7 @@ from tunnel import (
     FlowControlError,
     FrameTooLargeError,
     HandshakeComplete,
+    IterationReceived,
     LocalProtocolError,
     PagesReceived,
     PongReceived,
@@ -45,6 +46,7 @@ from tunnel import (
     StreamState,
     WindowUpdated,
     ZeroPagesReceived,
+    ZstdPagesReceived,
 )
 from tunnel._frames import (
     HEADER,
@@ -53,6 +55,7 @@ from tunnel._frames import (
     DeviceState,
     Frame,
     Goodbye,
+    Iteration,
     Pages,
     Ping,
     Pong,
@@ -64,14 +67,18 @@ from tunnel._frames import (
     StreamOpen,
     WindowUpdate,
     ZeroPages,
+    ZstdPages,
     decode,
     encode,
 )
-from tunnel._settings import MAGIC, PREFACE
+from tunnel._settings import MAGIC, PREFACE, ZSTD_MAX_EXPANSION
 from tunnel._state import TRANSITIONS, StreamInput
 
-#: Small windows so that flow control is reached with a few KiB.
-SMALL = Settings(max_frame_size=16 * 1024, initial_stream_window=8192, connection_window=65536)
+#: Small windows so that flow control is reached with a few KiB; ZSTD on, so every record type is legal.
+SMALL = Settings(
+    max_frame_size=16 * 1024, initial_stream_window=8192, connection_window=65536, features=Feature.DIGEST_SHA256 | Feature.ZSTD
+)
+ZSTD = Settings(features=Feature.DIGEST_SHA256 | Feature.ZSTD)
 HALF = SMALL.initial_stream_window // 2
 
 
@@ -151,6 +158,11 @@ def assert_connection_error(conn: Connection, blob: bytes, code: int = ErrorCode
 
 def page_frame(stream_id: int) -> Pages:
     return Pages(stream_id=stream_id, region=1, page_size=512, addresses=(0, 4096), data=bytes(range(256)) * 4)
+
+
+def zstd_frame(stream_id: int) -> ZstdPages:
+    # The core never looks inside the compressed bytes: any will do here.
+    return ZstdPages(stream_id=stream_id, region=1, page_size=4096, addresses=(0, 8192), compressed=b"not really zstd")
 
 
 # ----------------------------------------------------------------------
@@ -346,6 +358,7 @@ def test_skipped_peer_ids_count_as_closed() -> None:
     [
         Data(stream_id=9, data=b"x"),
         page_frame(9),
+        Iteration(stream_id=9, iteration=0),
         StreamEnd(stream_id=9, total_bytes=0),
         StreamAbort(stream_id=9, error_code=ErrorCode.CANCEL),
         WindowUpdate(stream_id=9, increment=1),
@@ -419,6 +432,8 @@ def record_sends(a: Connection, sid: int) -> list[Callable[[], None]]:
         lambda: a.send_pages(sid, region=0, page_size=512, addresses=(0,), data=bytes(512)),
         lambda: a.send_zero_pages(sid, region=0, page_size=4096, runs=((0, 3), (8192, 1))),
         lambda: a.send_device_state(sid, name="cpu0", version=2, data=b"regs"),
+        lambda: a.send_iteration(sid, 1, final=True),
+        lambda: a.send_zstd_pages(sid, region=0, page_size=4096, addresses=(0,), compressed=b"\x28\xb5\x2f\xfd"),
     ]
 
 
@@ -427,6 +442,8 @@ RECORD_FRAMES: list[tuple[Callable[[int], Frame], type[Event]]] = [
     (page_frame, PagesReceived),
     (lambda sid: ZeroPages(stream_id=sid, region=0, page_size=4096, runs=((0, 2),)), ZeroPagesReceived),
     (lambda sid: DeviceState(stream_id=sid, name="dev", version=1, data=b"blob"), DeviceStateReceived),
+    (lambda sid: Iteration(stream_id=sid, iteration=2), IterationReceived),
+    (zstd_frame, ZstdPagesReceived),
 ]
 
 
@@ -1005,6 +1022,147 @@ def test_sha256_open_refused_without_the_feature() -> None:
     assert [(f.stream_id, f.error_code) for f in sent(b) if isinstance(f, StreamAbort)] == [(1, ErrorCode.REFUSED_STREAM)]
     assert b.stream_state(1) is StreamState.CLOSED and b.state is ConnectionState.OPEN
     assert b.buffered_received == 0
+
+
+# ----------------------------------------------------------------------
+# ITERATION and ZSTD_PAGES
+
+
+def test_iterations_are_records_in_order_and_in_the_digest() -> None:
+    a, b = make_pair(server=SMALL)
+    sid = a.open_stream(digest=DigestAlgorithm.CRC32)
+    a.send_iteration(sid, 0)
+    a.send_pages(sid, region=0, page_size=512, addresses=(0,), data=bytes(512))
+    a.send_iteration(sid, 1, final=True)
+    assert a.send_window(sid) == 8192 - 8 - (16 + 8 + 512) - 8  # 8 flow-controlled bytes each
+    a.end_stream(sid)
+    events = pump(a, b)
+    assert [type(e) for e in events] == [StreamOpened, IterationReceived, PagesReceived, IterationReceived, StreamEnded]
+    assert events[1] == IterationReceived(stream_id=sid, iteration=0, final=False, flow_controlled_length=8)
+    assert events[3] == IterationReceived(stream_id=sid, iteration=1, final=True, flow_controlled_length=8)
+    assert events[4] == StreamEnded(stream_id=sid, total_bytes=8 + 536 + 8, digest=events[4].digest)  # type: ignore[attr-defined]
+    assert b.buffered_received == 552
+    ack_all(b, events)
+    assert b.buffered_received == 0
+
+
+def test_tampered_iteration_is_a_digest_mismatch() -> None:
+    """The iteration number is covered by the digest like any record payload."""
+    a, b = make_pair()
+    sid = a.open_stream(digest=DigestAlgorithm.CRC32)
+    a.send_iteration(sid, 4)
+    a.end_stream(sid)
+    wire = bytearray(a.bytes_to_send())
+    frames = parse(bytes(wire))
+    assert isinstance(frames[1], Iteration)
+    offset = sum(len(encode(f)) for f in frames[:1]) + HEADER_SIZE + 3  # low byte of the iteration number
+    wire[offset] ^= 0x01
+    events = b.receive_data(bytes(wire))
+    assert isinstance(events[1], IterationReceived) and events[1].iteration == 5
+    assert [(type(e), getattr(e, "error_code", None)) for e in events[2:]] == [(StreamReset, ErrorCode.DIGEST_MISMATCH)]
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    (bytes.fromhex("00000001 00000002"), ErrorCode.PROTOCOL_ERROR),
+    (bytes.fromhex("00000001 80000001"), ErrorCode.PROTOCOL_ERROR),
+    (bytes.fromhex("00000001 000000"), ErrorCode.FRAME_SIZE_ERROR),
+    (bytes.fromhex("00000001 00000000 00"), ErrorCode.FRAME_SIZE_ERROR),
+])
+def test_malformed_iteration_is_a_connection_error(payload: bytes, code: int) -> None:
+    a, b = make_pair()
+    sid = a.open_stream()
+    pump(a, b)
+    assert_connection_error(b, HEADER.pack(len(payload), 0x27, 0, 0, sid) + payload, code)
+
+
+def test_send_iteration_checks_its_number() -> None:
+    a, _b = make_pair()
+    sid = a.open_stream()
+    a.bytes_to_send()
+    for bad in (-1, 2**32):
+        with pytest.raises(LocalProtocolError):
+            a.send_iteration(sid, bad)
+    assert a.pending_output == 0 and a.send_window(sid) == Settings().initial_stream_window
+    a.send_iteration(sid, 2**32 - 1, final=True)
+    assert sent(a) == [Iteration(stream_id=sid, iteration=2**32 - 1, final=True)]
+
+
+def test_features_in_effect() -> None:
+    assert Connection(client=True, settings=ZSTD).features == Feature.NONE  # before the handshake
+    a, b = make_pair(ZSTD, ZSTD)
+    assert a.features == b.features == Feature.DIGEST_SHA256 | Feature.ZSTD
+    a, b = make_pair(ZSTD, None)
+    assert a.features == b.features == Feature.DIGEST_SHA256
+
+
+def test_zstd_pages_round_trip_count_the_wire_bytes() -> None:
+    a, b = make_pair(SMALL, SMALL)
+    sid = a.open_stream(digest=DigestAlgorithm.SHA256)
+    blob = b"\x28\xb5\x2f\xfd" + bytes(range(100))
+    a.send_zstd_pages(sid, region=5, page_size=4096, addresses=(0, 4096, 65536), compressed=memoryview(blob))
+    wire = 16 + 3 * 8 + len(blob)
+    assert a.send_window(sid) == 8192 - wire  # far less than the 12 KiB of pages it stands for
+    a.end_stream(sid)
+    events = pump(a, b)
+    assert [type(e) for e in events] == [StreamOpened, ZstdPagesReceived, StreamEnded]
+    got = events[1]
+    assert isinstance(got, ZstdPagesReceived)
+    assert (got.stream_id, got.region, got.page_size, got.addresses, bytes(got.compressed), got.flow_controlled_length) == (
+        sid, 5, 4096, (0, 4096, 65536), blob, wire,
+    )
+    ended = events[2]
+    assert isinstance(ended, StreamEnded) and ended.total_bytes == wire
+    assert ended.digest == hashlib.sha256(encode(ZstdPages(stream_id=sid, region=5, page_size=4096, addresses=(0, 4096, 65536), compressed=blob))[HEADER_SIZE:]).digest()
+
+
+@pytest.mark.parametrize("who_lacks", ["client", "server", "both"])
+def test_zstd_pages_need_the_feature_on_both_sides(who_lacks: str) -> None:
+    a, b = make_pair(
+        client=None if who_lacks in ("client", "both") else ZSTD,
+        server=None if who_lacks in ("server", "both") else ZSTD,
+    )
+    sid = a.open_stream()
+    pump(a, b)
+    with pytest.raises(LocalProtocolError):
+        a.send_zstd_pages(sid, region=0, page_size=4096, addresses=(0,), compressed=b"z")
+    assert a.pending_output == 0
+    # Sent anyway (crafted), it is a connection error, whichever side lacked the bit.
+    err = assert_connection_error(b, encode(zstd_frame(sid)))
+    assert "ZSTD" in err.reason
+
+
+def test_zstd_pages_without_the_feature_on_a_closed_stream_is_still_a_connection_error() -> None:
+    a, b = make_pair()
+    sid = a.open_stream()
+    a.abort_stream(sid)
+    pump(a, b)
+    assert b.stream_state(sid) is StreamState.CLOSED
+    assert_connection_error(b, encode(zstd_frame(sid)))
+
+
+def test_zstd_pages_above_the_expansion_limit() -> None:
+    """count x page_size may not exceed 64 x the receiver's max frame size: refused
+    by the sender's core, and a stream error at the receiver (nothing allocated)."""
+    a, b = make_pair(SMALL, SMALL)
+    limit = ZSTD_MAX_EXPANSION * SMALL.max_frame_size  # 1 MiB
+    sid = a.open_stream()
+    pump(a, b)
+    ok = tuple(range(0, limit, 4096))
+    a.send_zstd_pages(sid, region=0, page_size=4096, addresses=ok, compressed=b"z")
+    with pytest.raises(FrameTooLargeError):
+        a.send_zstd_pages(sid, region=0, page_size=4096, addresses=(*ok, limit), compressed=b"z")
+    with pytest.raises(FrameTooLargeError):
+        a.send_zstd_pages(sid, region=0, page_size=2 * limit, addresses=(0,), compressed=b"z")
+    [event] = pump(a, b)
+    assert isinstance(event, ZstdPagesReceived) and len(event.addresses) * event.page_size == limit
+    ack_all(b, [event])
+    too_big = ZstdPages(stream_id=sid, region=0, page_size=4096, addresses=(*ok, limit), compressed=b"z")
+    events = b.receive_data(encode(too_big))
+    assert events == [StreamReset(stream_id=sid, error_code=ErrorCode.PROTOCOL_ERROR, reason=events[0].reason, remote=False)]  # type: ignore[attr-defined]
+    assert str(limit) in events[0].reason  # type: ignore[attr-defined]
+    assert [(f.stream_id, f.error_code) for f in sent(b) if isinstance(f, StreamAbort)] == [(sid, ErrorCode.PROTOCOL_ERROR)]
+    assert b.state is ConnectionState.OPEN and b.stream_state(sid) is StreamState.CLOSED
+    assert b.buffered_received == 0  # its connection credit was given back at once
 
 
 # ----------------------------------------------------------------------

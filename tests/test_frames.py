@@ -22,6 +22,7 @@ from tunnel._frames import (
     Frame,
     FrameType,
     Goodbye,
+    Iteration,
     Pages,
     Ping,
     Pong,
@@ -35,6 +36,7 @@ from tunnel._frames import (
     StreamOpen,
     WindowUpdate,
     ZeroPages,
+    ZstdPages,
     decode,
     encode,
     encode_parts,
@@ -107,6 +109,8 @@ EXAMPLES: dict[FrameType, Frame] = {
     FrameType.DEVICE_STATE: DeviceState(stream_id=5, name="0000:00:02.0/virtio-net", version=3, data=b"\xff" * 100),
     FrameType.STREAM_END: StreamEnd(stream_id=1, total_bytes=2**64 - 1, digest_algorithm=DigestAlgorithm.CRC32, digest=b"\x12\x34\x56\x78"),
     FrameType.STREAM_ABORT: StreamAbort(stream_id=1, error_code=ErrorCode.DIGEST_MISMATCH, reason="crc"),
+    FrameType.ITERATION: Iteration(stream_id=1, iteration=3, final=True),
+    FrameType.ZSTD_PAGES: ZstdPages(stream_id=1, region=2, page_size=4096, addresses=(0, 0x7000), compressed=b"\x28\xb5\x2f\xfd" + b"z" * 40),
 }
 
 
@@ -171,6 +175,12 @@ LAYOUTS: list[tuple[Frame, str]] = [
     ),
     (StreamEnd(stream_id=2, total_bytes=0), "0000000c 25 00 0000 00000002 0000000000000000 00 00 0000"),
     (StreamAbort(stream_id=1, error_code=9, reason="x"), "00000005 26 00 0000 00000001 00000009 78"),
+    (Iteration(stream_id=1, iteration=0), "00000008 27 00 0000 00000001 00000000 00000000"),
+    (Iteration(stream_id=3, iteration=0x0102, final=True), "00000008 27 00 0000 00000003 00000102 00000001"),
+    (
+        ZstdPages(stream_id=3, region=7, page_size=512, addresses=(0x400, 0x800), compressed=b"\x01\x02\x03"),
+        "00000023 28 00 0000 00000003 00000007 00000002 00000200 00000000 0000000000000400 0000000000000800 010203",
+    ),
     (Goodbye(last_stream_id=7, error_code=1, reason="\u00e9"), "0000000a 04 00 0000 00000000 00000007 00000001 c3a9"),
     (
         RpcCall(program=0x20008086, version=1, procedure=42, serial=5, body=b"hi"),
@@ -216,6 +226,7 @@ def test_encode_parts_passes_bulk_through(kind: type) -> None:
     cases: list[tuple[Frame, int]] = [
         (Data(stream_id=1, data=blob), 1),
         (Pages(stream_id=1, region=0, page_size=4096, addresses=(0, 4096), data=blob), 2),
+        (ZstdPages(stream_id=1, region=0, page_size=4096, addresses=(0, 4096), compressed=blob), 2),
         (DeviceState(stream_id=1, name="dev", data=blob), 2),
         (RpcCall(program=1, version=1, procedure=1, serial=1, body=blob), 2),
         (RpcReply(program=1, version=1, procedure=1, serial=1, body=blob), 2),
@@ -230,6 +241,8 @@ def test_encode_parts_passes_bulk_through(kind: type) -> None:
 def _bulk_of(frame: Frame) -> Any:
     if isinstance(frame, Data | Pages | DeviceState):
         return frame.data
+    if isinstance(frame, ZstdPages):
+        return frame.compressed
     if isinstance(frame, RpcCall | RpcReply):
         return frame.body
     return None
@@ -247,7 +260,7 @@ def test_encode_parts_never_copies_bulk(frame: Frame) -> None:
 
 
 def test_decode_gives_views_of_the_buffer() -> None:
-    for ftype in (FrameType.DATA, FrameType.PAGES, FrameType.DEVICE_STATE, FrameType.RPC_CALL, FrameType.RPC_REPLY):
+    for ftype in (FrameType.DATA, FrameType.PAGES, FrameType.ZSTD_PAGES, FrameType.DEVICE_STATE, FrameType.RPC_CALL, FrameType.RPC_REPLY):
         buf = bytearray(encode(EXAMPLES[ftype]))
         frame = decode(buf)
         bulk = _bulk_of(frame)
@@ -263,7 +276,7 @@ def test_decode_gives_views_of_the_buffer() -> None:
 
 def test_decode_small_fields_are_immutable_copies() -> None:
     # Short fixed fields are bytes, so a frame stays valid after the buffer is reused.
-    for ftype in (FrameType.PING, FrameType.PONG, FrameType.STREAM_OPEN, FrameType.STREAM_END):
+    for ftype in (FrameType.PING, FrameType.PONG, FrameType.STREAM_OPEN, FrameType.STREAM_END, FrameType.ITERATION):
         frame = decode(bytearray(encode(EXAMPLES[ftype])))
         for f in fields(frame):
             assert not isinstance(getattr(frame, f.name), memoryview | bytearray), (ftype, f.name)
@@ -303,6 +316,8 @@ PER_TYPE: dict[str, st.SearchStrategy[Any]] = {
     "device_state": S.device_states(),
     "stream_end": S.stream_ends(),
     "stream_abort": S.stream_aborts(),
+    "iteration": S.iterations(),
+    "zstd_pages": S.zstd_pages(),
 }
 
 
@@ -355,7 +370,7 @@ def test_length_field_disagrees_with_bytes() -> None:
     assert remote_error(good + b"\0").error_code == FSE
 
 
-@pytest.mark.parametrize("ftype_raw", [0x00, 0x06, 0x0F, 0x13, 0x1F, 0x27, 0x80, 0xFF])
+@pytest.mark.parametrize("ftype_raw", [0x00, 0x06, 0x0F, 0x13, 0x1F, 0x29, 0x2F, 0x80, 0xFF])
 def test_unknown_frame_type(ftype_raw: int) -> None:
     assert_malformed(raw(ftype_raw, b"", 0), PE)
     assert_malformed(raw(ftype_raw, b"xx", 1), PE)
@@ -412,8 +427,9 @@ MINIMUM = {
     FrameType.STREAM_END: 12,
     FrameType.STREAM_ABORT: 4,
     FrameType.GOODBYE: 8,
+    FrameType.ZSTD_PAGES: 17,  # the head, no addresses, and at least one byte of zstd frame
 }
-EXACT = {FrameType.WINDOW_UPDATE: 4, FrameType.PING: 8, FrameType.PONG: 8}
+EXACT = {FrameType.WINDOW_UPDATE: 4, FrameType.PING: 8, FrameType.PONG: 8, FrameType.ITERATION: 8}
 
 
 @pytest.mark.parametrize("ftype", list(MINIMUM), ids=lambda t: t.name)
@@ -506,6 +522,50 @@ def test_misaligned_page_address(address: int) -> None:
 def test_zero_length_zero_page_run() -> None:
     assert_malformed(raw(FrameType.ZERO_PAGES, _zero_payload(runs=((4096, 0),))), PE)
     assert_malformed(raw(FrameType.ZERO_PAGES, _zero_payload(count=2, runs=((0, 1), (4096, 0)))), PE)
+
+
+# ---------------------------------------------------------------------------
+# ITERATION and ZSTD_PAGES
+
+
+@pytest.mark.parametrize("flags", [0x2, 0x3, 0x80, 0x8000_0000, 0xFFFF_FFFE, 0xFFFF_FFFF])
+def test_iteration_undefined_flags(flags: int) -> None:
+    assert_malformed(raw(FrameType.ITERATION, struct.pack(">II", 5, flags)), PE)
+
+
+@pytest.mark.parametrize(("flags", "final"), [(0, False), (1, True)])
+def test_iteration_flags(flags: int, final: bool) -> None:
+    assert decode(raw(FrameType.ITERATION, struct.pack(">II", 0xFFFFFFFF, flags))) == Iteration(
+        stream_id=1, iteration=0xFFFFFFFF, final=final
+    )
+
+
+def _zstd_payload(count: int = 1, page_size: int = 4096, reserved: int = 0, addresses: tuple[int, ...] = (0,), compressed: bytes = b"z") -> bytes:
+    return struct.pack(">IIII", 7, count, page_size, reserved) + struct.pack(f">{len(addresses)}Q", *addresses) + compressed
+
+
+def test_zstd_pages_lengths() -> None:
+    # Any compressed length of at least one byte: the core does not look inside.
+    for compressed in (b"z", b"\0" * 1000):
+        frame = decode(raw(FrameType.ZSTD_PAGES, _zstd_payload(count=2, addresses=(0, 8192), compressed=compressed)))
+        assert frame == ZstdPages(stream_id=1, region=7, page_size=4096, addresses=(0, 8192), compressed=compressed)
+    # No compressed byte at all, or fewer addresses than count says.
+    assert_malformed(raw(FrameType.ZSTD_PAGES, _zstd_payload(compressed=b"")), FSE)
+    assert_malformed(raw(FrameType.ZSTD_PAGES, _zstd_payload(count=2, addresses=(0,), compressed=b"1234567")), FSE)
+    # A huge count is refused by arithmetic, before anything is unpacked.
+    assert_malformed(raw(FrameType.ZSTD_PAGES, _zstd_payload(count=0xFFFFFFFF)), FSE)
+    # count 0 with a (compressed empty) frame is legal.
+    assert decode(raw(FrameType.ZSTD_PAGES, _zstd_payload(count=0, addresses=()))) == ZstdPages(
+        stream_id=1, region=7, page_size=4096, addresses=(), compressed=b"z"
+    )
+
+
+def test_zstd_pages_fields() -> None:
+    assert_malformed(raw(FrameType.ZSTD_PAGES, _zstd_payload(reserved=1)), PE)
+    for page_size in BAD_PAGE_SIZES:
+        assert_malformed(raw(FrameType.ZSTD_PAGES, _zstd_payload(count=0, addresses=(), page_size=page_size)), PE)
+    for address in (1, 2048, 4095, 2**64 - 1):
+        assert_malformed(raw(FrameType.ZSTD_PAGES, _zstd_payload(count=2, addresses=(0, address))), PE)
 
 
 BAD_UTF8 = [b"\xff", b"\xc3", b"abc\x80", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf"]
@@ -660,6 +720,17 @@ BAD_ENCODES: list[tuple[str, Frame]] = [
     ("end-digest-none", StreamEnd(stream_id=1, total_bytes=0, digest_algorithm=DigestAlgorithm.NONE, digest=b"\0")),
     ("end-digest-sha", StreamEnd(stream_id=1, total_bytes=0, digest_algorithm=DigestAlgorithm.SHA256, digest=b"\0" * 4)),
     ("abort-code", StreamAbort(stream_id=1, error_code=2**32)),
+    # iteration
+    ("iteration-stream-0", Iteration(stream_id=0, iteration=1)),
+    ("iteration-2**32", Iteration(stream_id=1, iteration=2**32)),
+    ("iteration-negative", Iteration(stream_id=1, iteration=-1)),
+    # zstd pages
+    ("zstd-stream-0", ZstdPages(stream_id=0, region=0, page_size=4096, addresses=(), compressed=b"z")),
+    ("zstd-empty", ZstdPages(stream_id=1, region=0, page_size=4096, addresses=(0,), compressed=b"")),
+    ("zstd-size", ZstdPages(stream_id=1, region=0, page_size=1000, addresses=(), compressed=b"z")),
+    ("zstd-misaligned", ZstdPages(stream_id=1, region=0, page_size=4096, addresses=(100,), compressed=b"z")),
+    ("zstd-address-2**64", ZstdPages(stream_id=1, region=0, page_size=4096, addresses=(2**64,), compressed=b"z")),
+    ("zstd-region", ZstdPages(stream_id=1, region=2**32, page_size=4096, addresses=(), compressed=b"z")),
     ("abort-reason", StreamAbort(stream_id=1, error_code=1, reason=SURROGATE)),
     # connection frames
     ("window-0", WindowUpdate(stream_id=0, increment=0)),
@@ -692,6 +763,8 @@ def test_encode_accepts_boundaries() -> None:
         Pages(stream_id=1, region=0, page_size=512, addresses=(2**64 - 512,), data=bytearray(512)),
         StreamEnd(stream_id=1, total_bytes=2**64 - 1),
         SettingsFrame(settings=((0, 0), (0xFFFF, 0xFFFFFFFF))),
+        Iteration(stream_id=1, iteration=0xFFFFFFFF, final=True),
+        ZstdPages(stream_id=1, region=0xFFFFFFFF, page_size=1 << 21, addresses=(2**64 - (1 << 21),), compressed=b"z"),
     ]
     for frame in ok:
         assert decode(encode(frame)) == frame

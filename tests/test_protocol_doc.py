@@ -2,7 +2,9 @@
 
 Every ```hex vector=NAME``` block of protocol.md is decoded verbatim with the
 core's decoder and compared with the values kept here (not with the prose of
-the document), then re-encoded byte for byte.  The document's tables of frame
+the document), then re-encoded byte for byte.  The ZSTD_PAGES vector's zstd
+frame is decompressed with ``zstandard`` and compared with the page contents
+the document states.  The document's tables of frame
 types, settings, features, error codes, digest algorithms, stream kinds,
 stream-state transitions and frame layouts are parsed and compared with the
 code's enums and encoder.
@@ -17,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import zstandard
 
 import tunnel
 from tunnel import Connection, ErrorCode, FrameType, RemoteProtocolError, Settings
@@ -30,6 +33,7 @@ from tunnel._frames import (
     DigestAlgorithm,
     Frame,
     Goodbye,
+    Iteration,
     Pages,
     Ping,
     Pong,
@@ -43,6 +47,7 @@ from tunnel._frames import (
     StreamOpen,
     WindowUpdate,
     ZeroPages,
+    ZstdPages,
     decode,
     encode,
 )
@@ -137,6 +142,9 @@ RECORDS: list[Frame] = [
 ]
 RECORD_PAYLOADS = b"".join(encode(r)[HEADER_SIZE:] for r in RECORDS)
 REFUSAL_REASON = "no common protocol version: peer speaks 2..3, this side speaks 1..1"
+#: What the ZSTD_PAGES vector's zstd frame decompresses to, as §10.15 states it.
+ZSTD_CONTENT = b"\x11" * 512 + b"\x22" * 512
+ZSTD_FRAME = bytes.fromhex("28b52ffd6000036d0000181111220200fc4015fb2ac002")
 
 EXPECTED_FRAMES: dict[str, Frame] = {
     "settings": SettingsFrame(settings=((1, 16384), (2, 65536), (0x7F00, 1))),
@@ -165,16 +173,19 @@ EXPECTED_FRAMES: dict[str, Frame] = {
         digest=zlib.crc32(RECORD_PAYLOADS).to_bytes(4, "big"),
     ),
     "stream_abort": StreamAbort(stream_id=3, error_code=ErrorCode.CANCEL, reason="cancelled by the operator"),
+    "iteration": Iteration(stream_id=1, iteration=0),
+    "iteration_final": Iteration(stream_id=1, iteration=7, final=True),
+    "zstd_pages": ZstdPages(stream_id=1, region=1, page_size=512, addresses=(0, 0x2000), compressed=ZSTD_FRAME),
 }
 HANDSHAKE_VECTORS = ("handshake_client", "handshake_server")
 
 
 def _plain(frame: Frame) -> Frame:
     """*frame* with memoryview fields turned into bytes, for comparison."""
-    changes = {
+    changes: dict[str, object] = {
         f.name: bytes(getattr(frame, f.name)) for f in dataclasses.fields(frame) if isinstance(getattr(frame, f.name), memoryview)
     }
-    return dataclasses.replace(frame, **changes)
+    return dataclasses.replace(frame, **changes)  # type: ignore[arg-type]  # field types vary by frame
 
 
 def _open_pair() -> tuple[Connection, Connection]:
@@ -302,6 +313,54 @@ def test_conversation_byte_by_byte() -> None:
     assert events[-1].total_bytes == 612
 
 
+def test_zstd_vector_decompresses_to_the_stated_pages() -> None:
+    frame = decode(VECTORS["zstd_pages"])
+    assert isinstance(frame, ZstdPages)
+    size = len(frame.addresses) * frame.page_size
+    assert size == len(ZSTD_CONTENT) == 1024
+    assert zstandard.ZstdDecompressor().decompress(frame.compressed) == ZSTD_CONTENT
+    params = zstandard.get_frame_parameters(frame.compressed)
+    assert (params.content_size, params.dict_id, params.has_checksum) == (1024, 0, False)
+    assert len(frame.compressed) == 23 and "23-byte" in TEXT
+    # The text states the same contents the test checks.
+    assert "512 bytes of 0x11 followed by 512 bytes of 0x22" in " ".join(TEXT.split())
+    # The trio layer's own decompressor accepts it too.
+    from tunnel.transport._compress import PageDecompressor
+
+    assert PageDecompressor().decompress(frame.compressed, size) == ZSTD_CONTENT
+
+
+def test_zstd_conversation_from_vectors() -> None:
+    """The ITERATION and ZSTD_PAGES vectors on a connection where both sides set ZSTD (§10)."""
+    features = Settings(features=tunnel.Feature.DIGEST_SHA256 | tunnel.Feature.ZSTD)
+    client, server = Connection(client=True, settings=features), Connection(client=False, settings=features)
+    server.receive_data(client.bytes_to_send())
+    client.receive_data(server.bytes_to_send())
+    assert server.features == tunnel.Feature(3)
+    events: list[tunnel.Event] = []
+    for name in ("stream_open", "iteration", "zstd_pages", "iteration_final"):
+        events += server.receive_data(VECTORS[name])
+    assert [type(e) for e in events] == [
+        tunnel.StreamOpened,
+        tunnel.IterationReceived,
+        tunnel.ZstdPagesReceived,
+        tunnel.IterationReceived,
+    ]
+    assert events[1] == tunnel.IterationReceived(stream_id=1, iteration=0, final=False, flow_controlled_length=8)
+    zp = events[2]
+    assert isinstance(zp, tunnel.ZstdPagesReceived)
+    assert (zp.region, zp.page_size, zp.addresses, bytes(zp.compressed)) == (1, 512, (0, 0x2000), ZSTD_FRAME)
+    assert zp.flow_controlled_length == 16 + 16 + 23  # the wire size, not the 1024 bytes of pages
+    assert events[3] == tunnel.IterationReceived(stream_id=1, iteration=7, final=True, flow_controlled_length=8)
+    assert server.buffered_received == 8 + 55 + 8
+    # Without ZSTD on both sides, the same ZSTD_PAGES bytes are a connection error.
+    _, plain = _open_pair()
+    plain.receive_data(VECTORS["stream_open"])
+    with pytest.raises(RemoteProtocolError) as info:
+        plain.receive_data(VECTORS["zstd_pages"])
+    assert info.value.error_code == ErrorCode.PROTOCOL_ERROR
+
+
 def test_refusal_vector() -> None:
     """A v1-only endpoint answers a 2..3 preface with the goodbye_refusal frame."""
     server = Connection(client=False)
@@ -383,7 +442,11 @@ _EMPTY_FRAMES: dict[FrameType, Frame] = {
     FrameType.DEVICE_STATE: DeviceState(stream_id=1, name=""),
     FrameType.STREAM_END: StreamEnd(stream_id=1, total_bytes=0),
     FrameType.STREAM_ABORT: StreamAbort(stream_id=1, error_code=0),
+    FrameType.ITERATION: Iteration(stream_id=1, iteration=0),
+    # The one-byte minimum of the compressed field is not part of the fixed layout.
+    FrameType.ZSTD_PAGES: ZstdPages(stream_id=1, region=0, page_size=512, addresses=(), compressed=b"z"),
 }
+_EMPTY_EXTRA = {FrameType.ZSTD_PAGES: 1}
 
 
 @pytest.mark.parametrize("ftype", list(FrameType), ids=lambda t: t.name)
@@ -398,7 +461,7 @@ def test_payload_layout_table(ftype: FrameType) -> None:
             break
         assert int(row[0]) == fixed, f"{ftype.name}: field {row[2]} at offset {row[0]}, expected {fixed}"
         fixed += int(row[1])
-    assert fixed == len(encode(_EMPTY_FRAMES[ftype])) - HEADER_SIZE
+    assert fixed == len(encode(_EMPTY_FRAMES[ftype])) - HEADER_SIZE - _EMPTY_EXTRA.get(ftype, 0)
 
 
 def test_settings_table() -> None:
@@ -427,7 +490,10 @@ def test_settings_table() -> None:
 def test_features_table() -> None:
     table = _table("Bit", "Name", "Meaning")
     assert {_strip(r[1]): _leading_int(r[0]) for r in table.rows} == {f.name: int(f) for f in Feature if f}
+    # The core's default is fixed (so are the handshake vectors); the trio layer adds ZSTD when it can decompress.
     assert Settings().features == Feature.DIGEST_SHA256
+    zstd = next(r for r in table.rows if _strip(r[1]) == "ZSTD")
+    assert "ZSTD_PAGES" in zstd[2] and "Reserved" not in zstd[2]
 
 
 def test_error_code_table() -> None:

@@ -89,7 +89,7 @@ def normalize(items: Iterable[object]) -> list[object]:
                 out.append(item)
             else:
                 assert isinstance(item, Frame)
-                assert type(item).__name__ not in ("Pages", "ZeroPages", "DeviceState", "Data")
+                assert type(item).__name__ not in ("Pages", "ZeroPages", "DeviceState", "Data", "Iteration", "ZstdPages")
                 out.append(freeze(item))
         if pending is not None and len(pending[2]) == pending[1]:
             out.append(Data(stream_id=pending[0], data=bytes(pending[2])))
@@ -503,10 +503,17 @@ def test_fuzz_reader_mutated_frames(blob: bytes, data: st.DataObject) -> None:
 PEER_SETTINGS = tunnel.Settings(max_frame_size=16 * 1024, initial_stream_window=65536, connection_window=100000)
 
 
-def _client_after_handshake(digest: int) -> tunnel.Connection:
-    """A client that completed its handshake and opened streams 1 and 3."""
-    server = tunnel.Connection(client=False, settings=PEER_SETTINGS)
-    client = tunnel.Connection(client=True, settings=tunnel.Settings(max_frame_size=16 * 1024, initial_stream_window=8192, connection_window=20000))
+def _client_after_handshake(digest: int, zstd: bool = False) -> tunnel.Connection:
+    """A client that completed its handshake and opened streams 1 and 3.
+
+    With *zstd* both sides set the ZSTD feature, so ZSTD_PAGES is accepted.
+    """
+    features = tunnel.Feature.DIGEST_SHA256 | (tunnel.Feature.ZSTD if zstd else 0)
+    server = tunnel.Connection(client=False, settings=dataclasses.replace(PEER_SETTINGS, features=features))
+    client = tunnel.Connection(
+        client=True,
+        settings=tunnel.Settings(max_frame_size=16 * 1024, initial_stream_window=8192, connection_window=20000, features=features),
+    )
     events = client.receive_data(server.bytes_to_send())
     assert isinstance(events[0], tunnel.HandshakeComplete)
     client.open_stream(digest=digest)
@@ -526,8 +533,8 @@ def _check_output(out: list[Any]) -> list[object]:
     return frames
 
 
-def _fuzz_connection(pieces: Iterable[bytes], digest: int) -> None:
-    conn = _client_after_handshake(digest)
+def _fuzz_connection(pieces: Iterable[bytes], digest: int, zstd: bool = False) -> None:
+    conn = _client_after_handshake(digest, zstd)
     try:
         for piece in pieces:
             conn.receive_data(piece)
@@ -563,8 +570,9 @@ _SMALL_IDS = st.integers(1, 8)
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutated(S.frames(_SMALL_IDS)), st.sampled_from([DigestAlgorithm.NONE, DigestAlgorithm.CRC32]), st.data())
 def test_fuzz_connection_frames(blob: bytes, digest: int, data: st.DataObject) -> None:
-    _fuzz_connection([blob], digest)
-    _fuzz_connection(split(blob, data.draw(cuts_for(blob))), digest)
+    zstd = data.draw(st.booleans(), "zstd")
+    _fuzz_connection([blob], digest, zstd)
+    _fuzz_connection(split(blob, data.draw(cuts_for(blob))), digest, zstd)
 
 
 def test_fuzz_connection_helper_sees_errors() -> None:
@@ -615,13 +623,13 @@ def _freeze_events(events: list[tunnel.Event]) -> list[object]:
     return out
 
 
-def _run_connection(pieces: Iterable[bytes], digest: int) -> tuple[list[object] | None, int | None, list[object]]:
+def _run_connection(pieces: Iterable[bytes], digest: int, zstd: bool = False) -> tuple[list[object] | None, int | None, list[object]]:
     """Events, the error code raised (or None), and the non-WINDOW_UPDATE frames sent.
 
     After an error the events are left out: those of the failing read are lost
     with the exception, and which read fails depends on the split.
     """
-    conn = _client_after_handshake(digest)
+    conn = _client_after_handshake(digest, zstd)
     events: list[tunnel.Event] = []
     code = None
     try:
@@ -641,8 +649,9 @@ def test_connection_outcome_does_not_depend_on_the_split(blob: bytes, digest: in
     (WINDOW_UPDATEs are left out: credit given back for dropped DATA is
     batched per chunk, so its increments legitimately follow the split.)
     """
-    whole = _run_connection([blob], digest)
-    assert _run_connection(split(blob, data.draw(cuts_for(blob))), digest) == whole
+    zstd = data.draw(st.booleans(), "zstd")
+    whole = _run_connection([blob], digest, zstd)
+    assert _run_connection(split(blob, data.draw(cuts_for(blob))), digest, zstd) == whole
 
 
 def test_goodbye_then_garbage_in_one_read() -> None:

@@ -28,6 +28,7 @@ from ._events import (
     DeviceStateReceived,
     Event,
     HandshakeComplete,
+    IterationReceived,
     PagesReceived,
     PongReceived,
     ReplyReceived,
@@ -36,6 +37,7 @@ from ._events import (
     StreamReset,
     WindowUpdated,
     ZeroPagesReceived,
+    ZstdPagesReceived,
 )
 from ._frames import DigestAlgorithm, FrameType, StreamKind
 from ._settings import PROTOCOL_VERSION, Feature, SettingId, Settings
@@ -59,6 +61,7 @@ __all__ = [
     "FrameTooLargeError",
     "FrameType",
     "HandshakeComplete",
+    "IterationReceived",
     "LocalProtocolError",
     "PagesReceived",
     "PongReceived",
@@ -78,4 +81,5 @@ __all__ = [
     "TunnelError",
     "WindowUpdated",
     "ZeroPagesReceived",
+    "ZstdPagesReceived",
 ]

@@ -43,6 +43,7 @@ from ._events import (
     DeviceStateReceived,
     Event,
     HandshakeComplete,
+    IterationReceived,
     PagesReceived,
     PongReceived,
     ReplyReceived,
@@ -51,6 +52,7 @@ from ._events import (
     StreamReset,
     WindowUpdated,
     ZeroPagesReceived,
+    ZstdPagesReceived,
 )
 from ._frames import (
     HEADER_SIZE,
@@ -60,6 +62,7 @@ from ._frames import (
     Frame,
     FrameType,
     Goodbye,
+    Iteration,
     Pages,
     Ping,
     Pong,
@@ -73,12 +76,13 @@ from ._frames import (
     StreamOpen,
     WindowUpdate,
     ZeroPages,
+    ZstdPages,
     encode_parts,
     frame_type,
     header,
 )
 from ._reader import DataChunk, DataStart, FrameReader, Item, Preface, Record
-from ._settings import MAGIC, PREFACE, PROTOCOL_VERSION, Feature, Settings, negotiate_version
+from ._settings import MAGIC, PREFACE, PROTOCOL_VERSION, ZSTD_MAX_EXPANSION, Feature, Settings, negotiate_version
 from ._state import TRANSITIONS, StreamInput, StreamState
 from ._windows import ReceiveWindow, SendCredit
 
@@ -215,6 +219,13 @@ class Connection:
         return StreamState.IDLE if self._is_idle(stream_id) else StreamState.CLOSED
 
     @property
+    def features(self) -> Feature:
+        """Features in effect: set by both sides (none before the handshake)."""
+        if self.peer_settings is None:
+            return Feature.NONE
+        return Feature(self.local_settings.features & self.peer_settings.features)
+
+    @property
     def connection_credit(self) -> int:
         """Bytes this side may still send, summed over all streams."""
         return self._conn_credit.available
@@ -281,10 +292,10 @@ class Connection:
             except RemoteProtocolError as exc:
                 malformed = exc
             for item in items:
-                if self.state is ConnectionState.CLOSED:
+                if self._closed:
                     break  # nothing after a GOODBYE is processed
                 self._process(item, events)
-            if malformed is not None and self.state is not ConnectionState.CLOSED:
+            if malformed is not None and not self._closed:
                 raise malformed
         except RemoteProtocolError as exc:
             self._fail(exc)
@@ -310,6 +321,12 @@ class Connection:
             raise LocalProtocolError("a stream with a digest cannot receive spliced data")
         s.received.skip(size)
         return [DataReceived(stream_id=stream_id, data=None, flow_controlled_length=size)]
+
+    @property
+    def _closed(self) -> bool:
+        # A property, not an inline test: _process() changes the state, which
+        # mypy's narrowing of ``self.state`` inside receive_data cannot see.
+        return self.state is ConnectionState.CLOSED
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         if self.state is not ConnectionState.CLOSED:
@@ -439,9 +456,22 @@ class Connection:
     def _on_record(self, record: Record, events: list[Event]) -> None:
         frame = record.frame
         size = len(record.payload)
+        if isinstance(frame, ZstdPages) and not self.features & Feature.ZSTD:
+            raise RemoteProtocolError(f"ZSTD_PAGES on stream {frame.stream_id}, but the ZSTD feature was not negotiated")
         s = self._record_stream(frame.stream_id, size, frame_type(frame).name, events)
         if s is None:
             return
+        if isinstance(frame, ZstdPages):
+            expanded = len(frame.addresses) * frame.page_size
+            limit = ZSTD_MAX_EXPANSION * self.local_settings.max_frame_size
+            if expanded > limit:
+                # Well formed, so not a connection error; refused before the
+                # driver allocates anything for it.
+                events.append(
+                    self._stream_error(s, ErrorCode.PROTOCOL_ERROR, f"ZSTD_PAGES of {expanded} bytes decompressed exceeds {limit}")
+                )
+                self._give_back_connection(size)
+                return
         s.received.update(record.payload)
         if isinstance(frame, Pages):
             events.append(
@@ -468,6 +498,21 @@ class Connection:
             events.append(
                 DeviceStateReceived(
                     stream_id=frame.stream_id, name=frame.name, version=frame.version, data=frame.data, flow_controlled_length=size
+                )
+            )
+        elif isinstance(frame, Iteration):
+            events.append(
+                IterationReceived(stream_id=frame.stream_id, iteration=frame.iteration, final=frame.final, flow_controlled_length=size)
+            )
+        elif isinstance(frame, ZstdPages):
+            events.append(
+                ZstdPagesReceived(
+                    stream_id=frame.stream_id,
+                    region=frame.region,
+                    page_size=frame.page_size,
+                    addresses=frame.addresses,
+                    compressed=frame.compressed,
+                    flow_controlled_length=size,
                 )
             )
 
@@ -661,7 +706,7 @@ class Connection:
         s.sent.skip(length)
         return header(FrameType.DATA, stream_id, length)
 
-    def _send_record(self, frame: Pages | ZeroPages | DeviceState) -> None:
+    def _send_record(self, frame: Pages | ZeroPages | DeviceState | Iteration | ZstdPages) -> None:
         s = self._sending_stream(frame.stream_id, StreamInput.SEND_RECORD)
         parts = encode_parts(frame)
         size = sum(len(p) for p in parts) - HEADER_SIZE
@@ -679,6 +724,31 @@ class Connection:
 
     def send_device_state(self, stream_id: int, *, name: str, version: int = 0, data: Buffer = b"") -> None:
         self._send_record(DeviceState(stream_id=stream_id, name=name, version=version, data=data))
+
+    def send_iteration(self, stream_id: int, iteration: int, *, final: bool = False) -> None:
+        """Queue an ITERATION mark: the records after it belong to pre-copy pass *iteration*."""
+        self._send_record(Iteration(stream_id=stream_id, iteration=iteration, final=final))
+
+    def send_zstd_pages(
+        self, stream_id: int, *, region: int, page_size: int, addresses: tuple[int, ...], compressed: Buffer
+    ) -> None:
+        """Queue one ZSTD_PAGES frame; *compressed* is one zstd frame of the page contents.
+
+        The core cannot check the compressed bytes (it does not depend on
+        ``zstandard``): they must decompress to ``len(addresses) *
+        page_size`` bytes.  Needs the ZSTD feature on both sides.
+        """
+        peer = self._check_open()
+        if not self.features & Feature.ZSTD:
+            raise LocalProtocolError("ZSTD_PAGES needs the ZSTD feature on both sides")
+        expanded = len(addresses) * page_size
+        if expanded > ZSTD_MAX_EXPANSION * peer.max_frame_size:
+            raise FrameTooLargeError(
+                f"{expanded} bytes of pages exceed what the peer decompresses from one frame "
+                f"({ZSTD_MAX_EXPANSION} x {peer.max_frame_size})"
+            )
+        frame = ZstdPages(stream_id=stream_id, region=region, page_size=page_size, addresses=tuple(addresses), compressed=compressed)
+        self._send_record(frame)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: no more records from this side; queues STREAM_END with the digest."""

@@ -1,6 +1,7 @@
 """Events returned by :meth:`Connection.receive_data`.
 
-Record events (data, pages, zero pages, device state) carry
+Record events (data, pages, zero pages, device state, iteration marks,
+zstd-compressed pages) carry
 ``flow_controlled_length``: the number of bytes to hand back to
 :meth:`Connection.acknowledge_received` once the application has taken the
 record, which is what returns credit to the peer.  Bulk fields are
@@ -23,6 +24,7 @@ __all__ = [
     "DeviceStateReceived",
     "Event",
     "HandshakeComplete",
+    "IterationReceived",
     "PagesReceived",
     "PongReceived",
     "ReplyReceived",
@@ -31,6 +33,7 @@ __all__ = [
     "StreamReset",
     "WindowUpdated",
     "ZeroPagesReceived",
+    "ZstdPagesReceived",
 ]
 
 
@@ -120,6 +123,36 @@ class DeviceStateReceived(Event):
     name: str
     version: int
     data: Buffer
+    flow_controlled_length: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IterationReceived(Event):
+    """A pre-copy pass boundary: the records that follow belong to pass *iteration*."""
+
+    stream_id: int
+    iteration: int
+    #: The last pass (stop-and-copy).
+    final: bool
+    flow_controlled_length: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ZstdPagesReceived(Event):
+    """Pages whose contents are still one zstd frame, as received.
+
+    The core does not decompress (it must not depend on ``zstandard``): the
+    driver decompresses *compressed* to ``len(addresses) * page_size`` bytes,
+    and treats a corrupt frame or any other size as a stream error
+    ``PROTOCOL_ERROR`` (protocol.md §4.17).  The core has already checked
+    that size against the limit of 64 x this side's ``max_frame_size``.
+    """
+
+    stream_id: int
+    region: int
+    page_size: int
+    addresses: tuple[int, ...]
+    compressed: Buffer
     flow_controlled_length: int
 
 

@@ -28,6 +28,7 @@ from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 __all__ = [
     "HEADER",
     "HEADER_SIZE",
+    "ITERATION_FINAL",
     "Buffer",
     "Data",
     "DeviceState",
@@ -35,6 +36,7 @@ __all__ = [
     "Frame",
     "FrameType",
     "Goodbye",
+    "Iteration",
     "Pages",
     "Ping",
     "Pong",
@@ -48,6 +50,7 @@ __all__ = [
     "StreamOpen",
     "WindowUpdate",
     "ZeroPages",
+    "ZstdPages",
     "check_header",
     "decode",
     "decode_payload",
@@ -65,6 +68,7 @@ _U32 = struct.Struct(">I")
 _RPC = struct.Struct(">IIII")  # program, version, procedure, serial
 _RPC_ERR = struct.Struct(">IIIII")  # ... + error code
 _PAGES = struct.Struct(">IIII")  # region, count, page_size, reserved
+_ITERATION = struct.Struct(">II")  # iteration, flags
 _OPEN = struct.Struct(">BBH16s")  # kind, digest, reserved, migration id
 _DEVICE = struct.Struct(">IH")  # version, name length
 _END = struct.Struct(">QBBH")  # total bytes, digest algorithm, digest length, reserved
@@ -76,6 +80,8 @@ _SETTING = struct.Struct(">HI")
 MAX_WINDOW = 2**31 - 1
 MIN_PAGE_SHIFT = 9
 MAX_PAGE_SHIFT = 21
+#: ITERATION flag: the last pass (stop-and-copy).  Every other bit MUST be zero.
+ITERATION_FINAL = 0x1
 
 
 class FrameType(IntEnum):
@@ -94,11 +100,20 @@ class FrameType(IntEnum):
     DEVICE_STATE = 0x24
     STREAM_END = 0x25
     STREAM_ABORT = 0x26
+    ITERATION = 0x27
+    ZSTD_PAGES = 0x28
 
 
 #: Frame types whose whole payload length counts against flow-control windows.
 FLOW_CONTROLLED = frozenset(
-    {FrameType.DATA, FrameType.PAGES, FrameType.ZERO_PAGES, FrameType.DEVICE_STATE}
+    {
+        FrameType.DATA,
+        FrameType.PAGES,
+        FrameType.ZERO_PAGES,
+        FrameType.DEVICE_STATE,
+        FrameType.ITERATION,
+        FrameType.ZSTD_PAGES,
+    }
 )
 #: Frame types that MUST carry stream id 0.
 CONNECTION_FRAMES = frozenset(
@@ -241,6 +256,31 @@ class DeviceState(Frame):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Iteration(Frame):
+    """A pre-copy iteration boundary: the records that follow belong to pass *iteration*."""
+
+    #: 0 for the first pass.
+    iteration: int
+    #: The last pass: the guest is stopped and this is the stop-and-copy phase.
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ZstdPages(Frame):
+    """PAGES whose page contents are one zstd frame.
+
+    The core neither compresses nor decompresses (it must not need
+    ``zstandard``): *compressed* is carried as is, and must decompress to
+    ``len(addresses) * page_size`` bytes, page i at ``i * page_size``.
+    """
+
+    region: int
+    page_size: int
+    addresses: tuple[int, ...]
+    compressed: Buffer
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StreamEnd(Frame):
     #: Flow-controlled payload bytes sent in this direction of the stream.
     total_bytes: int
@@ -270,6 +310,8 @@ _TYPE_OF: dict[type[Frame], FrameType] = {
     DeviceState: FrameType.DEVICE_STATE,
     StreamEnd: FrameType.STREAM_END,
     StreamAbort: FrameType.STREAM_ABORT,
+    Iteration: FrameType.ITERATION,
+    ZstdPages: FrameType.ZSTD_PAGES,
 }
 
 
@@ -305,25 +347,35 @@ def _page_size_ok(page_size: int) -> bool:
     )
 
 
+def _pages_head(frame: Pages | ZstdPages) -> bytes:
+    """The 16-byte head and the addresses of a PAGES or ZSTD_PAGES frame, validated."""
+    n = len(frame.addresses)
+    if not _page_size_ok(frame.page_size):
+        raise LocalProtocolError(f"page size {frame.page_size} is not a power of two in 512..2 MiB")
+    mask = frame.page_size - 1
+    for address in frame.addresses:
+        if address & mask or not 0 <= address < 2**64:
+            raise LocalProtocolError(f"page address {address:#x} is not page aligned")
+    _check_u32("region", frame.region)
+    return _PAGES.pack(frame.region, n, frame.page_size, 0) + struct.pack(f">{n}Q", *frame.addresses)
+
+
 def _fields(frame: Frame) -> list[Buffer]:
     """Payload buffers of *frame*; bulk data is passed through uncopied."""
     if isinstance(frame, Data):
         return [frame.data]
     if isinstance(frame, Pages):
         n = len(frame.addresses)
-        if not _page_size_ok(frame.page_size):
-            raise LocalProtocolError(f"page size {frame.page_size} is not a power of two in 512..2 MiB")
         if len(frame.data) != n * frame.page_size:
             raise LocalProtocolError(f"{n} pages need {n * frame.page_size} data bytes, got {len(frame.data)}")
-        mask = frame.page_size - 1
-        for address in frame.addresses:
-            if address & mask or not 0 <= address < 2**64:
-                raise LocalProtocolError(f"page address {address:#x} is not page aligned")
-        _check_u32("region", frame.region)
-        return [
-            _PAGES.pack(frame.region, n, frame.page_size, 0) + struct.pack(f">{n}Q", *frame.addresses),
-            frame.data,
-        ]
+        return [_pages_head(frame), frame.data]
+    if isinstance(frame, ZstdPages):
+        if not len(frame.compressed):
+            raise LocalProtocolError("ZSTD_PAGES needs a zstd frame, got no compressed bytes")
+        return [_pages_head(frame), frame.compressed]
+    if isinstance(frame, Iteration):
+        _check_u32("iteration", frame.iteration)
+        return [_ITERATION.pack(frame.iteration, ITERATION_FINAL if frame.final else 0)]
     if isinstance(frame, ZeroPages):
         if not _page_size_ok(frame.page_size):
             raise LocalProtocolError(f"page size {frame.page_size} is not a power of two in 512..2 MiB")
@@ -347,11 +399,11 @@ def _fields(frame: Frame) -> list[Buffer]:
             + _utf8(frame.message)
         ]
     if isinstance(frame, DeviceState):
-        name = _utf8(frame.name)
-        if len(name) > 0xFFFF:
+        encoded = _utf8(frame.name)
+        if len(encoded) > 0xFFFF:
             raise LocalProtocolError("device name longer than 65535 bytes")
         _check_u32("version", frame.version)
-        return [_DEVICE.pack(frame.version, len(name)) + name, frame.data]
+        return [_DEVICE.pack(frame.version, len(encoded)) + encoded, frame.data]
     if isinstance(frame, StreamOpen):
         if len(frame.migration_id) != 16:
             raise LocalProtocolError("migration id must be 16 bytes")
@@ -483,7 +535,7 @@ def decode_payload(ftype: FrameType, stream_id: int, payload: memoryview) -> Fra
 
     if ftype is FrameType.DATA:
         return Data(stream_id=stream_id, data=payload)
-    if ftype is FrameType.PAGES or ftype is FrameType.ZERO_PAGES:
+    if ftype is FrameType.PAGES or ftype is FrameType.ZERO_PAGES or ftype is FrameType.ZSTD_PAGES:
         _need(payload, _PAGES.size, ftype)
         region, count, page_size, reserved2 = _PAGES.unpack_from(payload)
         if reserved2:
@@ -491,20 +543,20 @@ def decode_payload(ftype: FrameType, stream_id: int, payload: memoryview) -> Fra
         if not _page_size_ok(page_size):
             raise _bad(f"{ftype.name} page size {page_size} is not a power of two in 512..2 MiB")
         mask = page_size - 1
-        if ftype is FrameType.PAGES:
+        if ftype is FrameType.PAGES or ftype is FrameType.ZSTD_PAGES:
             # count is bounded by the frame length before anything is allocated.
-            _exact(payload, _PAGES.size + count * (8 + page_size), ftype)
+            if ftype is FrameType.PAGES:
+                _exact(payload, _PAGES.size + count * (8 + page_size), ftype)
+            else:
+                _need(payload, _PAGES.size + count * 8 + 1, ftype)  # at least one byte of zstd frame
             addresses = struct.unpack_from(f">{count}Q", payload, _PAGES.size)
             for address in addresses:
                 if address & mask:
                     raise _bad(f"page address {address:#x} is not a multiple of {page_size}")
-            return Pages(
-                stream_id=stream_id,
-                region=region,
-                page_size=page_size,
-                addresses=addresses,
-                data=payload[_PAGES.size + 8 * count :],
-            )
+            rest = payload[_PAGES.size + 8 * count :]
+            if ftype is FrameType.ZSTD_PAGES:
+                return ZstdPages(stream_id=stream_id, region=region, page_size=page_size, addresses=addresses, compressed=rest)
+            return Pages(stream_id=stream_id, region=region, page_size=page_size, addresses=addresses, data=rest)
         _exact(payload, _PAGES.size + count * 16, ftype)
         flat = struct.unpack_from(f">{2 * count}Q", payload, _PAGES.size)
         runs = tuple(zip(flat[0::2], flat[1::2]))
@@ -553,6 +605,12 @@ def decode_payload(ftype: FrameType, stream_id: int, payload: memoryview) -> Fra
             migration_id=migration_id,
             label=_text(payload[_OPEN.size :], "stream label"),
         )
+    if ftype is FrameType.ITERATION:
+        _exact(payload, _ITERATION.size, ftype)
+        iteration, flags = _ITERATION.unpack_from(payload)
+        if flags & ~ITERATION_FINAL:
+            raise _bad(f"ITERATION flags {flags:#x} has undefined bits set")
+        return Iteration(stream_id=stream_id, iteration=iteration, final=bool(flags))
     if ftype is FrameType.STREAM_END:
         _need(payload, _END.size, ftype)
         total, algorithm, digest_len, reserved2 = _END.unpack_from(payload)

@@ -37,7 +37,8 @@ class DataStart:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A PAGES, ZERO_PAGES or DEVICE_STATE frame with its payload as received."""
+    """A record frame other than DATA (PAGES, ZERO_PAGES, DEVICE_STATE, ITERATION,
+    ZSTD_PAGES) with its payload as received."""
 
     frame: Frame
     payload: memoryview
@@ -152,8 +153,6 @@ class FrameReader:
                 self._frame_type = ftype
                 self._frame_stream = stream_id
         return out
-
-
 
     @staticmethod
     def _decode(ftype: FrameType, stream_id: int, payload: memoryview) -> Frame | Record:

@@ -19,6 +19,7 @@ __all__ = [
     "MAGIC",
     "PREFACE",
     "PROTOCOL_VERSION",
+    "ZSTD_MAX_EXPANSION",
     "Feature",
     "SettingId",
     "Settings",
@@ -31,6 +32,10 @@ PROTOCOL_VERSION = 1
 
 MIN_FRAME_SIZE = 16 * 1024
 MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: A ZSTD_PAGES frame stands for at most this many times the receiver's
+#: MAX_FRAME_SIZE of page data: what a receiver must be ready to allocate for
+#: one decompressed frame is bounded by its own setting, not by the sender.
+ZSTD_MAX_EXPANSION = 64
 
 
 class SettingId(IntEnum):
@@ -48,7 +53,7 @@ class Feature(IntFlag):
 
     NONE = 0
     DIGEST_SHA256 = 0x1  # the peer can verify SHA-256 end-of-stream digests
-    ZSTD = 0x2  # reserved for compressed page data
+    ZSTD = 0x2  # the peer accepts ZSTD_PAGES (zstd-compressed page data)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,7 +27,7 @@ class StreamState(Enum):
 class StreamInput(Enum):
     SEND_OPEN = auto()
     RECV_OPEN = auto()
-    #: DATA, PAGES, ZERO_PAGES or DEVICE_STATE.
+    #: DATA, PAGES, ZERO_PAGES, DEVICE_STATE, ITERATION or ZSTD_PAGES: every record.
     SEND_RECORD = auto()
     RECV_RECORD = auto()
     SEND_END = auto()

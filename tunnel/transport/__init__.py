@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from ._connection import Handler, TunnelConnection, open_connection
 from ._stats import ConnectionStatistics, StreamStatistics
-from ._stream import DeviceStateRecord, PagesRecord, Record, TunnelStream, ZeroPagesRecord
+from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, Record, TunnelStream, ZeroPagesRecord
 
 __all__ = [
     "ConnectionStatistics",
     "DeviceStateRecord",
     "Handler",
+    "IterationRecord",
     "PagesRecord",
     "Record",
     "StreamStatistics",

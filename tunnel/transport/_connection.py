@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
@@ -38,6 +38,7 @@ from .._events import (
     DeviceStateReceived,
     Event,
     HandshakeComplete,
+    IterationReceived,
     PagesReceived,
     PongReceived,
     ReplyReceived,
@@ -46,15 +47,17 @@ from .._events import (
     StreamReset,
     WindowUpdated,
     ZeroPagesReceived,
+    ZstdPagesReceived,
 )
 from .._frames import Buffer, DigestAlgorithm, StreamKind
-from .._settings import Settings
+from .._settings import Feature, Settings
 from .._state import StreamState
 from ._buffers import BufferPool, ReadBuffer
+from ._compress import CompressedPages, zstd_available
 from ._io import BufferWriter, raw_socket
 from ._splice import SinkQueue, can_splice, splice_some
 from ._stats import ConnectionStatistics
-from ._stream import DeviceStateRecord, PagesRecord, TunnelStream, ZeroPagesRecord, _Outgoing, record_size
+from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, TunnelStream, ZeroPagesRecord, _Outgoing, record_size
 from ._util import BrokenConnection, Signal, aborted
 
 __all__ = ["Handler", "TunnelConnection", "open_connection"]
@@ -138,6 +141,11 @@ class TunnelConnection:
         return self._core.peer_settings
 
     @property
+    def compression(self) -> bool:
+        """Whether both sides set the ZSTD feature, so streams may send compressed pages."""
+        return bool(self._core.features & Feature.ZSTD)
+
+    @property
     def is_closed(self) -> bool:
         return self._error is not None
 
@@ -178,12 +186,25 @@ class TunnelConnection:
         migration_id: bytes = b"\0" * 16,
         label: str = "",
         bandwidth: int = 0,
+        compress: bool = False,
     ) -> TunnelStream:
-        """Open a stream; the peer receives it from :meth:`accept_stream`."""
+        """Open a stream; the peer receives it from :meth:`accept_stream`.
+
+        With *compress*, page batches sent on it go zstd-compressed when that
+        pays, if both sides negotiated ZSTD (:attr:`compression`); otherwise
+        the flag changes nothing.  The peer reads ordinary ``PagesRecord``s.
+        """
         self._check_alive()
         stream_id = self._core.open_stream(kind=kind, digest=digest, migration_id=migration_id, label=label)
         stream = TunnelStream(
-            self, stream_id, kind=kind, digest=digest, migration_id=migration_id, label=label, bandwidth=bandwidth
+            self,
+            stream_id,
+            kind=kind,
+            digest=digest,
+            migration_id=migration_id,
+            label=label,
+            bandwidth=bandwidth,
+            compress=compress,
         )
         self._streams[stream_id] = stream
         self._kick()
@@ -293,7 +314,7 @@ class TunnelConnection:
     def _forget(self, stream: TunnelStream) -> None:
         self._streams.pop(stream.stream_id, None)
 
-    def _check_record_fits(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord) -> None:
+    def _check_record_fits(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord) -> None:
         size = record_size(record)
         peer = self.peer_settings
         limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
@@ -446,12 +467,19 @@ class TunnelConnection:
                 if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data) == len(data.obj):
                     data = data.obj  # a whole read: hand out the bytes object itself
                 stream._on_record(data, event.flow_controlled_length, buf)
-        elif isinstance(event, PagesReceived | ZeroPagesReceived | DeviceStateReceived):
+        elif isinstance(event, PagesReceived | ZeroPagesReceived | DeviceStateReceived | IterationReceived | ZstdPagesReceived):
             stream = self._streams.get(event.stream_id)
             if stream is None:
                 self._acknowledge(event.stream_id, event.flow_controlled_length)
-            elif isinstance(event, ZeroPagesReceived):
+            elif isinstance(event, ZeroPagesReceived | IterationReceived):
                 stream._on_record(event, event.flow_controlled_length, None)
+            elif isinstance(event, ZstdPagesReceived):
+                # Decompressed by the stream's consumer (receive_record), not here:
+                # the reader never waits for CPU work on one stream's behalf.
+                compressed, buf = self._lend(event.compressed)
+                if compressed is not event.compressed:
+                    event = dataclasses.replace(event, compressed=compressed)
+                stream._on_record(event, event.flow_controlled_length, buf)
             else:
                 data, buf = self._lend(event.data)
                 if data is not event.data:
@@ -700,8 +728,31 @@ def _send_record(core: Connection, stream_id: int, record: object) -> None:
         core.send_zero_pages(stream_id, region=record.region, page_size=record.page_size, runs=record.runs)
     elif isinstance(record, DeviceStateRecord):
         core.send_device_state(stream_id, name=record.name, version=record.version, data=record.data)
+    elif isinstance(record, IterationRecord):
+        core.send_iteration(stream_id, record.iteration, final=record.final)
+    elif isinstance(record, CompressedPages):
+        core.send_zstd_pages(
+            stream_id, region=record.region, page_size=record.page_size, addresses=record.addresses, compressed=record.compressed
+        )
     else:  # pragma: no cover
         raise TypeError(record)
+
+
+def _with_compression(settings: Settings | None, compression: bool | None) -> Settings:
+    settings = settings if settings is not None else Settings()
+    if compression is None:
+        compression = zstd_available()
+    elif compression:
+        import zstandard  # noqa: F401  # fail here, not at the first compressed frame
+    features = settings.features | Feature.ZSTD if compression else settings.features & ~Feature.ZSTD
+    return settings if features == settings.features else dataclasses.replace(settings, features=int(features))
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 @asynccontextmanager
@@ -713,15 +764,27 @@ async def open_connection(
     keepalive_interval: float | None = 5.0,
     keepalive_timeout: float = 20.0,
     chunk_size: int = 1024 * 1024,
+    handlers: Mapping[tuple[int, int], Handler] | None = None,
+    compression: bool | None = None,
 ) -> AsyncIterator[TunnelConnection]:
     """Run a tunnel connection over *transport* for the body of the ``async with``.
 
     *client* is True on the side that opened the transport.  The handshake
-    completes before the body starts.  On exit the connection says goodbye,
+    completes before the body starts.  *handlers* (``{(program, procedure):
+    handler}``) are registered before the first byte is read, so a call that
+    arrives right behind the peer's handshake finds them.  On exit the connection says goodbye,
     flushes and closes the transport; background tasks never outlive it.
     Failures appear as :class:`tunnel.ConnectionLost` (also a
     ``trio.BrokenResourceError``) from the operations they affect.
+
+    *compression* decides whether this side advertises the ZSTD feature
+    (accepts zstd-compressed pages, and may send them on streams opened with
+    ``compress=True``): None advertises it exactly when ``zstandard`` is
+    importable, False never, True always (ImportError without ``zstandard``).
+    It overrides the ZSTD bit of *settings*.  Compression is in effect only
+    if the peer advertises it too (:attr:`TunnelConnection.compression`).
     """
+    settings = _with_compression(settings, compression)
     core = Connection(client=client, settings=settings)
     conn = TunnelConnection(
         transport,
@@ -730,6 +793,8 @@ async def open_connection(
         keepalive_timeout=keepalive_timeout,
         chunk_size=min(chunk_size, (settings or Settings()).max_frame_size),
     )
+    for (program, procedure), handler in (handlers or {}).items():
+        conn.register(program, procedure, handler)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(conn._run)
@@ -744,8 +809,12 @@ async def open_connection(
             finally:
                 await conn.aclose()
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        # The body's own error (or a cancellation from outside) comes out as
+        # itself; when both happen at once, the error wins, since it says why.
+        cancelled, rest = group.split(trio.Cancelled)
+        leaves = _leaves(rest) if rest is not None else _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
         raise  # pragma: no cover - background tasks never raise
     if conn._internal_error is not None:
         raise BrokenConnection("internal error in the tunnel") from conn._internal_error

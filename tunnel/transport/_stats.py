@@ -27,6 +27,10 @@ class StreamStatistics:
     bandwidth_limit: int
     #: Bytes spliced by the kernel without entering this process.
     bytes_spliced: int
+    #: Page contents sent in page records, before compression and as they went
+    #: on the wire (smaller for batches sent as ZSTD_PAGES); equal without compression.
+    pages_raw_bytes: int = 0
+    pages_wire_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,10 +21,19 @@ from typing import TYPE_CHECKING, Union
 import trio
 
 from .._errors import ErrorCode, TunnelError
-from .._events import DeviceStateReceived, PagesReceived, ZeroPagesReceived
+from .._events import DeviceStateReceived, IterationReceived, PagesReceived, ZeroPagesReceived, ZstdPagesReceived
 from .._frames import Buffer, DigestAlgorithm
 from .._state import StreamState
 from ._buffers import ReadBuffer
+from ._compress import (
+    COMPRESS_THREAD_MIN,
+    DECOMPRESS_THREAD_MIN,
+    CompressedPages,
+    CompressionError,
+    PageCompressor,
+    PageDecompressor,
+    run_sized,
+)
 from ._ratelimit import RateLimit
 from ._splice import KernelPipe, SinkQueue, is_spliceable, splice_some
 from ._stats import StreamStatistics
@@ -33,7 +42,7 @@ from ._util import BrokenStream, ConflictGuard, Signal, aborted
 if TYPE_CHECKING:
     from ._connection import TunnelConnection
 
-__all__ = ["DeviceStateRecord", "PagesRecord", "Record", "TunnelStream", "ZeroPagesRecord", "record_size"]
+__all__ = ["DeviceStateRecord", "IterationRecord", "PagesRecord", "Record", "TunnelStream", "ZeroPagesRecord", "record_size"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,8 +67,17 @@ class DeviceStateRecord:
     data: Buffer
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IterationRecord:
+    """A pre-copy pass boundary: the records that follow belong to pass *iteration* (0 first)."""
+
+    iteration: int
+    #: The last pass (stop-and-copy).
+    final: bool = False
+
+
 #: What :meth:`TunnelStream.receive_record` returns; ``b""`` means end of stream.
-Record = Union[bytes, memoryview, PagesRecord, ZeroPagesRecord, DeviceStateRecord]
+Record = Union[bytes, memoryview, PagesRecord, ZeroPagesRecord, DeviceStateRecord, IterationRecord]
 
 
 class _Outgoing:
@@ -103,6 +121,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         migration_id: bytes,
         label: str,
         bandwidth: int = 0,
+        compress: bool = False,
     ) -> None:
         self._conn = conn
         self.stream_id = stream_id
@@ -121,6 +140,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._frames_sent = 0
         self._bytes_sent = 0
         self._bytes_spliced = 0
+        # Page batches are compressed only when asked for and both sides set ZSTD.
+        self._compressor: PageCompressor | None = PageCompressor() if compress and conn.compression else None
+        self._pages_raw_bytes = 0
+        self._pages_wire_bytes = 0
         # receive side
         self._recv_guard = ConflictGuard("another task is receiving on this stream")
         # (item, flow-controlled length, pooled read buffer the item is a slice of)
@@ -134,6 +157,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sink_scope: trio.CancelScope | None = None
         self._frames_received = 0
         self._bytes_received = 0
+        self._decompressor: PageDecompressor | None = None  # created by the first ZSTD_PAGES
         # both
         self._closed = False
         self._error: BaseException | None = None
@@ -249,12 +273,38 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 return
             await self._hand_over(_Outgoing(view, None))
 
-    async def send_record(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord) -> None:
-        """Send one typed record, in order with the stream's data."""
+    @property
+    def compress(self) -> bool:
+        """Whether page batches sent on this stream are compressed (asked for, and ZSTD negotiated)."""
+        return self._compressor is not None
+
+    async def send_record(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord) -> None:
+        """Send one typed record, in order with the stream's data.
+
+        On a stream opened with ``compress=True`` a page batch goes as
+        ZSTD_PAGES when compressing pays, else as PAGES; the peer reads a
+        ``PagesRecord`` either way.  The batch must fit uncompressed.
+        """
         with self._send_guard:
             self._check_send()
             self._conn._check_record_fits(record)
-            await self._hand_over(_Outgoing(None, record))
+            wire: object = record
+            if isinstance(record, PagesRecord) and self._compressor is not None and len(record.data):
+                raw = len(record.data)
+                compressed = await run_sized(raw, COMPRESS_THREAD_MIN, self._compressor.compress, record.data)
+                self._check_send()  # the stream may have failed meanwhile
+                if compressed is not None:
+                    wire = CompressedPages(
+                        region=record.region,
+                        page_size=record.page_size,
+                        addresses=record.addresses,
+                        compressed=compressed,
+                        raw_size=raw,
+                    )
+            await self._hand_over(_Outgoing(None, wire))
+            if isinstance(record, PagesRecord):
+                self._pages_raw_bytes += len(record.data)
+                self._pages_wire_bytes += len(wire.compressed) if isinstance(wire, CompressedPages) else len(record.data)
 
     async def send_pages(self, *, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> None:
         await self.send_record(PagesRecord(region=region, page_size=page_size, addresses=tuple(addresses), data=data))
@@ -264,6 +314,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def send_device_state(self, *, name: str, version: int = 0, data: Buffer = b"") -> None:
         await self.send_record(DeviceStateRecord(name=name, version=version, data=data))
+
+    async def send_iteration(self, iteration: int, *, final: bool = False) -> None:
+        """Mark the start of pre-copy pass *iteration* (0 first); *final* for stop-and-copy."""
+        await self.send_record(IterationRecord(iteration=iteration, final=final))
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
@@ -369,8 +423,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return b""
             item, length, buf = self._backlog[0]
+            if isinstance(item, ZstdPagesReceived):
+                return await self._take_compressed(item, length, buf)
+            data: Record
             if isinstance(item, (bytes, memoryview)):
-                data = self._take_bytes(None, view_ok=True)
+                chunk = self._take_bytes(None, view_ok=True)
+                assert not isinstance(chunk, bytearray)  # slices of the backlog's bytes or views
+                data = chunk
             else:
                 self._backlog.popleft()
                 self._lent = buf
@@ -379,6 +438,44 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 data = _record_of(item)
             await trio.lowlevel.checkpoint()
             return data
+
+    async def _take_compressed(self, item: ZstdPagesReceived, length: int, buf: ReadBuffer | None) -> PagesRecord:
+        """Decompress the ZSTD_PAGES record at the head of the backlog into a PagesRecord.
+
+        A corrupt frame or a wrong size is a stream error PROTOCOL_ERROR
+        (protocol.md §4.17): the stream is aborted and the error raised.
+        """
+        size = len(item.addresses) * item.page_size
+        if self._decompressor is None:
+            self._decompressor = PageDecompressor()
+        if buf is not None:
+            buf.refs += 1  # the compressed bytes stay put even if the backlog is dropped meanwhile
+        failure: CompressionError | None = None
+        try:
+            data = await run_sized(size, DECOMPRESS_THREAD_MIN, self._decompressor.decompress, item.compressed, size)
+        except CompressionError as exc:
+            failure = exc
+        finally:
+            if buf is not None:
+                buf.release()
+        if not self._backlog or self._backlog[0][0] is not item:
+            # Closed or failed while decompressing: the backlog was dropped (and acknowledged).
+            if self._closed:
+                raise trio.ClosedResourceError("the stream was closed")
+            assert self._error is not None
+            raise self._error
+        if failure is not None:
+            reason = f"bad ZSTD_PAGES: {failure}"
+            self._conn._abort_stream(self.stream_id, ErrorCode.PROTOCOL_ERROR, reason)
+            error = aborted(ErrorCode.PROTOCOL_ERROR, reason, remote=False)
+            self._on_error(error)  # drops the backlog, this record included, and gives its credit back
+            raise error
+        self._backlog.popleft()
+        if buf is not None:
+            buf.release()
+        self._buffered -= length
+        self._conn._acknowledge(self.stream_id, length)
+        return PagesRecord(region=item.region, page_size=item.page_size, addresses=item.addresses, data=data)
 
     # ------------------------------------------------------------------
     # File descriptors: the data path of a real hypervisor
@@ -414,6 +511,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 continue
             if not size:
                 break
+            self._check_send()  # the stream may have failed while we waited for the fd: nobody would fail this hand-over
             await self._hand_over(_Outgoing(view[:size], None))
             total += size
         await trio.lowlevel.checkpoint()
@@ -634,6 +732,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             blocked_on_credit_s=blocked,
             bandwidth_limit=self._rate.rate,
             bytes_spliced=self._bytes_spliced,
+            pages_raw_bytes=self._pages_raw_bytes,
+            pages_wire_bytes=self._pages_wire_bytes,
         )
 
     def __repr__(self) -> str:
@@ -645,15 +745,21 @@ def _record_of(event: object) -> Record:
         return PagesRecord(region=event.region, page_size=event.page_size, addresses=event.addresses, data=event.data)
     if isinstance(event, ZeroPagesReceived):
         return ZeroPagesRecord(region=event.region, page_size=event.page_size, runs=event.runs)
+    if isinstance(event, IterationReceived):
+        return IterationRecord(iteration=event.iteration, final=event.final)
     assert isinstance(event, DeviceStateReceived)
     return DeviceStateRecord(name=event.name, version=event.version, data=event.data)
 
 
-def record_size(record: PagesRecord | ZeroPagesRecord | DeviceStateRecord) -> int:
-    """Flow-controlled payload size of *record* on the wire."""
+def record_size(record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord | CompressedPages) -> int:
+    """Flow-controlled payload size of *record* on the wire (uncompressed, for a PagesRecord)."""
     if isinstance(record, PagesRecord):
         return 16 + 8 * len(record.addresses) + len(record.data)
+    if isinstance(record, CompressedPages):
+        return 16 + 8 * len(record.addresses) + len(record.compressed)
     if isinstance(record, ZeroPagesRecord):
         return 16 + 16 * len(record.runs)
+    if isinstance(record, IterationRecord):
+        return 8
     return 6 + len(record.name.encode("utf-8")) + len(record.data)
 
