@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 import trio.testing
 
@@ -94,3 +96,36 @@ async def connected(
                     yield client, holder["server"]
                 finally:
                     done.set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Install QEMU for tests/test_qemu.py when it is missing and this run can (root, apt-get).
+
+    Otherwise, or if the install fails, the QEMU tests skip and say why.  Set
+    TUNNEL_NO_INSTALL=1 to never install anything.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    if os.environ.get("TUNNEL_QEMU") or os.environ.get("TUNNEL_NO_INSTALL") or shutil.which("qemu-system-x86_64"):
+        return  # a chosen binary (TUNNEL_QEMU) is never second-guessed
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def run(*args: str) -> bool:
+        print(f"conftest: qemu-system-x86_64 not found; running: apt-get {' '.join(args)}", flush=True)
+        try:
+            done = subprocess.run([apt, *args], env=env, stdin=subprocess.DEVNULL, timeout=1800, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"conftest: apt-get failed: {exc}", flush=True)
+            return False
+        return done.returncode == 0
+
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        install = ("install", "-y", "-q", "qemu-system-x86")
+        if not run(*install) and (not run("update", "-q") or not run(*install)):
+            print("conftest: could not install qemu-system-x86; the QEMU tests will be skipped", flush=True)

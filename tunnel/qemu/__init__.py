@@ -1,0 +1,61 @@
+"""The QEMU layer of the reference migration daemon, on trio.
+
+* :class:`QMPClient`: QEMU's monitor protocol (commands from several tasks,
+  bounded event buffer, fd passing with ``getfd``).
+* :class:`QemuProcess`: a supervised QEMU that never outlives its supervisor.
+* migration helpers: start outgoing/incoming migrations on fds or URIs,
+  poll them (:class:`MigrationStatus`), cap their bandwidth, cancel them.
+
+It does not import the tunnel protocol: the daemon joins the two, handing a
+QEMU one end of a socketpair and the tunnel stream the other.
+"""
+
+from __future__ import annotations
+
+from ._errors import MigrationError, QemuError, QemuStartError, QMPConnectionClosed, QMPError
+from ._migration import (
+    ACTIVE_STATES,
+    MigrationStatus,
+    cancel,
+    query_migration,
+    query_parameters,
+    run_state,
+    set_capabilities,
+    set_max_bandwidth,
+    set_parameters,
+    start_incoming_fd,
+    start_incoming_uri,
+    start_outgoing_fd,
+    start_outgoing_uri,
+    wait_migration,
+    wait_run_state,
+)
+from ._process import QemuProcess, qemu_binary
+from ._qmp import QMPClient, QMPEvent
+
+__all__ = [
+    "ACTIVE_STATES",
+    "MigrationError",
+    "MigrationStatus",
+    "QMPClient",
+    "QMPConnectionClosed",
+    "QMPError",
+    "QMPEvent",
+    "QemuError",
+    "QemuProcess",
+    "QemuStartError",
+    "cancel",
+    "qemu_binary",
+    "query_migration",
+    "query_parameters",
+    "run_state",
+    "set_capabilities",
+    "set_max_bandwidth",
+    "set_parameters",
+    "start_incoming_fd",
+    "start_incoming_uri",
+    "start_outgoing_fd",
+    "start_outgoing_uri",
+    "wait_migration",
+    "wait_run_state",
+]

@@ -1,0 +1,238 @@
+"""Migration helpers over a :class:`QMPClient`.
+
+The calls a migration daemon makes, in order:
+
+* source: :func:`set_capabilities` (optional), :func:`set_max_bandwidth`,
+  then :func:`start_outgoing_fd` (the fd is passed with ``getfd`` and QEMU
+  writes the stream to it) or :func:`start_outgoing_uri`;
+* destination (started with ``-incoming defer``): the *same* capabilities,
+  then :func:`start_incoming_fd` / :func:`start_incoming_uri`;
+* both: :func:`wait_migration` until ``completed`` (or an error), then
+  ``cont`` on the destination; :func:`cancel` aborts on the source.
+
+Capabilities that change the stream (``return-path``, ``postcopy-ram``,
+``multifd``...) must be equal on both sides, and set before the migration
+starts.  ``return-path`` needs a two-way channel: a socket (a socketpair
+end passed as the fd works), never a pipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ._errors import MigrationError
+from ._qmp import QMPClient
+
+__all__ = [
+    "ACTIVE_STATES",
+    "MigrationStatus",
+    "cancel",
+    "query_migration",
+    "query_parameters",
+    "run_state",
+    "set_capabilities",
+    "set_max_bandwidth",
+    "set_parameters",
+    "start_incoming_fd",
+    "start_incoming_uri",
+    "start_outgoing_fd",
+    "start_outgoing_uri",
+    "wait_migration",
+    "wait_run_state",
+]
+
+#: query-migrate states in which a migration is still under way.
+ACTIVE_STATES = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling",
+     "postcopy-active", "postcopy-paused", "postcopy-recover"}
+)  # fmt: skip
+#: The fd name used when the caller does not give one.
+DEFAULT_FD_NAME = "migrate"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MigrationStatus:
+    """A snapshot of ``query-migrate``; keys QEMU leaves out are None (times) or 0 (counters)."""
+
+    status: str
+    total_time_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    #: RAM bytes sent so far (``ram.transferred``).
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    normal_bytes: int = 0
+    #: Throughput QEMU measured over its last interval, in Mbit/s.
+    mbps: float = 0.0
+    #: Dirty-bitmap syncs, i.e. the iteration number.
+    dirty_sync_count: int = 0
+    dirty_pages_rate: int = 0
+    pages_per_second: int = 0
+    postcopy_requests: int = 0
+    error_desc: str | None = None
+    #: The reply as QEMU sent it, for fields not parsed above.
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_qmp(cls, reply: Mapping[str, Any]) -> MigrationStatus:
+        ram: Mapping[str, Any] = reply.get("ram") or {}
+
+        def opt(key: str) -> int | None:
+            value = reply.get(key)
+            return int(value) if value is not None else None
+
+        return cls(
+            status=str(reply.get("status", "none")),
+            total_time_ms=opt("total-time"),
+            expected_downtime_ms=opt("expected-downtime"),
+            downtime_ms=opt("downtime"),
+            setup_time_ms=opt("setup-time"),
+            transferred=int(ram.get("transferred", 0)),
+            remaining=int(ram.get("remaining", 0)),
+            total=int(ram.get("total", 0)),
+            duplicate=int(ram.get("duplicate", 0)),
+            normal=int(ram.get("normal", 0)),
+            normal_bytes=int(ram.get("normal-bytes", 0)),
+            mbps=float(ram.get("mbps", 0.0)),
+            dirty_sync_count=int(ram.get("dirty-sync-count", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            pages_per_second=int(ram.get("pages-per-second", 0)),
+            postcopy_requests=int(ram.get("postcopy-requests", 0)),
+            error_desc=reply.get("error-desc"),
+            raw=dict(reply),
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+
+async def query_migration(qmp: QMPClient) -> MigrationStatus:
+    return MigrationStatus.from_qmp(await qmp.execute("query-migrate"))
+
+
+async def set_capabilities(qmp: QMPClient, capabilities: Mapping[str, bool]) -> None:
+    """``migrate-set-capabilities``, e.g. ``{"return-path": True}``; set the same on both sides."""
+    if not capabilities:
+        await trio.lowlevel.checkpoint()
+        return
+    caps = [{"capability": name, "state": bool(state)} for name, state in capabilities.items()]
+    await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+
+
+async def set_parameters(qmp: QMPClient, parameters: Mapping[str, Any]) -> None:
+    """``migrate-set-parameters`` with QEMU's own key names (``max-bandwidth``, ``downtime-limit``...)."""
+    await qmp.execute("migrate-set-parameters", dict(parameters))
+
+
+async def query_parameters(qmp: QMPClient) -> dict[str, Any]:
+    result: dict[str, Any] = await qmp.execute("query-migrate-parameters")
+    return result
+
+
+async def set_max_bandwidth(qmp: QMPClient, bytes_per_s: int) -> None:
+    """Cap the migration rate in bytes/s; applies at once to a migration in progress.
+
+    QEMU 7.2 defaults to 128 MiB/s: raise it for anything fast.
+    """
+    await set_parameters(qmp, {"max-bandwidth": int(bytes_per_s)})
+
+
+async def _prepare(qmp: QMPClient, max_bandwidth: int | None, capabilities: Mapping[str, bool] | None) -> None:
+    if capabilities:
+        await set_capabilities(qmp, capabilities)
+    if max_bandwidth is not None:
+        await set_max_bandwidth(qmp, max_bandwidth)
+
+
+async def start_outgoing_fd(
+    qmp: QMPClient,
+    fd: int,
+    *,
+    max_bandwidth: int | None = None,
+    capabilities: Mapping[str, bool] | None = None,
+    fd_name: str = DEFAULT_FD_NAME,
+) -> None:
+    """Start migrating into *fd* (a socket or pipe), passed to QEMU with ``getfd``.
+
+    QEMU holds its own duplicate: the caller may close *fd* when this returns.
+    Returns once the migration has started; see :func:`wait_migration`.
+    """
+    await _prepare(qmp, max_bandwidth, capabilities)
+    await qmp.send_fd(fd_name, fd)
+    await qmp.execute("migrate", {"uri": f"fd:{fd_name}"})
+
+
+async def start_outgoing_uri(
+    qmp: QMPClient,
+    uri: str,
+    *,
+    max_bandwidth: int | None = None,
+    capabilities: Mapping[str, bool] | None = None,
+) -> None:
+    """Start migrating to *uri* (``unix:PATH``, ``tcp:HOST:PORT``, ``exec:...``)."""
+    await _prepare(qmp, max_bandwidth, capabilities)
+    await qmp.execute("migrate", {"uri": uri})
+
+
+async def start_incoming_fd(
+    qmp: QMPClient,
+    fd: int,
+    *,
+    capabilities: Mapping[str, bool] | None = None,
+    fd_name: str = DEFAULT_FD_NAME,
+) -> None:
+    """Make a QEMU started with ``-incoming defer`` read the migration from *fd*."""
+    await _prepare(qmp, None, capabilities)
+    await qmp.send_fd(fd_name, fd)
+    await qmp.execute("migrate-incoming", {"uri": f"fd:{fd_name}"})
+
+
+async def start_incoming_uri(qmp: QMPClient, uri: str, *, capabilities: Mapping[str, bool] | None = None) -> None:
+    """Make a QEMU started with ``-incoming defer`` listen on *uri* (``unix:PATH``, ``tcp:...``)."""
+    await _prepare(qmp, None, capabilities)
+    await qmp.execute("migrate-incoming", {"uri": uri})
+
+
+async def cancel(qmp: QMPClient) -> None:
+    """``migrate_cancel``: the source goes back to the run state it had before."""
+    await qmp.execute("migrate_cancel")
+
+
+async def wait_migration(qmp: QMPClient, *, poll: float = 0.1) -> MigrationStatus:
+    """Poll ``query-migrate`` until ``completed``; raise :class:`MigrationError` on ``failed``/``cancelled``.
+
+    Works on both sides: a destination reports its incoming migration.
+    States before the start (``none``) are waited through, so callers
+    bound the wait themselves (``trio.fail_after``).
+    """
+    while True:
+        status = await query_migration(qmp)
+        if status.status == "completed":
+            return status
+        if status.status in ("failed", "cancelled"):
+            raise MigrationError(status)
+        await trio.sleep(poll)
+
+
+async def run_state(qmp: QMPClient) -> str:
+    """The guest's run state from ``query-status``: running, paused, postmigrate, inmigrate, prelaunch, ..."""
+    result = await qmp.execute("query-status")
+    return str(result["status"])
+
+
+async def wait_run_state(qmp: QMPClient, *states: str, poll: float = 0.05) -> str:
+    """Poll ``query-status`` until the run state is one of *states*; return it."""
+    while True:
+        state = await run_state(qmp)
+        if state in states:
+            return state
+        await trio.sleep(poll)
