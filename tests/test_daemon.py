@@ -1,0 +1,377 @@
+"""The reference daemon and its client: real sockets, real QEMU processes.
+
+Daemons run in the test's trio loop (real unix and TLS sockets, real QEMU
+children); the CLI tests run ``python -m tunnel`` as a process and check its
+exit status and its one-line errors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trustme
+from qemu_fixtures import RANDOM_ADDR, RandomRam, base_args, file_digest, loader_args, random_ram, requires_qemu, run_dir
+
+from tunnel.client import connect
+from tunnel.daemon import Daemon, DaemonError, TLSFiles, parse_uri
+
+__all__ = ["random_ram", "run_dir"]  # fixtures, imported for pytest
+
+MiB = 1024 * 1024
+pytestmark = requires_qemu
+
+
+def definition(name: str, ram: RandomRam | None, mem_mib: int = 128) -> dict[str, Any]:
+    args = base_args(mem_mib) + (loader_args(ram) if ram is not None else [])
+    return {"name": name, "qemu": args}
+
+
+class Certs:
+    """A CA and, per name, a certificate for 127.0.0.1/localhost whose CN is that name."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.ca = trustme.CA()
+        self.ca_path = os.path.join(directory, "ca.pem")
+        self.ca.cert_pem.write_to_path(self.ca_path)
+
+    def files(self, name: str, ca: trustme.CA | None = None) -> TLSFiles:
+        path = os.path.join(self.directory, f"{name}.pem")
+        (ca or self.ca).issue_cert("127.0.0.1", "localhost", common_name=name).private_key_and_cert_chain_pem.write_to_path(path)
+        return TLSFiles(cert=path, key=path, ca=self.ca_path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def unix_pair(root: str, **dest_options: Any) -> AsyncIterator[tuple[str, str, Daemon, Daemon]]:
+    src_uri, dst_uri = f"unix://{root}/src.sock", f"unix://{root}/dst.sock"
+    async with (
+        running(Daemon(state_dir=f"{root}/src", listen=[src_uri])) as src,
+        running(Daemon(state_dir=f"{root}/dst", listen=[dst_uri], **dest_options)) as dst,
+    ):
+        yield src_uri, dst_uri, src, dst
+
+
+async def dest_memory_digest(uri: str, name: str, directory: str, size: int, tls: TLSFiles | None = None) -> str:
+    path = os.path.join(directory, "dump.mem")
+    async with connect(uri, tls=tls) as client:
+        reply = await client.monitor(name, {"execute": "pmemsave", "arguments": {"val": RANDOM_ADDR, "size": size, "filename": path}})
+    assert "return" in reply, reply
+    try:
+        return await trio.to_thread.run_sync(file_digest, path)
+    finally:
+        os.unlink(path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ----------------------------------------------------------------------
+# Migrations
+
+
+async def test_tunnelled_migration_over_unix_moves_256_mib_of_random_ram(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
+    ram = random_ram(256 * MiB)
+    with trio.fail_after(120):
+        async with unix_pair(run_dir) as (src_uri, dst_uri, _src, _dst):
+            async with connect(src_uri) as client:
+                await client.define(definition("vm1", ram, 320))
+                assert await client.start("vm1") == "running"
+                result = await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True)
+                assert result["status"] == "completed"
+                assert result["tunnel_bytes_sent"] >= ram.size  # random pages cannot shrink
+                assert result["tunnel_bytes_received"] > 0  # QEMU's return path came back on the same stream
+                assert result["destination_state"] == "running"
+                rows = {d["name"]: d for d in await client.list()}
+                assert rows["vm1"]["state"] == "shut off"  # confirm stopped the source
+                assert (await client.jobinfo("vm1"))["status"] == "completed"
+            async with connect(dst_uri) as client:
+                rows = {d["name"]: d for d in await client.list()}
+                assert rows["vm1"]["state"] == "running"
+            assert await dest_memory_digest(dst_uri, "vm1", run_dir, ram.size) == ram.sha256
+            # The destination now owns a persistent definition.
+            assert os.path.exists(f"{run_dir}/dst/domains/vm1.json")
+
+
+async def test_tunnelled_migration_over_mutual_tls(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
+    ram = random_ram(256 * MiB)
+    certs = Certs(run_dir)
+    src_tls, dst_tls, client_tls = certs.files("source"), certs.files("destination"), certs.files("operator")
+    src_uri, dst_uri = f"tls://127.0.0.1:{free_port()}", f"tls://127.0.0.1:{free_port()}"
+    with trio.fail_after(120):
+        async with (
+            running(Daemon(state_dir=f"{run_dir}/src", listen=[src_uri], tls=src_tls)),
+            running(Daemon(state_dir=f"{run_dir}/dst", listen=[dst_uri], tls=dst_tls, allow=["cn:source"])),
+        ):
+            async with connect(src_uri, tls=client_tls) as client:
+                await client.define(definition("vm1", ram, 320))
+                await client.start("vm1")
+                result = await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True, dname="vm1-moved")
+                assert result["status"] == "completed"
+                assert result["destination_name"] == "vm1-moved"
+            assert await dest_memory_digest(dst_uri, "vm1-moved", run_dir, ram.size, tls=client_tls) == ram.sha256
+
+
+async def test_native_p2p_migration_uses_a_direct_channel(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
+    ram = random_ram(64 * MiB)
+    with trio.fail_after(90):
+        async with unix_pair(run_dir) as (src_uri, dst_uri, _src, _dst):
+            async with connect(src_uri) as client:
+                await client.define(definition("vm1", ram))
+                await client.start("vm1", paused=True)
+                result = await client.migrate("vm1", dst_uri, p2p=True)
+                assert result["status"] == "completed"
+                assert "tunnel_bytes_sent" not in result  # nothing went through the tunnel
+                assert result["destination_state"] == "paused"  # it was paused on the source
+            assert await dest_memory_digest(dst_uri, "vm1", run_dir, ram.size) == ram.sha256
+
+
+async def test_abort_half_way_leaves_the_source_as_it_was_and_no_destination(
+    run_dir: str, random_ram: Callable[[int], RandomRam]
+) -> None:
+    ram = random_ram(128 * MiB)
+    with trio.fail_after(120):
+        async with unix_pair(run_dir) as (src_uri, dst_uri, _src, _dst):
+            async with connect(src_uri) as client, connect(dst_uri) as dclient:
+                await client.define(definition("vm1", ram, 192))
+                await client.start("vm1")
+                source_pid = (await client.list())[0]["pid"]
+                outcome: dict[str, Any] = {}
+
+                async def migrate() -> None:
+                    try:
+                        await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=16)
+                    except DaemonError as exc:
+                        outcome["error"] = exc.message
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(migrate)
+                    dest_pid = None
+                    while True:
+                        await trio.sleep(0.1)
+                        info = await client.jobinfo("vm1")
+                        rows = await dclient.list()
+                        if rows and rows[0]["state"] == "incoming":
+                            dest_pid = rows[0]["pid"]
+                        if info.get("status") == "active" and (info.get("data_processed") or 0) > 8 * MiB:
+                            break
+                    assert dest_pid is not None
+                    assert await client.abort("vm1") == "cancelled"
+                assert "cancelled" in outcome["error"] and "aborted by the client" in outcome["error"]
+                rows = await client.list()
+                assert rows[0]["state"] == "running" and rows[0]["pid"] == source_pid
+                assert await dclient.list() == []  # nothing that looks like a guest
+                assert not pid_alive(dest_pid)
+                assert os.listdir(f"{run_dir}/dst/domains") == []
+                # The source is usable: the same migration now succeeds.
+                result = await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True)
+                assert result["status"] == "completed"
+            assert await dest_memory_digest(dst_uri, "vm1", run_dir, ram.size) == ram.sha256
+
+
+async def test_set_speed_during_a_run_changes_the_rate_and_jobinfo_moves(
+    run_dir: str, random_ram: Callable[[int], RandomRam]
+) -> None:
+    ram = random_ram(128 * MiB)
+    with trio.fail_after(120):
+        async with unix_pair(run_dir) as (src_uri, dst_uri, _src, _dst), connect(src_uri) as client:
+            await client.define(definition("vm1", ram, 192))
+            await client.start("vm1")
+            async def migrate() -> None:
+                with pytest.raises(DaemonError, match="aborted by the client"):
+                    await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=4)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(migrate)
+
+                async def sample(seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+                    first = await client.jobinfo("vm1")
+                    await trio.sleep(seconds)
+                    return first, await client.jobinfo("vm1")
+
+                while (await client.jobinfo("vm1")).get("status") != "active":
+                    await trio.sleep(0.05)
+                await trio.sleep(0.3)
+                a, b = await sample(1.0)
+                slow = b["data_processed"] - a["data_processed"]
+                # jobinfo figures move
+                assert b["time_elapsed_ms"] > a["time_elapsed_ms"]
+                assert b["data_processed"] > a["data_processed"] > 0
+                assert b["data_total"] >= ram.size and b["data_remaining"] < a["data_remaining"]
+                assert b["iteration"] >= 1 and b["bandwidth_mib"] == 4
+
+                await client.set_speed("vm1", 64)
+                params = await client.monitor("vm1", {"execute": "query-migrate-parameters"})
+                assert params["return"]["max-bandwidth"] == 64 * MiB
+                await trio.sleep(0.3)
+                c, d = await sample(1.0)
+                fast = d["data_processed"] - c["data_processed"]
+                assert d["bandwidth_mib"] == 64
+                assert fast > 3 * slow, (slow, fast)  # 16x the cap; 3x leaves room for a busy machine
+                await client.abort("vm1")
+
+
+async def test_daemon_errors_are_one_line_messages(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
+    certs = Certs(run_dir)
+    with trio.fail_after(90):
+        async with unix_pair(run_dir) as (src_uri, dst_uri, _src, _dst):  # noqa: SIM117 - the clients need the daemons' URIs
+            async with connect(src_uri) as client, connect(dst_uri) as dclient:
+                with pytest.raises(DaemonError, match="cannot perform tunnelled migration without using peer2peer flag"):
+                    await client.migrate("vm1", dst_uri, tunnelled=True)
+                with pytest.raises(DaemonError, match="domain 'nope' is not defined"):
+                    await client.migrate("nope", dst_uri, p2p=True)
+                await client.define(definition("vm1", None))
+                with pytest.raises(DaemonError, match="domain 'vm1' is not running"):
+                    await client.migrate("vm1", dst_uri, p2p=True, tunnelled=True)
+                await client.start("vm1")
+                with pytest.raises(DaemonError, match="already running"):
+                    await client.start("vm1")
+                with pytest.raises(DaemonError, match="bad URI"):
+                    await client.migrate("vm1", "http://example", p2p=True, tunnelled=True)
+                with pytest.raises(DaemonError, match="cannot connect to unix:///nonexistent.sock"):
+                    await client.migrate("vm1", "unix:///nonexistent.sock", p2p=True, tunnelled=True)
+                # name clash: the destination runs a guest of the same name
+                await dclient.define(definition("vm1", None))
+                await dclient.start("vm1")
+                with pytest.raises(DaemonError, match="already exists and is active on the destination"):
+                    await client.migrate("vm1", dst_uri, p2p=True, tunnelled=True)
+                with pytest.raises(DaemonError, match="'-qmp' is added by the daemon|-qmp is added by the daemon"):
+                    await client.define({"name": "x", "qemu": ["-qmp", "stdio"]})
+                with pytest.raises(DaemonError, match="bad domain name"):
+                    await client.define({"name": "../x", "qemu": []})
+                with pytest.raises(DaemonError, match="is running; stop it first"):
+                    await client.undefine("vm1")
+                # after every refusal the source guest still runs where it was
+                assert (await client.list())[0]["state"] == "running"
+        # The destination refuses a peer that is not on its allow list.
+        src_uri, dst_uri = f"tls://127.0.0.1:{free_port()}", f"tls://127.0.0.1:{free_port()}"
+        operator = certs.files("operator")
+        async with (
+            running(Daemon(state_dir=f"{run_dir}/src2", listen=[src_uri], tls=certs.files("source"))),
+            running(Daemon(state_dir=f"{run_dir}/dst2", listen=[dst_uri], tls=certs.files("destination"), allow=["cn:someone-else"])),
+        ):
+            async with connect(src_uri, tls=operator) as client:
+                await client.define(definition("vm2", None))
+                await client.start("vm2")
+                with pytest.raises(DaemonError, match="refuses migrations from cn:source"):
+                    await client.migrate("vm2", dst_uri, p2p=True, tunnelled=True)
+                assert (await client.list())[0]["state"] == "running"
+            # A certificate from another CA does not get in at all.
+            stranger = certs.files("stranger", ca=trustme.CA())
+            with pytest.raises(DaemonError, match="TLS handshake|lost the connection|cannot connect"):
+                async with connect(src_uri, tls=stranger) as client:
+                    await client.list()
+
+
+# ----------------------------------------------------------------------
+# The daemon process and the CLI
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tunnel", *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_cli_flag_rules_and_bad_requests_exit_non_zero_with_one_line(run_dir: str) -> None:
+    done = cli("--connect", f"unix://{run_dir}/none.sock", "migrate", "--tunnelled", "vm1", "unix:///x.sock")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: cannot perform tunnelled migration without using peer2peer flag"
+    done = cli("--connect", f"unix://{run_dir}/none.sock", "list")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "cannot connect to" in done.stderr
+    done = cli("--connect", "unix:relative.sock", "list")
+    assert done.returncode == 1 and "bad URI" in done.stderr and done.stderr.count("\n") == 1
+    with open(f"{run_dir}/bad.json", "w") as f:
+        f.write("{not json")
+    done = cli("--connect", f"unix://{run_dir}/none.sock", "define", f"{run_dir}/bad.json")
+    assert done.returncode == 1 and "is not valid JSON" in done.stderr
+    assert cli("migrate").returncode == 2  # usage error from argparse
+    assert "tunnelled" in cli("migrate", "--help").stdout
+
+
+async def test_daemon_process_socket_mode_and_clean_sigterm(run_dir: str) -> None:
+    sock = f"{run_dir}/d.sock"
+    with trio.fail_after(60):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tunnel", "daemon", "--listen", f"unix://{sock}", "--state-dir", f"{run_dir}/state"],
+            stderr=subprocess.PIPE,
+        )
+        try:
+            while not os.path.exists(sock):
+                assert proc.poll() is None, "the daemon exited"
+                await trio.sleep(0.05)
+            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+            async with connect(f"unix://{sock}") as client:
+                await client.define(definition("vm1", None))
+                await client.start("vm1")
+                qemu_pid = (await client.list())[0]["pid"]
+            assert pid_alive(qemu_pid)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        log = (await proc.stderr.receive_some(65536)).decode()
+        assert "SIGTERM: shutting down" in log and "stopped vm1" in log
+        assert not pid_alive(qemu_pid)  # no orphaned QEMU
+        assert not os.path.exists(sock)  # no leftover socket
+        assert not [f for f in os.listdir(f"{run_dir}/state/run") if f.endswith((".qmp", ".sock"))]
+        # The definition survives the daemon.
+        assert os.path.exists(f"{run_dir}/state/domains/vm1.json")
+
+
+def test_plain_tcp_needs_insecure_and_says_so(run_dir: str) -> None:
+    with pytest.raises(DaemonError, match="--insecure"):
+        Daemon(state_dir=f"{run_dir}/s", listen=["tcp://127.0.0.1:1"])
+    with pytest.raises(DaemonError, match="TLS needs"):
+        Daemon(state_dir=f"{run_dir}/s", listen=["tls://127.0.0.1:1"])
+    lines: list[str] = []
+
+    async def main() -> None:
+        port = free_port()
+        daemon = Daemon(state_dir=f"{run_dir}/s", listen=[f"tcp://127.0.0.1:{port}"], insecure=True, log=lines.append)
+        async with running(daemon), connect(f"tcp://127.0.0.1:{port}") as client:
+            assert await client.list() == []
+
+    trio.run(main)
+    assert any("WARNING" in line and "without TLS" in line for line in lines)
+
+
+def test_uri_parsing() -> None:
+    assert str(parse_uri("unix:///run/x.sock")) == "unix:///run/x.sock"
+    assert parse_uri("tls://[::1]:16514").host == "::1"
+    for bad in ("unix://host/x", "unix:x.sock", "tls://host", "tcp://host:0", "ftp://h:1", "tls://h:99999", "tcp://h:1/path"):
+        with pytest.raises(ValueError):
+            parse_uri(bad)

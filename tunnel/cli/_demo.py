@@ -1,0 +1,221 @@
+"""``tunnel demo``: the main job on an embedded default, with no set-up.
+
+Two daemons start as separate processes on unix sockets in a temporary
+directory; a guest is defined on the first with random bytes loaded into its
+RAM (QEMU's ``loader`` device, on the source only), started, and migrated
+PEER2PEER + TUNNELLED to the second.  The destination QEMU never saw the
+random file, so when its memory holds those bytes they came through the
+tunnel.  Everything started is stopped and the directory removed, also on
+failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import trio
+
+from ..client import Client, connect
+from ..daemon import DaemonError
+from ..qemu import qemu_binary
+from ._progress import ProgressBar, format_bytes
+
+__all__ = ["run_demo"]
+
+MiB = 1024 * 1024
+#: Where the random bytes go in guest RAM: above what firmware touches.
+LOAD_ADDRESS = 16 * MiB
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, flush=True)
+
+
+def _random_file(path: str, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            block = os.urandom(MiB)
+            digest.update(block)
+            f.write(block)
+    return digest.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Daemons:
+    """Two daemon processes, always stopped on the way out."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.procs: list[trio.Process] = []
+
+    async def start(self, name: str) -> str:
+        sock = os.path.join(self.root, f"{name}.sock")
+        log = os.open(os.path.join(self.root, f"{name}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "tunnel", "daemon", "--listen", f"unix://{sock}", "--state-dir", os.path.join(self.root, name)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            os.close(log)
+        self.procs.append(proc)
+        with trio.move_on_after(20):
+            while not os.path.exists(sock):
+                if proc.poll() is not None:
+                    break
+                await trio.sleep(0.05)
+        if not os.path.exists(sock):
+            raise DaemonError(f"the {name} daemon did not start: {self.log_tail(name)}")
+        return f"unix://{sock}"
+
+    def log_tail(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.root, f"{name}.log"), encoding="utf-8", errors="replace") as f:
+                return f.read()[-2000:].strip()
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            with trio.move_on_after(20):
+                await proc.wait()
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def _migrate_with_progress(client: Client, name: str, dest: str, *, tunnelled: bool, show: bool) -> dict[str, Any]:
+    bar = ProgressBar(sys.stdout) if show and sys.stdout.isatty() else None
+    result: dict[str, Any] = {}
+
+    async def poll() -> None:
+        try:
+            while True:
+                await trio.sleep(0.25)
+                info = await client.jobinfo(name)
+                if bar is not None and info.get("status") == "active":
+                    bar.update(info)
+        except DaemonError:
+            return
+
+    error: DaemonError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        try:
+            result = await client.migrate(name, dest, live=True, p2p=True, tunnelled=tunnelled)
+        except DaemonError as exc:
+            error = exc
+        nursery.cancel_scope.cancel()
+    if bar is not None:
+        bar.close()
+    if error is not None:
+        raise error
+    return result
+
+
+async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> dict[str, Any]:
+    size = args.memory_mib * MiB
+    rand = os.path.join(root, "guest-ram.bin")
+    _say(args, f"Writing {args.memory_mib} MiB of random data for the guest's RAM ...")
+    expected = await trio.to_thread.run_sync(_random_file, rand, size)
+    ram_mib = args.memory_mib + 64
+    definition = {
+        "name": "demo-vm",
+        "description": "tunnel demo guest: random bytes loaded into RAM on the source only",
+        "qemu": [
+            "-machine", "q35", "-accel", "tcg", "-m", str(ram_mib), "-nodefaults", "-display", "none",
+            "-device", f"loader,file={rand},addr={LOAD_ADDRESS:#x},force-raw=on",
+        ],
+    }
+    _say(args, "Starting two daemons on unix sockets ...")
+    src = await daemons.start("source")
+    dst = await daemons.start("destination")
+    summary: dict[str, Any] = {"guest": "qemu", "guest_ram_mib": ram_mib, "random_mib": args.memory_mib}
+    runs = [("tunnelled", True)] + ([("native", False)] if args.native else [])
+    for label, tunnelled in runs:
+        async with connect(src) as source, connect(dst) as destination:
+            await source.define(definition)
+            await source.start("demo-vm")
+            _say(args, f"Migrating demo-vm ({ram_mib} MiB RAM) PEER2PEER{' + TUNNELLED' if tunnelled else ''}: {src} -> {dst}")
+            started = time.monotonic()
+            result = await _migrate_with_progress(source, "demo-vm", dst, tunnelled=tunnelled, show=not args.json)
+            seconds = time.monotonic() - started
+            dump = os.path.join(root, f"dest-{label}.bin")
+            reply = await destination.monitor(
+                "demo-vm", {"execute": "pmemsave", "arguments": {"val": LOAD_ADDRESS, "size": size, "filename": dump}}
+            )
+            if "error" in reply:
+                raise DaemonError(f"pmemsave on the destination failed: {reply['error'].get('desc')}")
+            got = await trio.to_thread.run_sync(_file_digest, dump)
+            os.unlink(dump)
+            state = (await destination.domain_info("demo-vm"))["state"]
+            await destination.destroy("demo-vm")
+            await destination.undefine("demo-vm")
+        if got != expected:
+            raise DaemonError(f"{label} migration: the destination's memory differs from the source's (sha256 {got} != {expected})")
+        summary[label] = {
+            "seconds": round(seconds, 3),
+            "ram_bytes_sent": result.get("data_processed"),
+            "bytes_on_wire": result.get("tunnel_bytes_sent", result.get("data_processed")),
+            "return_path_bytes": result.get("tunnel_bytes_received"),
+            "MBps": round((result.get("data_processed") or 0) / seconds / 1e6, 1),
+            "destination_state": state,
+            "memory_verified": True,
+        }
+        _say(
+            args,
+            f"  done in {seconds:.2f} s: {format_bytes(result.get('data_processed'))} of RAM"
+            f" at {format_bytes((result.get('data_processed') or 0) / seconds)}/s"
+            + (f", {format_bytes(result['tunnel_bytes_sent'])} on the wire, "
+               f"{result.get('tunnel_bytes_received', 0)} bytes of QEMU's return path back through the same stream"
+               if tunnelled else "")
+            + f"; destination {state}; {args.memory_mib} MiB of guest memory verified (sha256 equal)",
+        )
+    return summary
+
+
+async def run_demo(args: argparse.Namespace) -> int:
+    if args.memory_mib < 1:
+        raise DaemonError("--memory-mib must be at least 1")
+    root = tempfile.mkdtemp(prefix="tunnel-demo-")
+    os.chmod(root, 0o700)
+    daemons = _Daemons(root)
+    try:
+        if qemu_binary() is None:
+            from ._image_demo import image_demo
+
+            summary = await image_demo(args, root, daemons)
+        else:
+            summary = await _qemu_demo(args, root, daemons)
+    finally:
+        with trio.CancelScope(shield=True):
+            await daemons.stop()
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print("Demo complete; daemons stopped and temporary files removed.")
+    return 0

@@ -1,0 +1,120 @@
+"""Python client of the reference daemon, the API under the ``tunnel`` CLI.
+
+    async with tunnel.client.connect("unix:///run/tunnel/src.sock") as c:
+        await c.define({"name": "vm1", "qemu": [...]})
+        await c.start("vm1")
+        summary = await c.migrate("vm1", "unix:///run/tunnel/dst.sock", p2p=True, tunnelled=True, live=True)
+
+Every failure the operator should read arrives as :class:`DaemonError`
+with a one-line message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ._errors import RPCError, TunnelError
+from .daemon._net import TLSFiles
+from .daemon._net import connect as _connect
+from .daemon._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
+from .daemon._uri import URIError, parse_uri
+from .transport import TunnelConnection, open_connection
+
+__all__ = ["Client", "DaemonError", "connect"]
+
+JSON = dict[str, Any]
+
+
+class Client:
+    """Calls on one daemon connection; several may run at once (e.g. ``migrate`` and ``jobinfo``)."""
+
+    def __init__(self, conn: TunnelConnection, uri: str) -> None:
+        self._conn = conn
+        self.uri = uri
+
+    async def _call(self, procedure: Procedure, request: JSON) -> JSON:
+        try:
+            return decode(await self._conn.call(PROGRAM, procedure, encode(request)))
+        except RPCError as exc:
+            raise error_of(exc) from None
+        except (TunnelError, trio.BrokenResourceError) as exc:
+            raise DaemonError(f"lost the connection to {self.uri}: {exc}") from None
+
+    async def define(self, definition: JSON) -> JSON:
+        return await self._call(Procedure.DEFINE, {"definition": definition})
+
+    async def undefine(self, name: str) -> None:
+        await self._call(Procedure.UNDEFINE, {"name": name})
+
+    async def start(self, name: str, *, paused: bool = False) -> str:
+        state: str = (await self._call(Procedure.START, {"name": name, "paused": paused}))["state"]
+        return state
+
+    async def destroy(self, name: str) -> None:
+        await self._call(Procedure.DESTROY, {"name": name})
+
+    async def list(self) -> list[JSON]:
+        domains: list[JSON] = (await self._call(Procedure.LIST, {}))["domains"]
+        return domains
+
+    async def domain_info(self, name: str) -> JSON:
+        return await self._call(Procedure.DOMAIN_INFO, {"name": name})
+
+    async def migrate(
+        self,
+        name: str,
+        destination: str,
+        *,
+        live: bool = False,
+        p2p: bool = False,
+        tunnelled: bool = False,
+        bandwidth_mib: int = 0,
+        dname: str | None = None,
+    ) -> JSON:
+        """Run the migration to completion; returns the job's final statistics."""
+        if tunnelled and not p2p:
+            raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
+        request: JSON = {
+            "name": name,
+            "destination": destination,
+            "live": live,
+            "p2p": p2p,
+            "tunnelled": tunnelled,
+            "bandwidth_mib": bandwidth_mib,
+        }
+        if dname is not None:
+            request["dname"] = dname
+        return await self._call(Procedure.MIGRATE, request)
+
+    async def jobinfo(self, name: str) -> JSON:
+        return await self._call(Procedure.JOBINFO, {"name": name})
+
+    async def abort(self, name: str) -> str:
+        status: str = (await self._call(Procedure.ABORT, {"name": name}))["status"]
+        return status
+
+    async def set_speed(self, name: str, mib_per_s: int) -> None:
+        await self._call(Procedure.SET_SPEED, {"name": name, "bandwidth_mib": mib_per_s})
+
+    async def monitor(self, name: str, command: JSON) -> JSON:
+        """One QMP command on the guest's QEMU; returns ``{"return": ...}`` or ``{"error": ...}``."""
+        return await self._call(Procedure.MONITOR, {"name": name, "command": command})
+
+
+@asynccontextmanager
+async def connect(uri: str, *, tls: TLSFiles | None = None) -> AsyncIterator[Client]:
+    """A :class:`Client` of the daemon at *uri* for the body of the ``async with``."""
+    try:
+        parsed = parse_uri(uri)
+    except URIError as exc:
+        raise DaemonError(str(exc)) from None
+    stream = await _connect(parsed, tls)
+    try:
+        async with open_connection(stream, client=True) as conn:
+            yield Client(conn, uri)
+    except (TunnelError, trio.BrokenResourceError) as exc:
+        raise DaemonError(f"lost the connection to {uri}: {exc}") from None

@@ -1,0 +1,153 @@
+"""Sockets of the daemon: listeners, outgoing connections, TLS and peer identity.
+
+Unix sockets are created with mode 0600 (under a umask, so there is no
+moment when they are wider), and the peer's uid comes from ``SO_PEERCRED``.
+TLS is mutual: the daemon requires a client certificate signed by the
+operator's CA, and the subject common name of that certificate is the
+peer's identity.  Plain TCP exists only for operators who ask for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import ssl
+import stat
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from ._rpc import DaemonError
+from ._uri import URI
+
+__all__ = ["Identity", "TLSFiles", "connect", "listen", "peer_identity"]
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSFiles:
+    cert: str
+    key: str
+    ca: str
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """Who is on the other end: ``uid:N`` for a unix peer, ``cn:NAME`` for a TLS peer, ``tcp:ADDR`` otherwise."""
+
+    kind: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+def peer_identity(stream: trio.abc.Stream) -> Identity:
+    if isinstance(stream, trio.SSLStream):
+        cert = stream.getpeercert()
+        for rdn in (cert or {}).get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return Identity(kind="cn", value=value)
+        return Identity(kind="cn", value="")
+    assert isinstance(stream, trio.SocketStream)
+    sock = stream.socket
+    if sock.family == socket.AF_UNIX:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return Identity(kind="uid", value=str(uid))
+    host, port = sock.getpeername()[:2]
+    return Identity(kind="tcp", value=f"{host}:{port}")
+
+
+async def connect(uri: URI, tls: TLSFiles | None) -> trio.abc.Stream:
+    """A connected stream to the daemon at *uri* (TLS handshake done); :class:`DaemonError` if unreachable."""
+    try:
+        if uri.scheme == "unix":
+            return await trio.open_unix_socket(uri.path)
+        stream = await trio.open_tcp_stream(uri.host, uri.port)
+    except OSError as exc:
+        raise DaemonError(f"cannot connect to {uri}: {exc.strerror or exc}") from None
+    if uri.scheme == "tcp":
+        return stream
+    if tls is None:
+        await stream.aclose()
+        raise DaemonError(f"cannot connect to {uri}: TLS needs --tls-cert, --tls-key and --tls-ca")
+    ssl_stream = trio.SSLStream(stream, tls.client_context(), server_hostname=uri.host, https_compatible=False)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await ssl_stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+        await trio.aclose_forcefully(ssl_stream)
+        cause = exc.__cause__ or exc
+        raise DaemonError(f"TLS handshake with {uri} failed: {cause}") from None
+    return ssl_stream
+
+
+def _unix_socket(path: str) -> trio.socket.SocketType:
+    """Bind a listening unix socket at *path*, mode 0600, replacing only a dead socket."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise DaemonError(f"cannot listen on {path}: it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            os.unlink(path)  # a stale socket left by a daemon that died
+        else:
+            raise DaemonError(f"cannot listen on {path}: another daemon is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def listen(uri: URI) -> list[trio.SocketListener]:
+    """Listeners for *uri* (TLS is layered per connection by the daemon)."""
+    if uri.scheme == "unix":
+        try:
+            return [trio.SocketListener(_unix_socket(uri.path))]
+        except OSError as exc:
+            raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
+    try:
+        return await trio.open_tcp_listeners(uri.port, host=uri.host)
+    except OSError as exc:
+        raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
+
+
+async def accept_tls(stream: trio.SocketStream, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream] | None:
+    """Server side TLS handshake; None (connection dropped) if the peer fails it."""
+    ssl_stream = trio.SSLStream(stream, context, server_side=True, https_compatible=False)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await ssl_stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
+        await trio.aclose_forcefully(ssl_stream)
+        return None
+    return ssl_stream

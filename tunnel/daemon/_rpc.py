@@ -1,0 +1,97 @@
+"""The daemon's RPC program: procedure numbers and JSON bodies.
+
+Client to daemon and daemon to daemon calls travel as tunnel RPC calls of
+one program; each body is a UTF-8 JSON object, and so is each reply.  A
+failure the operator should read is a :class:`DaemonError`; it crosses the
+connection as an ``RPC_ERROR`` with ``APPLICATION_ERROR`` and its message,
+and the client raises it again as a :class:`DaemonError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+from typing import Any
+
+from .._errors import ErrorCode, RPCError
+
+__all__ = ["PROGRAM", "DaemonError", "Procedure", "decode", "encode", "json_handler"]
+
+#: "TUNd": the program number of the daemon's procedures.
+PROGRAM = 0x54554E64
+
+JSONObject = dict[str, Any]
+
+
+class Procedure(IntEnum):
+    # client -> daemon
+    DEFINE = 1
+    UNDEFINE = 2
+    START = 3
+    LIST = 4
+    DESTROY = 5
+    MIGRATE = 6
+    JOBINFO = 7
+    ABORT = 8
+    SET_SPEED = 9
+    MONITOR = 10
+    DOMAIN_INFO = 11
+    # source daemon -> destination daemon
+    PREPARE = 32
+    FINISH = 33
+
+
+class DaemonError(Exception):
+    """A request the daemon refused or could not carry out; the message is for the operator."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def encode(obj: JSONObject) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def decode(body: bytes) -> JSONObject:
+    try:
+        obj = json.loads(body) if body else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DaemonError(f"malformed request: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DaemonError("malformed request: the body must be a JSON object")
+    return obj
+
+
+def json_handler(fn: Callable[[JSONObject], Awaitable[JSONObject]]) -> Callable[[bytes], Awaitable[bytes]]:
+    """Adapt ``async fn(request) -> reply`` to a tunnel RPC handler."""
+
+    async def handler(body: bytes) -> bytes:
+        try:
+            return encode(await fn(decode(body)))
+        except DaemonError as exc:
+            raise RPCError(ErrorCode.APPLICATION_ERROR, exc.message) from None
+
+    return handler
+
+
+def error_of(exc: RPCError) -> DaemonError:
+    """The :class:`DaemonError` a failed call stands for, on the calling side."""
+    if exc.code == ErrorCode.APPLICATION_ERROR:
+        return DaemonError(exc.message)
+    return DaemonError(f"{ErrorCode.name_of(exc.code)}: {exc.message}")
+
+
+def field(request: JSONObject, name: str, kind: type, default: Any = ...) -> Any:
+    """``request[name]`` checked against *kind*, or a clear error."""
+    if name not in request:
+        if default is ...:
+            raise DaemonError(f"malformed request: missing {name!r}")
+        return default
+    value = request[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DaemonError(f"malformed request: {name!r} must be {kind.__name__}")
+    return value
