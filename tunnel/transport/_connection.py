@@ -686,6 +686,8 @@ class TunnelConnection:
 
     async def _keepalive(self) -> None:
         assert self.keepalive_interval is not None
+        # No pings before the handshake: open_connection bounds that wait itself.
+        await self._handshake.wait()
         pinged_at = -math.inf
         while self._error is None:
             now = trio.current_time()
@@ -811,7 +813,7 @@ async def open_connection(
     except BaseExceptionGroup as group:
         # The body's own error (or a cancellation from outside) comes out as
         # itself; when both happen at once, the error wins, since it says why.
-        cancelled, rest = group.split(trio.Cancelled)
+        _cancelled, rest = group.split(trio.Cancelled)
         leaves = _leaves(rest) if rest is not None else _leaves(group)
         if len(leaves) == 1:
             raise leaves[0] from None

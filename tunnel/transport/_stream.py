@@ -154,7 +154,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._eof_received = False
         self._recv_signal = Signal()
         self._sink: SinkQueue | None = None
-        self._sink_scope: trio.CancelScope | None = None
+        #: Waits on a file descriptor (send_fd and receive_fd may both wait at once), woken on failure.
+        self._fd_scopes: set[trio.CancelScope] = set()
         self._frames_received = 0
         self._bytes_received = 0
         self._decompressor: PageDecompressor | None = None  # created by the first ZSTD_PAGES
@@ -209,8 +210,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _wake_sink(self) -> None:
         if self._sink is not None:
             self._sink.signal.fire()
-        if self._sink_scope is not None:
-            self._sink_scope.cancel()
+        for scope in self._fd_scopes:
+            scope.cancel()
 
     def _release_lent(self) -> None:
         if self._lent is not None:
@@ -522,13 +523,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         with trio.CancelScope() as scope:
             if out is not None:
                 out.wait_scope = scope
-            else:
-                self._sink_scope = scope
-            await wait(fd)  # type: ignore[operator]
+            self._fd_scopes.add(scope)
+            try:
+                await wait(fd)  # type: ignore[operator]
+            finally:
+                self._fd_scopes.discard(scope)
         if out is not None:
             out.wait_scope = None
-        else:
-            self._sink_scope = None
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         if self._error is not None:
