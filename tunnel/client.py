@@ -74,8 +74,13 @@ class Client:
         tunnelled: bool = False,
         bandwidth_mib: int = 0,
         dname: str | None = None,
+        verify: bool = False,
     ) -> JSON:
-        """Run the migration to completion; returns the job's final statistics."""
+        """Run the migration to completion; returns the job's final statistics.
+
+        *verify* (memory-image guests): both daemons digest the image at the
+        switch-over and report ``source_image_sha256`` / ``destination_image_sha256``.
+        """
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
         request: JSON = {
@@ -88,6 +93,8 @@ class Client:
         }
         if dname is not None:
             request["dname"] = dname
+        if verify:
+            request["verify"] = True
         return await self._call(Procedure.MIGRATE, request)
 
     async def jobinfo(self, name: str) -> JSON:

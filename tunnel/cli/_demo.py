@@ -107,7 +107,9 @@ class _Daemons:
                 await proc.wait()
 
 
-async def _migrate_with_progress(client: Client, name: str, dest: str, *, tunnelled: bool, show: bool) -> dict[str, Any]:
+async def _migrate_with_progress(
+    client: Client, name: str, dest: str, *, tunnelled: bool, show: bool, verify: bool = False
+) -> dict[str, Any]:
     bar = ProgressBar(sys.stdout) if show and sys.stdout.isatty() else None
     result: dict[str, Any] = {}
 
@@ -125,7 +127,7 @@ async def _migrate_with_progress(client: Client, name: str, dest: str, *, tunnel
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poll)
         try:
-            result = await client.migrate(name, dest, live=True, p2p=True, tunnelled=tunnelled)
+            result = await client.migrate(name, dest, live=True, p2p=True, tunnelled=tunnelled, verify=verify)
         except DaemonError as exc:
             error = exc
         nursery.cancel_scope.cancel()
@@ -204,10 +206,12 @@ async def run_demo(args: argparse.Namespace) -> int:
     os.chmod(root, 0o700)
     daemons = _Daemons(root)
     try:
-        if qemu_binary() is None:
+        if args.guest == "image" or (args.guest == "auto" and qemu_binary() is None):
             from ._image_demo import image_demo
 
             summary = await image_demo(args, root, daemons)
+        elif qemu_binary() is None:
+            raise DaemonError("--guest qemu: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
         else:
             summary = await _qemu_demo(args, root, daemons)
     finally:

@@ -11,6 +11,7 @@ daemon; guests are QEMU processes the daemon launched and watches.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from .._errors import TunnelError
 from ..qemu import QemuError, QemuProcess, QMPError, run_state
 from ..transport import Handler, TunnelConnection, TunnelStream, open_connection
 from ._domains import DomainStore, validate_definition, validate_name
+from ._imageguest import ImageGuest
 from ._migration import Incoming, SourceJob, domain_state
 from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
 from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler
@@ -46,7 +48,7 @@ class Domain:
     def __init__(self, definition: JSON, run_dir: str) -> None:
         self.definition = definition
         self.run_dir = run_dir
-        self.process: QemuProcess | None = None
+        self.process: QemuProcess | ImageGuest | None = None
         #: Cancels the task that notices QEMU exiting by itself (before the daemon stops it).
         self.watcher: trio.CancelScope | None = None
         self.job: SourceJob | None = None
@@ -59,13 +61,27 @@ class Domain:
         name: str = self.definition["name"]
         return name
 
-    async def state(self) -> str:
+    @property
+    def is_image(self) -> bool:
+        return "image" in self.definition
+
+    def qemu(self) -> QemuProcess:
+        """The running QEMU, or a clear error for guests that have none."""
         if self.process is None:
-            return "shut off"
+            raise DaemonError(f"domain {self.name!r} is not running")
+        if not isinstance(self.process, QemuProcess):
+            raise DaemonError(f"domain {self.name!r} is a memory-image guest: it has no QEMU monitor")
+        return self.process
+
+    async def state(self) -> str:
         if self.incoming is not None:
             return "incoming"
+        if self.process is None:
+            return "shut off"
         if self.job is not None:
             return "migrating"
+        if isinstance(self.process, ImageGuest):
+            return "running" if self.process.running else "paused"
         try:
             with trio.move_on_after(2):
                 return domain_state(await run_state(self.process.qmp))
@@ -145,11 +161,23 @@ class Daemon:
     async def _accept_loop(self, listener: trio.SocketListener, uri: URI) -> None:
         async with listener:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # e.g. out of file descriptors: wait, then go on accepting
+                    self.log(f"{uri}: accept failed: {exc}")
+                    await trio.sleep(0.5)
+                    continue
                 assert self._nursery is not None
                 self._nursery.start_soon(self._serve, stream, uri)
 
     async def _serve(self, raw: trio.SocketStream, uri: URI) -> None:
+        try:
+            await self._serve_connection(raw, uri)
+        except Exception as exc:  # noqa: BLE001 - a bug: drop this connection, keep the daemon serving
+            self.log(f"internal error on a connection from {uri}: " + "".join(traceback.format_exception(exc)).rstrip())
+            await trio.aclose_forcefully(raw)
+
+    async def _serve_connection(self, raw: trio.SocketStream, uri: URI) -> None:
         stream: trio.abc.Stream = raw
         if uri.scheme == "tls":
             assert self._server_context is not None
@@ -186,6 +214,20 @@ class Daemon:
     async def start_guest(self, domain: Domain, *, paused: bool = False, incoming: bool = False) -> None:
         if domain.process is not None:
             raise DaemonError(f"domain {domain.name!r} is already running")
+        assert self._nursery is not None
+        if domain.is_image:
+            if incoming:
+                return  # the image writer creates it; finish starts the guest
+            domain.process = await ImageGuest.start(
+                domain.definition["image"],
+                images_dir=self.store.images_dir,
+                name=domain.name,
+                paused=paused,
+                nursery=self._nursery,
+                create=True,
+            )
+            self.log(f"started memory-image guest {domain.name}{' (paused)' if paused else ''}")
+            return
         log_path = os.path.join(self.store.run_dir, f"{domain.name}.log")
         try:
             process = await QemuProcess.start(
@@ -199,9 +241,20 @@ class Daemon:
         except (OSError, QemuError) as exc:
             raise DaemonError(f"cannot start domain {domain.name!r}: {exc}") from None
         domain.process = process
-        assert self._nursery is not None
         self._nursery.start_soon(self._watch, domain, process)
         self.log(f"started {domain.name} (pid {process.pid}{', incoming' if incoming else ''}{', paused' if paused else ''})")
+
+    async def start_incoming_image(self, domain: Domain, *, running: bool) -> None:
+        """After a memory-image migration committed: run the guest on the new image."""
+        assert self._nursery is not None
+        domain.process = await ImageGuest.start(
+            domain.definition["image"],
+            images_dir=self.store.images_dir,
+            name=domain.name,
+            paused=not running,
+            nursery=self._nursery,
+            create=False,
+        )
 
     async def _watch(self, domain: Domain, process: QemuProcess) -> None:
         with trio.CancelScope() as scope:
@@ -333,11 +386,10 @@ class Session:
             raise DaemonError('bad QMP command: it must be a JSON object with "execute", as in {"execute": "query-status"}')
         if execute in ("getfd", "closefd", "add-fd", "remove-fd"):
             raise DaemonError(f"QMP command {execute!r} passes file descriptors and is not available here")
-        if domain.process is None:
-            raise DaemonError(f"domain {domain.name!r} is not running")
+        qemu = domain.qemu()
         arguments = command.get("arguments")
         try:
-            result = await domain.process.qmp.execute(execute, arguments)
+            result = await qemu.qmp.execute(execute, arguments)
         except QMPError as exc:
             return {"error": {"class": getattr(exc, "error_class", "GenericError"), "desc": getattr(exc, "desc", str(exc))}}
         return {"return": result}
@@ -362,14 +414,23 @@ class Session:
         bandwidth = field(request, "bandwidth_mib", int, 0)
         if bandwidth < 0:
             raise DaemonError("the bandwidth must be >= 0 MiB/s (0 for no limit)")
-        if domain.process is None:
-            raise DaemonError(f"domain {domain.name!r} is not running")
         if domain.incoming is not None:
             raise DaemonError(f"domain {domain.name!r} is still being migrated in")
+        if domain.process is None:
+            raise DaemonError(f"domain {domain.name!r} is not running")
+        if domain.is_image and not tunnelled:
+            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it migrates only --tunnelled")
         if domain.job is not None:
             raise DaemonError(f"domain {domain.name!r} already has a migration job")
         job = SourceJob(
-            daemon, domain, dest, live=field(request, "live", bool, False), tunnelled=tunnelled, bandwidth_mib=bandwidth, dname=dname
+            daemon,
+            domain,
+            dest,
+            live=field(request, "live", bool, False),
+            tunnelled=tunnelled,
+            bandwidth_mib=bandwidth,
+            dname=dname,
+            verify=field(request, "verify", bool, False),
         )
         domain.job = domain.last_job = job
         assert daemon._nursery is not None
@@ -434,15 +495,22 @@ class Session:
             raise DaemonError(f"domain {name!r} already exists and is active on the destination")
         domain = Domain(definition, daemon.store.run_dir)
         domain.persistent = False  # becomes persistent once finish succeeds
+        tunnelled = field(request, "tunnelled", bool, False)
+        if domain.is_image and not tunnelled:
+            raise DaemonError("a memory-image guest migrates only tunnelled")
         incoming = Incoming(
-            domain, migration_id, tunnelled=field(request, "tunnelled", bool, False), running=field(request, "running", bool, False)
+            domain,
+            migration_id,
+            tunnelled=tunnelled,
+            running=field(request, "running", bool, False),
+            verify=field(request, "verify", bool, False),
         )
         incoming.previous = existing
         domain.incoming = incoming
         daemon.domains[name] = domain
         try:
             await daemon.start_guest(domain, incoming=True)
-            reply = await incoming.prepare(self.sockname)
+            reply = await incoming.prepare(self.sockname, images_dir=daemon.store.images_dir)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(incoming)
@@ -474,7 +542,7 @@ class Session:
             await self._discard(incoming)
             return {}
         try:
-            state = await incoming.finish()
+            state = await incoming.finish(self.daemon)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(incoming)
@@ -483,7 +551,10 @@ class Session:
         domain.persistent = True
         self.daemon.store.save(domain.definition)
         self.daemon.log(f"incoming {domain.name} complete: {state}")
-        return {"state": state}
+        reply: JSON = {"state": state}
+        if incoming.image_sha256 is not None:
+            reply["image_sha256"] = incoming.image_sha256
+        return reply
 
     async def _discard(self, incoming: Incoming) -> None:
         """Throw away a prepared destination: no QEMU left, nothing that looks complete.
@@ -494,6 +565,8 @@ class Session:
         domain = incoming.domain
         if incoming.sock is not None:
             incoming.sock.close()
+        if incoming.writer is not None and not incoming.writer.committed:
+            await incoming.writer.abort("the incoming migration was discarded")
         await self.daemon.stop_guest(domain, reason="incoming migration discarded")
         domain.incoming = None
         if self.daemon.domains.get(domain.name) is domain:

@@ -6,7 +6,8 @@ A definition is a JSON object::
      "qemu": ["-machine", "q35", "-accel", "tcg", "-m", "512", "-nodefaults", "-display", "none"],
      "description": "optional text"}
 
-``qemu`` holds QEMU's arguments without the binary, the QMP socket or
+A memory-image guest has ``"image"`` instead of ``"qemu"`` (see
+:mod:`._imageguest`).  ``qemu`` holds QEMU's arguments without the binary, the QMP socket or
 ``-incoming``: the daemon adds those itself.  Definitions live in
 ``STATE_DIR/domains/NAME.json``, written atomically; the daemon's runtime
 files (QMP sockets, QEMU logs) live in ``STATE_DIR/run``.
@@ -27,7 +28,7 @@ __all__ = ["DomainStore", "validate_definition"]
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Options the daemon owns: a definition that sets them would break supervision or migration.
 RESERVED_OPTIONS = frozenset({"-qmp", "-qmp-pretty", "-incoming", "-daemonize", "-monitor", "-mon", "-pidfile", "-S"})
-KNOWN_KEYS = frozenset({"name", "qemu", "description"})
+KNOWN_KEYS = frozenset({"name", "qemu", "image", "description"})
 
 
 def validate_name(name: object) -> str:
@@ -44,6 +45,15 @@ def validate_definition(obj: object) -> dict[str, Any]:
     if unknown:
         raise DaemonError(f"bad definition: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_KEYS))})")
     name = validate_name(obj.get("name"))
+    if ("qemu" in obj) == ("image" in obj):
+        raise DaemonError("bad definition: give either 'qemu' (QEMU's arguments) or 'image' (a memory-image guest), not both or neither")
+    if "image" in obj:
+        from ._imageguest import validate_image_spec
+
+        definition: dict[str, Any] = {"name": name, "image": validate_image_spec(obj["image"])}
+        if isinstance(obj.get("description"), str):
+            definition["description"] = obj["description"]
+        return definition
     args = obj.get("qemu")
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise DaemonError("bad definition: 'qemu' must be a list of strings (QEMU's arguments without the binary)")
@@ -53,7 +63,7 @@ def validate_definition(obj: object) -> dict[str, Any]:
             option = option[1:]
         if option in RESERVED_OPTIONS:
             raise DaemonError(f"bad definition: {option} is added by the daemon; remove it from 'qemu'")
-    definition: dict[str, Any] = {"name": name, "qemu": list(args)}
+    definition = {"name": name, "qemu": list(args)}
     if "description" in obj:
         if not isinstance(obj["description"], str):
             raise DaemonError("bad definition: 'description' must be a string")
@@ -68,7 +78,8 @@ class DomainStore:
         self.state_dir = os.path.abspath(state_dir)
         self.domains_dir = os.path.join(self.state_dir, "domains")
         self.run_dir = os.path.join(self.state_dir, "run")
-        for path in (self.state_dir, self.domains_dir, self.run_dir):
+        self.images_dir = os.path.join(self.state_dir, "images")
+        for path in (self.state_dir, self.domains_dir, self.run_dir, self.images_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
 
     def _path(self, name: str) -> str:

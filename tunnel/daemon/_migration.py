@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import time
+import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,20 @@ import trio
 
 from .._errors import TunnelError
 from .._frames import DigestAlgorithm, StreamKind
+from ..endpoints import (
+    EndpointError,
+    MemoryImageReader,
+    MemoryImageWriter,
+    PrecopyPolicy,
+    Progress,
+    image_digest,
+    receive_into,
+    send_from,
+)
 from ..qemu import (
     MigrationError,
     QemuError,
+    QemuProcess,
     QMPError,
     cancel,
     query_migration,
@@ -54,6 +66,7 @@ from ..qemu import (
     wait_migration,
 )
 from ..transport import TunnelConnection, TunnelStream, open_connection
+from ._imageguest import ImageGuest
 from ._net import connect
 from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
 
@@ -68,6 +81,8 @@ UNLIMITED_BANDWIDTH = 1 << 40
 #: QEMU's return path (destination to source on the same socket): the
 #: tunnel's streams are two-way, so it flows back through the tunnel.
 RETURN_PATH = {"return-path": True}
+#: How often QEMU's migration state is polled: it bounds how late completion is noticed.
+POLL_INTERVAL = 0.005
 #: How long the destination may take to load what the source finished sending.
 FINISH_TIMEOUT = 120.0
 #: Bound on each clean-up step, so an unresponsive peer cannot hang a failure.
@@ -142,8 +157,11 @@ class SourceJob:
         tunnelled: bool,
         bandwidth_mib: int,
         dname: str | None,
+        verify: bool = False,
     ) -> None:
         self.daemon = daemon
+        #: Memory-image guests: both sides report the image's content digest (costs a read of the image).
+        self.verify = verify
         self.domain = domain
         self.dest = dest
         self.live = live
@@ -156,6 +174,8 @@ class SourceJob:
         self.started = time.monotonic()
         self.ended: float | None = None
         self.stream: TunnelStream | None = None
+        #: The memory-image reader of an image guest's migration (None for QEMU guests).
+        self.reader: MemoryImageReader | None = None
         self.last: dict[str, Any] = {}
         self.done = trio.Event()
         self.scope = trio.CancelScope()
@@ -177,15 +197,20 @@ class SourceJob:
     async def set_speed(self, mib_per_s: int) -> None:
         self.bandwidth_mib = mib_per_s
         process = self.domain.process
-        if process is not None:
+        if self.reader is not None and self.stream is not None:
+            self.stream.set_bandwidth(mib_per_s * MiB)  # the tunnel's own limiter: no QEMU here
+        elif isinstance(process, QemuProcess):
             await set_max_bandwidth(process.qmp, self._bandwidth_bytes())
+        await trio.lowlevel.checkpoint()
 
     def _bandwidth_bytes(self) -> int:
         return self.bandwidth_mib * MiB if self.bandwidth_mib > 0 else UNLIMITED_BANDWIDTH
 
     async def info(self) -> dict[str, Any]:
         """libvirt-style job statistics: times, data totals, rate, iteration."""
-        if not self.done.is_set() and self.domain.process is not None and self.state == "active":
+        if self.reader is not None:
+            self._note_progress(self.reader.progress())
+        elif not self.done.is_set() and isinstance(self.domain.process, QemuProcess) and self.state == "active":
             try:
                 with trio.move_on_after(2):
                     self._note(await query_migration(self.domain.process.qmp))
@@ -218,6 +243,20 @@ class SourceJob:
             info["error"] = self.error
         return info
 
+    def _note_progress(self, progress: Progress) -> None:
+        total = progress.total_bytes
+        self.last = {
+            "data_total": total,
+            "data_processed": progress.bytes_sent,
+            "data_remaining": progress.remaining_bytes,
+            "rate_bytes_per_s": int(progress.rate_bytes_per_s or 0),
+            "iteration": progress.iteration + 1,
+            "expected_downtime_ms": int(progress.expected_downtime_s * 1000) if progress.expected_downtime_s is not None else None,
+            "dirty_rate_bytes_per_s": int(progress.dirty_bytes_per_s),
+            "zero_pages": progress.zero_pages,
+            "converged": progress.converged,
+        }
+
     def _note(self, status: Any) -> None:
         self.last = {
             "qemu_status": status.status,
@@ -243,6 +282,9 @@ class SourceJob:
             self.state, self.error = "failed", str(exc)
         except (TunnelError, QemuError, OSError, trio.BrokenResourceError) as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a bug: fail this job, keep the daemon serving
+            self.state, self.error = "failed", f"internal error: {exc!r}"
+            self.daemon.log("".join(traceback.format_exception(exc)).rstrip())
         finally:
             if self.state not in ("completed", "failed"):
                 # Cancelled: by abort, or by the daemon shutting down.
@@ -259,12 +301,14 @@ class SourceJob:
         process = domain.process
         if process is None:
             raise DaemonError(f"domain {domain.name!r} is not running")
-        qmp = process.qmp
         # begin: the migratable definition and the cookie
         definition = dict(domain.definition)
         if self.dname:
             definition["name"] = self.dname
-        was_running = await run_state(qmp) == "running"
+        if isinstance(process, ImageGuest):
+            was_running = process.running
+        else:
+            was_running = await run_state(process.qmp) == "running"
         dest = self.daemon.parse_peer_uri(self.dest)
         stream = await connect(dest, self.daemon.tls)
         async with open_connection(stream, client=True) as peer:
@@ -277,25 +321,54 @@ class SourceJob:
                     "tunnelled": self.tunnelled,
                     "live": self.live,
                     "running": was_running,
+                    "verify": self.verify,
                 },
             )
             success = False
             try:
                 if not self.live and was_running:
-                    await qmp.execute("stop")  # offline migration: the guest pauses for its whole duration
-                await self._transfer(peer, qmp, prepared)
+                    # offline migration: the guest pauses for its whole duration
+                    await (process.pause() if isinstance(process, ImageGuest) else process.qmp.execute("stop"))
+                if isinstance(process, ImageGuest):
+                    await self._transfer_image(peer, process)
+                else:
+                    await self._transfer(peer, process.qmp, prepared)
                 finished = await self._call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": True})
                 self.transfer_ended = time.monotonic()
                 success = True
             finally:
                 if not success:
                     with trio.CancelScope(shield=True):
-                        await self._rollback(peer, qmp, was_running)
+                        await self._rollback(peer, process, was_running)
         # confirm: the guest lives on the destination now
-        self.state = "completed"
         self.summary = {"destination_state": finished.get("state"), "destination_name": definition["name"]}
+        if self.verify and isinstance(process, ImageGuest):
+            # Paused since the final pass, so this is the content the destination must hold.
+            self.summary["source_image_sha256"] = await trio.to_thread.run_sync(image_digest, process.path)
+            self.summary["destination_image_sha256"] = finished.get("image_sha256")
+        self.state = "completed"
         with trio.CancelScope(shield=True):
             await self.daemon.stop_guest(domain, reason="migrated")
+
+    async def _transfer_image(self, peer: TunnelConnection, guest: ImageGuest) -> None:
+        """Pre-copy of a memory image: passes while the guest dirties pages, then stop-and-copy."""
+        self.state = "active"
+        self.transfer_started = time.monotonic()
+        reader = MemoryImageReader(guest.path, tracker=guest.tracker, guest=guest.sim, policy=PrecopyPolicy())
+        self.reader = reader
+        stream = await peer.open_stream(
+            kind=StreamKind.MEMORY,
+            digest=DigestAlgorithm.CRC32,
+            migration_id=self.migration_id,
+            label="memory",
+            bandwidth=self.bandwidth_mib * MiB,
+        )
+        self.stream = stream
+        try:
+            await send_from(reader, stream)
+        except EndpointError as exc:
+            raise DaemonError(str(exc)) from None
+        self._note_progress(reader.progress())
 
     async def _call(self, peer: TunnelConnection, procedure: Procedure, request: dict[str, Any]) -> dict[str, Any]:
         from .._errors import RPCError
@@ -311,7 +384,7 @@ class SourceJob:
         self.transfer_started = time.monotonic()
         if not self.tunnelled:
             await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth)
-            self._note(await wait_migration(qmp))
+            self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
             return
         stream = await peer.open_stream(
             kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label="qemu"
@@ -321,26 +394,49 @@ class SourceJob:
         try:
             await start_outgoing_fd(qmp, theirs.fileno(), max_bandwidth=bandwidth, capabilities=RETURN_PATH)
             theirs.close()  # QEMU holds its own copy now
+            # Errors are collected, not raised inside the nursery, so callers see
+            # one exception (never a group) whichever side failed first.
+            pump_errors: list[BaseException] = []
+            failures: list[BaseException] = []
+            pump_done = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump_socket, stream, ours)
-                self._note(await wait_migration(qmp))
-                # QEMU closes its end once done, which ends the pump; bound the wait.
-                with trio.move_on_after(FINISH_TIMEOUT) as waited:
-                    while nursery.child_tasks:
-                        await trio.sleep(0.01)
-                if waited.cancelled_caught:
-                    raise DaemonError("the migration stream did not end after QEMU completed")
+
+                async def pump() -> None:
+                    try:
+                        await pump_socket(stream, ours)
+                    except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        pump_errors.append(exc)
+                        nursery.cancel_scope.cancel()
+                    finally:
+                        pump_done.set()
+
+                nursery.start_soon(pump)
+                try:
+                    self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
+                    # QEMU closes its end once done, which ends the pump; bound the wait.
+                    with trio.move_on_after(FINISH_TIMEOUT):
+                        await pump_done.wait()
+                    if not pump_done.is_set():
+                        failures.append(DaemonError("the migration stream did not end after QEMU completed"))
+                except QemuError as exc:
+                    failures.append(exc)
+                nursery.cancel_scope.cancel()
+            if failures:
+                raise failures[0]
+            if pump_errors:
+                raise pump_errors[0]
         finally:
             theirs.close()
             ours.close()
 
-    async def _rollback(self, peer: TunnelConnection, qmp: Any, was_running: bool) -> None:
+    async def _rollback(self, peer: TunnelConnection, process: QemuProcess | ImageGuest, was_running: bool) -> None:
         """Failure: discard the destination, resume the source as it was."""
-        with trio.move_on_after(CLEANUP_TIMEOUT):
-            try:
-                await cancel(qmp)
-            except QMPError:
-                pass
+        if isinstance(process, QemuProcess):
+            with trio.move_on_after(CLEANUP_TIMEOUT):
+                try:
+                    await cancel(process.qmp)
+                except QMPError:
+                    pass
         if self.stream is not None:
             with trio.move_on_after(CLEANUP_TIMEOUT):
                 try:
@@ -352,6 +448,11 @@ class SourceJob:
                 await self._call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": False})
             except (DaemonError, TunnelError, trio.BrokenResourceError):
                 pass  # the destination discards it anyway when the connection goes
+        if isinstance(process, ImageGuest):
+            if was_running:
+                process.resume()
+            return
+        qmp = process.qmp
         with trio.move_on_after(CLEANUP_TIMEOUT):
             try:
                 # QEMU may still be finishing its cancellation; resume only once it has.
@@ -369,8 +470,10 @@ class SourceJob:
 class Incoming:
     """One prepared incoming migration on the destination daemon."""
 
-    def __init__(self, domain: Domain, migration_id: bytes, *, tunnelled: bool, running: bool) -> None:
+    def __init__(self, domain: Domain, migration_id: bytes, *, tunnelled: bool, running: bool, verify: bool = False) -> None:
         self.domain = domain
+        self.verify = verify
+        self.image_sha256: str | None = None
         self.migration_id = migration_id
         self.tunnelled = tunnelled
         self.running = running
@@ -381,10 +484,16 @@ class Incoming:
         self.pump_error: str | None = None
         #: The inactive definition of the same name the destination had before, restored if this fails.
         self.previous: Domain | None = None
+        #: The image writer of a memory-image guest's migration.
+        self.writer: MemoryImageWriter | None = None
 
-    async def prepare(self, peer_sockname: Any) -> dict[str, Any]:
+    async def prepare(self, peer_sockname: Any, *, images_dir: str) -> dict[str, Any]:
+        if self.domain.is_image:
+            self.writer = MemoryImageWriter(os.path.join(images_dir, f"{self.domain.name}.img"), mode=0o600)
+            await trio.lowlevel.checkpoint()
+            return {}
         process = self.domain.process
-        assert process is not None
+        assert isinstance(process, QemuProcess)
         if self.tunnelled:
             ours, theirs = _socketpair()
             try:
@@ -415,6 +524,14 @@ class Incoming:
 
     async def pump(self, stream: TunnelStream) -> None:
         self.stream_seen.set()
+        if self.writer is not None:
+            try:
+                await receive_into(stream, self.writer)  # commits only after the stream's digest matched
+            except (TunnelError, EndpointError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.pump_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.pump_done.set()
+            return
         assert self.sock is not None
         try:
             await pump_socket(stream, self.sock)
@@ -424,14 +541,25 @@ class Incoming:
             self.sock.close()
             self.pump_done.set()
 
-    async def finish(self) -> str:
-        """Wait until QEMU has loaded the guest; resume it if it ran on the source; return its state."""
+    async def finish(self, daemon: Daemon) -> str:
+        """Wait until the guest is loaded; resume it if it ran on the source; return its state."""
+        if self.writer is not None:
+            with trio.move_on_after(FINISH_TIMEOUT) as waited:
+                await self.pump_done.wait()
+            if waited.cancelled_caught or not self.stream_seen.is_set():
+                raise DaemonError(f"the memory image of {self.domain.name!r} did not arrive")
+            if self.pump_error is not None or not self.writer.committed:
+                raise DaemonError(f"the memory image of {self.domain.name!r} was not committed: {self.pump_error}")
+            if self.verify:
+                self.image_sha256 = await trio.to_thread.run_sync(self.writer.digest)
+            await daemon.start_incoming_image(self.domain, running=self.running)
+            return "running" if self.running else "paused"
         process = self.domain.process
-        if process is None:
+        if not isinstance(process, QemuProcess):
             raise DaemonError(f"the incoming QEMU of {self.domain.name!r} exited")
         with trio.move_on_after(FINISH_TIMEOUT) as waited:
             try:
-                await wait_migration(process.qmp)
+                await wait_migration(process.qmp, poll=POLL_INTERVAL)
             except MigrationError as exc:
                 raise DaemonError(f"the destination QEMU failed to load {self.domain.name!r}: {exc}") from None
         if waited.cancelled_caught:
