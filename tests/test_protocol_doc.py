@@ -525,3 +525,11 @@ def test_transition_table() -> None:
     inputs = _table("Input", "Frame")
     named = {name.strip() for row in inputs.rows for name in row[0].split(",")}
     assert named == {i.name for i in StreamInput}
+
+
+def test_daemon_procedure_table() -> None:
+    from tunnel.daemon import PROGRAM, Procedure
+
+    table = _table("Procedure", "Number", heading="Appendix A")
+    assert {row[0]: int(row[1]) for row in table.rows} == {p.name: p.value for p in Procedure}
+    assert f"0x{PROGRAM:08X}" in TEXT
