@@ -158,6 +158,23 @@ async def test_native_p2p_migration_uses_a_direct_channel(run_dir: str, random_r
             assert await dest_memory_digest(dst_uri, "vm1", run_dir, ram.size) == ram.sha256
 
 
+async def test_client_driven_migration_without_p2p(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
+    ram = random_ram(64 * MiB)
+    with trio.fail_after(90):
+        async with unix_pair(run_dir) as (src_uri, dst_uri, _src, _dst), connect(src_uri) as client:
+            await client.define(definition("vm1", ram))
+            await client.start("vm1")
+            result = await client.migrate("vm1", dst_uri, live=True, dname="vm1-b")
+            assert result["status"] == "completed" and result["destination_state"] == "running"
+            assert (await client.list())[0]["state"] == "shut off"
+            assert await dest_memory_digest(dst_uri, "vm1-b", run_dir, ram.size) == ram.sha256
+            # a destination that refuses leaves the source running
+            await client.start("vm1")
+            with pytest.raises(DaemonError, match="already exists and is active on the destination"):
+                await client.migrate("vm1", dst_uri, live=True, dname="vm1-b")
+            assert (await client.list())[0]["state"] == "running"
+
+
 async def test_abort_half_way_leaves_the_source_as_it_was_and_no_destination(
     run_dir: str, random_ram: Callable[[int], RandomRam]
 ) -> None:

@@ -11,6 +11,7 @@ with a one-line message.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,9 +33,10 @@ JSON = dict[str, Any]
 class Client:
     """Calls on one daemon connection; several may run at once (e.g. ``migrate`` and ``jobinfo``)."""
 
-    def __init__(self, conn: TunnelConnection, uri: str) -> None:
+    def __init__(self, conn: TunnelConnection, uri: str, tls: TLSFiles | None = None) -> None:
         self._conn = conn
         self.uri = uri
+        self._tls = tls
 
     async def _call(self, procedure: Procedure, request: JSON) -> JSON:
         try:
@@ -83,6 +85,8 @@ class Client:
         """
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
+        if not p2p:
+            return await self._migrate_managed(name, destination, live=live, bandwidth_mib=bandwidth_mib, dname=dname)
         request: JSON = {
             "name": name,
             "destination": destination,
@@ -96,6 +100,44 @@ class Client:
         if verify:
             request["verify"] = True
         return await self._call(Procedure.MIGRATE, request)
+
+    async def _migrate_managed(self, name: str, destination: str, *, live: bool, bandwidth_mib: int, dname: str | None) -> JSON:
+        """Without PEER2PEER the client drives: begin and perform on the source, prepare and finish on
+        the destination (which authorizes the client's own identity), then confirm on the source."""
+        info = await self.domain_info(name)
+        definition = dict(info["definition"])
+        if dname is not None:
+            definition["name"] = dname
+        if info["state"] not in ("running", "paused"):
+            raise DaemonError(f"domain {name!r} is not running")
+        migration_id = uuid.uuid4().hex
+        async with connect(destination, tls=self._tls) as dest:
+            prepared = await dest._call(
+                Procedure.PREPARE,
+                {"definition": definition, "migration_id": migration_id, "tunnelled": False, "live": live,
+                 "running": info["state"] == "running"},
+            )
+            performed = False
+            try:
+                result = await self._call(
+                    Procedure.MIGRATE,
+                    {"name": name, "destination": destination, "uri": prepared["uri"], "live": live,
+                     "bandwidth_mib": bandwidth_mib, "p2p": False},
+                )
+                performed = True
+                finished = await dest._call(Procedure.FINISH, {"migration_id": migration_id, "ok": True})
+            except BaseException:
+                with trio.CancelScope(shield=True), trio.move_on_after(15):
+                    try:
+                        await dest._call(Procedure.FINISH, {"migration_id": migration_id, "ok": False})
+                    except DaemonError:
+                        pass
+                    if performed:  # the source guest waits paused for our word: resume it
+                        await self._call(Procedure.CONFIRM, {"name": name, "ok": False})
+                raise
+        await self._call(Procedure.CONFIRM, {"name": name, "ok": True})
+        result.update(status="completed", destination_state=finished.get("state"), destination_name=definition["name"])
+        return result
 
     async def jobinfo(self, name: str) -> JSON:
         return await self._call(Procedure.JOBINFO, {"name": name})
@@ -122,6 +164,6 @@ async def connect(uri: str, *, tls: TLSFiles | None = None) -> AsyncIterator[Cli
     stream = await _connect(parsed, tls)
     try:
         async with open_connection(stream, client=True) as conn:
-            yield Client(conn, uri)
+            yield Client(conn, uri, tls)
     except (TunnelError, trio.BrokenResourceError) as exc:
         raise DaemonError(f"lost the connection to {uri}: {exc}") from None

@@ -75,10 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON")
 
     m = sub.add_parser("migrate", help="migrate a domain to another daemon",
-                       description="Migrate NAME to the daemon at DEST_URI. With --p2p the source daemon drives the migration; "
+                       description="Migrate NAME to the daemon at DEST_URI. With --p2p the source daemon drives the migration "
+                                   "(without it, this client does); "
                                    "with --tunnelled (which needs --p2p) QEMU's migration data travels inside the daemons' connection.")
     m.add_argument("--live", action="store_true", help="keep the guest running while its memory is copied")
-    m.add_argument("--p2p", action="store_true", help="peer to peer: the source daemon talks to the destination itself")
+    m.add_argument("--p2p", action="store_true",
+                   help="peer to peer: the source daemon talks to the destination itself (without it, this client drives "
+                        "the migration, talking to both daemons)")
     m.add_argument("--tunnelled", "--tunneled", action="store_true", help="carry the data over the daemons' RPC connection")
     m.add_argument("--bandwidth", metavar="MIB_PER_S", type=int, default=0, help="limit in MiB/s (default: none)")
     m.add_argument("--dname", metavar="NEW", help="name of the domain on the destination")

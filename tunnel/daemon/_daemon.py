@@ -314,6 +314,7 @@ class Session:
             Procedure.ABORT: self.abort,
             Procedure.SET_SPEED: self.set_speed,
             Procedure.MONITOR: self.monitor,
+            Procedure.CONFIRM: self.confirm,
             Procedure.PREPARE: self.prepare,
             Procedure.FINISH: self.finish,
         }
@@ -403,11 +404,16 @@ class Session:
         tunnelled = field(request, "tunnelled", bool, False)
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
+        direct_uri = None
         if not p2p:
-            raise DaemonError("only PEER2PEER migration is supported: pass --p2p (and --tunnelled to carry the data in the tunnel)")
+            # Client-driven: the client prepared the destination and passes its QEMU endpoint.
+            direct_uri = field(request, "uri", str, None)
+            if direct_uri is None or not direct_uri.startswith(("unix:", "tcp:")):
+                raise DaemonError("without --p2p the client drives the migration: it must pass the destination's 'uri'")
         domain = daemon.domain(request.get("name"))
         dest = field(request, "destination", str)
-        daemon.parse_peer_uri(dest)
+        if p2p:
+            daemon.parse_peer_uri(dest)
         dname = field(request, "dname", str, None)
         if dname is not None:
             validate_name(dname)
@@ -431,17 +437,28 @@ class Session:
             bandwidth_mib=bandwidth,
             dname=dname,
             verify=field(request, "verify", bool, False),
+            direct_uri=direct_uri,
         )
         domain.job = domain.last_job = job
         assert daemon._nursery is not None
         daemon._nursery.start_soon(job.run)
-        daemon.log(f"migrating {domain.name} to {dest} ({'tunnelled' if tunnelled else 'native'} p2p)")
+        mode = "tunnelled p2p" if tunnelled else "native p2p" if p2p else "native, driven by the client"
+        daemon.log(f"migrating {domain.name} to {dest} ({mode})")
         await job.done.wait()
         info = await job.info()
-        if job.state != "completed":
+        if job.state != ("completed" if p2p else "performed"):
             raise DaemonError(f"migration of {domain.name!r} {job.state}: {job.error}")
         info.update(job.summary)
         return info
+
+    async def confirm(self, request: JSON) -> JSON:
+        """Client-driven migration, last step: stop the source guest (ok) or resume it."""
+        domain = self.daemon.domain(request.get("name"))
+        job = domain.last_job
+        if job is None or job.direct_uri is None:
+            raise DaemonError(f"domain {domain.name!r} has no client-driven migration to confirm")
+        await job.confirm(field(request, "ok", bool))
+        return {"status": job.state}
 
     def _job(self, request: JSON) -> SourceJob:
         domain = self.daemon.domain(request.get("name"))

@@ -158,8 +158,13 @@ class SourceJob:
         bandwidth_mib: int,
         dname: str | None,
         verify: bool = False,
+        direct_uri: str | None = None,
     ) -> None:
         self.daemon = daemon
+        #: Client-driven (not PEER2PEER) migration: only perform, to this QEMU endpoint the
+        #: client got from the destination; the client then calls finish and confirm.
+        self.direct_uri = direct_uri
+        self.was_running = False
         #: Memory-image guests: both sides report the image's content digest (costs a read of the image).
         self.verify = verify
         self.domain = domain
@@ -286,7 +291,7 @@ class SourceJob:
             self.state, self.error = "failed", f"internal error: {exc!r}"
             self.daemon.log("".join(traceback.format_exception(exc)).rstrip())
         finally:
-            if self.state not in ("completed", "failed"):
+            if self.state not in ("completed", "performed", "failed"):
                 # Cancelled: by abort, or by the daemon shutting down.
                 self.state = "cancelled"
                 self.error = self.abort_reason or "the daemon is shutting down"
@@ -301,6 +306,10 @@ class SourceJob:
         process = domain.process
         if process is None:
             raise DaemonError(f"domain {domain.name!r} is not running")
+        if self.direct_uri is not None:
+            assert isinstance(process, QemuProcess)
+            await self._perform_only(process)
+            return
         # begin: the migratable definition and the cookie
         definition = dict(domain.definition)
         if self.dname:
@@ -350,6 +359,38 @@ class SourceJob:
         with trio.CancelScope(shield=True):
             await self.daemon.stop_guest(domain, reason="migrated")
 
+    async def _perform_only(self, process: QemuProcess) -> None:
+        """The perform phase of a client-driven migration; the guest stays paused until confirm."""
+        qmp = process.qmp
+        self.was_running = was_running = await run_state(qmp) == "running"
+        success = False
+        try:
+            if not self.live and was_running:
+                await qmp.execute("stop")
+            assert self.direct_uri is not None
+            await self._transfer(None, qmp, {"uri": self.direct_uri})
+            self.transfer_ended = time.monotonic()
+            success = True
+        finally:
+            if not success:
+                with trio.CancelScope(shield=True):
+                    await self._rollback(None, process, was_running)
+        self.state = "performed"
+
+    async def confirm(self, ok: bool) -> None:
+        """End a client-driven migration: stop the source guest, or resume it as it was."""
+        if self.state != "performed":
+            raise DaemonError(f"the migration of {self.domain.name!r} is {self.state}, not waiting for confirmation")
+        process = self.domain.process
+        if ok:
+            self.state = "completed"
+            await self.daemon.stop_guest(self.domain, reason="migrated")
+        else:
+            self.state, self.error = "failed", "the destination did not finish"
+            if isinstance(process, QemuProcess):
+                await self._rollback(None, process, self.was_running)
+        self.daemon.log(f"migration of {self.domain.name} to {self.dest}: {self.state}")
+
     async def _transfer_image(self, peer: TunnelConnection, guest: ImageGuest) -> None:
         """Pre-copy of a memory image: passes while the guest dirties pages, then stop-and-copy."""
         self.state = "active"
@@ -378,7 +419,7 @@ class SourceJob:
         except RPCError as exc:
             raise error_of(exc) from None
 
-    async def _transfer(self, peer: TunnelConnection, qmp: Any, prepared: dict[str, Any]) -> None:
+    async def _transfer(self, peer: TunnelConnection | None, qmp: Any, prepared: dict[str, Any]) -> None:
         self.state = "active"
         bandwidth = self._bandwidth_bytes()
         self.transfer_started = time.monotonic()
@@ -386,6 +427,7 @@ class SourceJob:
             await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth)
             self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
             return
+        assert peer is not None
         stream = await peer.open_stream(
             kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label="qemu"
         )
@@ -429,7 +471,7 @@ class SourceJob:
             theirs.close()
             ours.close()
 
-    async def _rollback(self, peer: TunnelConnection, process: QemuProcess | ImageGuest, was_running: bool) -> None:
+    async def _rollback(self, peer: TunnelConnection | None, process: QemuProcess | ImageGuest, was_running: bool) -> None:
         """Failure: discard the destination, resume the source as it was."""
         if isinstance(process, QemuProcess):
             with trio.move_on_after(CLEANUP_TIMEOUT):
@@ -445,7 +487,8 @@ class SourceJob:
                     pass
         with trio.move_on_after(CLEANUP_TIMEOUT):
             try:
-                await self._call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": False})
+                if peer is not None:  # client-driven: the client tells the destination
+                    await self._call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": False})
             except (DaemonError, TunnelError, trio.BrokenResourceError):
                 pass  # the destination discards it anyway when the connection goes
         if isinstance(process, ImageGuest):

@@ -37,7 +37,8 @@ class Procedure(IntEnum):
     SET_SPEED = 9
     MONITOR = 10
     DOMAIN_INFO = 11
-    # source daemon -> destination daemon
+    CONFIRM = 12
+    # source daemon -> destination daemon (or the client, when it drives a migration without PEER2PEER)
     PREPARE = 32
     FINISH = 33
 
