@@ -4,7 +4,8 @@ Theory of operation.  Three background tasks serve one
 :class:`tunnel.Connection` core.  The *reader* reads from the transport and
 dispatches the core's events to streams, calls and handlers; it never waits
 for an application, so one slow consumer cannot stall the others (each
-stream's backlog is bounded by its window instead).  The *writer* is the
+stream's backlog is bounded by its window instead).  It lives in
+:mod:`._reading`, with how it keeps reads and wakeups few.  The *writer* is the
 only task that writes: each round it first drains what the core has queued
 (RPC, window updates, pongs, opens, ends, aborts) and only then writes one
 data frame, taken round-robin from the streams that have data, credit and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -29,7 +31,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from .._connection import Connection
-from .._errors import ErrorCode, FrameTooLargeError, LocalProtocolError, RemoteProtocolError, RPCError
+from .._errors import ErrorCode, FrameTooLargeError, LocalProtocolError, RPCError
 from .._events import (
     CallFailed,
     CallReceived,
@@ -54,8 +56,9 @@ from .._settings import Feature, Settings
 from .._state import StreamState
 from ._buffers import BufferPool, ReadBuffer
 from ._compress import CompressedPages, zstd_available
-from ._io import BufferWriter, raw_socket
-from ._splice import SinkQueue, can_splice, splice_some
+from ._io import BufferWriter, raw_socket, tune_socket
+from ._reading import READ_SIZE, Reading
+from ._splice import SinkQueue, can_splice
 from ._stats import ConnectionStatistics
 from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, TunnelStream, ZeroPagesRecord, _Outgoing, record_size
 from ._util import BrokenConnection, Signal, aborted
@@ -65,14 +68,6 @@ __all__ = ["Handler", "TunnelConnection", "open_connection"]
 #: An RPC handler: takes the call body, returns the reply body.
 Handler = Callable[[bytes], Awaitable[Buffer]]
 
-_READ_SIZE = 1024 * 1024
-#: A pooled buffer with less room than this left is retired or restarted.
-_MIN_READ = 128 * 1024
-#: Received slices smaller than this are copied rather than keeping a buffer alive.
-_MIN_PIN = 4096
-#: Reads while a spliced sink is active and no DATA payload is under way:
-#: small, so the next payload is not pulled into memory with the header.
-_HEAD_READ = 4096
 _CLOSE_TIMEOUT = 5.0
 
 
@@ -85,7 +80,7 @@ class _Call:
         self.error: BaseException | None = None
 
 
-class TunnelConnection:
+class TunnelConnection(Reading):
     """RPC and migration streams over one trio stream.  Create with :func:`open_connection`."""
 
     def __init__(
@@ -101,11 +96,20 @@ class TunnelConnection:
         self._core = core
         self._out = BufferWriter(transport)
         self._sock = raw_socket(transport)
-        self._pool = BufferPool(_READ_SIZE)
+        if self._sock is not None:
+            tune_socket(self._sock)
+        self._pool = BufferPool(READ_SIZE)
         self._buffer: ReadBuffer | None = None
         #: Streams whose payload the reader splices into a file descriptor.
         self._sinks: dict[int, SinkQueue] = {}
+        #: Streams whose sink got payload since the reader last flushed: it
+        #: flushes them once per batch, before it waits or checkpoints.
+        self._dirty: list[TunnelStream] = []
+        #: The reader just spliced a payload to its end: the next byte starts a frame.
+        self._at_boundary = False
         self._can_splice = self._sock is not None and can_splice()
+        self._tcp = self._sock is not None and self._sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._lowat = 1  # the socket's SO_RCVLOWAT
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.chunk_size = chunk_size
@@ -357,105 +361,20 @@ class TunnelConnection:
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
         try:
             await task()
-        except Exception as exc:  # a bug: surface it, never as a bare group
+        except Exception as exc:  # noqa: BLE001 - a bug: surface it, never as a bare group
             self._internal_error = exc
             self._fail(BrokenConnection(f"internal error in the tunnel: {exc!r}"))
 
-    async def _reader(self) -> None:
-        core = self._core
-        sock = self._sock
-        offset = 0
-        waited = False
-        while self._error is None:
-            try:
-                pending = core.pending_data_payload if self._sinks else None
-                if pending is not None and pending[0] in self._sinks:
-                    # Payload for a file sink: socket -> sink pipe, in the kernel.
-                    if await self._splice_in(pending[0], pending[1], waited):
-                        waited = False
-                        continue
-                    if not waited:
-                        waited = True
-                        await trio.lowlevel.wait_readable(sock)  # type: ignore[arg-type]
-                        continue
-                    # The socket has data but the pipe is full: read into memory.
-                waited = False
-                if sock is not None:
-                    # Plain socket: read into a pooled buffer, hand out slices of it.
-                    if self._buffer is None:
-                        self._buffer = self._pool.get()
-                        offset = 0
-                    buf = self._buffer
-                    want = len(buf.data) - offset
-                    if self._sinks:
-                        want = min(want, pending[1] if pending is not None else _HEAD_READ)
-                    size = await sock.recv_into(buf.view[offset:], want)
-                    data: Buffer = buf.view[offset : offset + size]
-                    offset += size
-                else:
-                    data = await self._transport.receive_some(_READ_SIZE)
-                    size = len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._fail(BrokenConnection(f"the connection broke: {exc or type(exc).__name__}"))
-                return
-            if not size:
-                self._fail(BrokenConnection("the peer closed the connection without saying goodbye"))
-                return
-            self._last_rx = trio.current_time()
-            self._bytes_received += size
-            try:
-                events = core.receive_data(data)
-            except RemoteProtocolError as exc:
-                self._fail(BrokenConnection(f"protocol error from the peer: {exc}"))
-                return
-            self._dispatch_all(events)
-            buf = self._buffer
-            if buf is not None:
-                if buf.refs == 0:
-                    offset = 0  # nothing refers to it any more: fill it again from the start
-                elif len(buf.data) - offset < _MIN_READ:
-                    self._pool.retire(buf)
-                    self._buffer = None
-            if core.pending_output:
-                self._kick()
-
-    async def _splice_in(self, stream_id: int, remaining: int, waited: bool) -> bool:
-        """Splice payload from the socket into a sink's pipe; False if nothing moved."""
-        sink = self._sinks[stream_id]
-        room = sink.pipe.room
-        if room <= 0:
-            return False
-        assert self._sock is not None
-        moved = splice_some(self._sock.fileno(), sink.pipe.write_fd, min(remaining, room))
-        if moved is None:
-            return False
-        if moved == 0:
-            self._fail(BrokenConnection("the peer closed the connection without saying goodbye"))
-            return True
-        self._last_rx = trio.current_time()
-        self._bytes_received += moved
-        for event in self._core.receive_external_data(moved):
-            stream = self._streams.get(stream_id)
-            if stream is not None and stream._sink is sink:
-                stream._on_spliced(moved)
-            else:
-                self._acknowledge(stream_id, event.flow_controlled_length)  # type: ignore[attr-defined]
-        await trio.lowlevel.checkpoint()
-        return True
-
-    def _lend(self, data: Buffer) -> tuple[Buffer, ReadBuffer | None]:
-        """Keep *data* (a slice of the current read buffer) alive, or copy it."""
-        buf = self._buffer
-        if buf is None or not isinstance(data, memoryview) or data.obj is not buf.data:
-            return data, None
-        if len(data) < _MIN_PIN or not self._pool.may_pin:
-            return bytes(data), None
-        buf.refs += 1
-        return data, buf
-
-    def _dispatch_all(self, events: list[Event] | tuple[()]) -> None:
+    async def _dispatch_all(self, events: list[Event] | tuple[()]) -> None:
         for event in events:
             self._dispatch(event)
+            if isinstance(event, HandshakeComplete):
+                # open_connection's body runs (it was woken just now: the next
+                # batch) before anything behind the handshake, in this read or
+                # the next, is dispatched: handlers it registers at once find
+                # a call that came right behind.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -553,7 +472,7 @@ class TunnelConnection:
             reply = await handler(body)
         except RPCError as exc:
             code, message = exc.code, exc.message
-        except Exception as exc:  # the handler's failure goes back to the caller
+        except Exception as exc:  # noqa: BLE001 - the handler's failure goes back to the caller
             code, message = ErrorCode.APPLICATION_ERROR, f"{type(exc).__name__}: {exc}"
         else:
             if self._error is not None:
@@ -573,9 +492,14 @@ class TunnelConnection:
     async def _writer(self) -> None:
         try:
             while self._error is None:
-                self._kick_event = trio.Event()
+                if self._kick_event.is_set():
+                    self._kick_event = trio.Event()  # kicks from here on wake the wait below
                 deadline = await self._write_round()
-                if deadline is not None:
+                if deadline is None:
+                    continue
+                if deadline == math.inf:  # nothing to do until kicked: no timeout scope needed
+                    await self._kick_event.wait()
+                else:
                     with trio.move_on_at(deadline):
                         await self._kick_event.wait()
             # Flush what the core queued last (a GOODBYE), then close.
@@ -615,8 +539,9 @@ class TunnelConnection:
                 deadline = min(deadline, ready_at)
                 continue
             window = core.send_window(stream.stream_id)
-            if out.pipe is not None:
+            if out.source is not None:
                 if await self._write_spliced(stream, out, window, now):
+                    await trio.lowlevel.checkpoint()  # one per data frame, whatever the socket did
                     return None
                 continue
             if out.record is not None:
@@ -652,15 +577,21 @@ class TunnelConnection:
             await self._out.write(core.data_to_send())
             if finished:
                 out.done.set()
+            await trio.lowlevel.checkpoint()  # one per data frame, whatever the socket did
             return None
         return deadline
 
     async def _write_spliced(self, stream: TunnelStream, out: _Outgoing, window: int, now: float) -> bool:
         """One DATA frame whose payload goes from the stream's pipe into the socket."""
-        pipe = out.pipe
-        assert pipe is not None
-        if pipe.level == 0:
-            self._senders.remove(stream)  # send_fd schedules the stream again when it fills
+        source = out.source
+        assert source is not None
+        pipe = source.pipe
+        if window > 0:
+            source.fill()  # top up first: the frame carries all the source has ready
+        if pipe.level == 0 or source.error is not None:
+            # Nothing to send: send_fd's task waits for the source (or ends, or raises).
+            self._senders.remove(stream)
+            out.drained.fire()
             return False
         if window <= 0:
             _blocked(stream, now)
@@ -679,9 +610,8 @@ class TunnelConnection:
         stream._bytes_sent += size
         stream._rate.spend(size, now)
         self._frames_sent += 1
-        if stream._outgoing is not out and out.source_eof:
-            pipe.close()  # send_fd finished while we were splicing
-        out.drained.fire()
+        if out.abandoned:
+            pipe.close()  # send_fd returned while we were splicing
         return True
 
     async def _keepalive(self) -> None:

@@ -1,13 +1,14 @@
 """Writing frame buffers to a trio stream without joining payloads.
 
 On a plain socket (``trio.SocketStream``) header and payload buffers go to
-the kernel together with one ``sendmsg`` (gather write): no copy in Python.
+the kernel together with one ``writev`` (gather write): no copy in Python.
 On other streams (TLS, in-memory) small buffers are joined so each write is
 worth its cost, and large payloads are written as they are.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 import trio
@@ -15,7 +16,7 @@ import trio
 from .._frames import Buffer
 from ._splice import splice_some
 
-__all__ = ["BufferWriter", "raw_socket"]
+__all__ = ["BufferWriter", "push_corked", "raw_socket", "tune_socket"]
 
 _IOV_MAX = 512
 _SMALL = 64 * 1024
@@ -28,14 +29,62 @@ def raw_socket(transport: trio.abc.Stream) -> trio.socket.SocketType | None:
     return None
 
 
+#: Send and receive buffer asked for on a unix socket (the kernel caps it at
+#: net.core.wmem_max / rmem_max).
+UNIX_BUFFER = 4 * 1024 * 1024
+
+
+def tune_socket(sock: trio.socket.SocketType) -> None:
+    """Give a unix socket buffers that hold a few whole frames.
+
+    A unix stream socket's default send buffer (net.core.wmem_default,
+    about 208 KiB) is the most one write or splice can move: a 1 MiB frame
+    then took five writes, five wakeups of each side and, on the receiving
+    side, five splices on into the sink.  TCP sockets are left alone: the
+    kernel sizes their buffers itself, and setting them would stop that.
+    """
+    if sock.family != socket.AF_UNIX:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, option) < UNIX_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, option, UNIX_BUFFER)
+        except OSError:  # pragma: no cover - not a socket we may tune
+            pass
+
+
+def push_corked(sock: trio.socket.SocketType) -> None:
+    """Send a TCP socket's corked tail segment now.
+
+    A splice into a socket that stops part-way (send buffer full) leaves its
+    last segment corked: the kernel sent it with MSG_MORE because the pipe
+    still held bytes.  Nothing pushes it until an ACK arrives, and with the
+    peer's delayed ACK that took up to 200 ms per stall (the receiver had
+    nothing to read, the sender waited for room).  Setting TCP_NODELAY, even
+    to its current value, pushes pending segments (``tcp_push_pending_frames``).
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # pragma: no cover - a socket being torn down
+        pass
+
+
 class BufferWriter:
     def __init__(self, transport: trio.abc.Stream) -> None:
         self._transport = transport
         self._sock = raw_socket(transport)
+        self._tcp = self._sock is not None and self._sock.family in (socket.AF_INET, socket.AF_INET6)
         #: Bytes written so far.
         self.written = 0
 
     async def write(self, buffers: list[Buffer]) -> None:
+        """Write *buffers*, in order.
+
+        On a plain socket this waits only if the socket is full: when the
+        kernel takes everything at once it returns without a checkpoint,
+        so a writer that wrote only control frames goes straight back to
+        waiting for work.  A caller writing data frames checkpoints itself.
+        """
         if self._sock is not None:
             await self._gather(list(buffers))
         else:
@@ -44,8 +93,13 @@ class BufferWriter:
     async def _gather(self, bufs: list[Buffer]) -> None:
         sock = self._sock
         assert sock is not None
+        fd = sock.fileno()
         while bufs:
-            sent = await sock.sendmsg(bufs[:_IOV_MAX])
+            try:
+                sent = os.writev(fd, bufs[:_IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
             self.written += sent
             while sent:
                 first = len(bufs[0])
@@ -75,22 +129,30 @@ class BufferWriter:
             await self._transport.send_all(b"".join(pending))
 
     async def write_spliced(self, header: bytes, pipe_fd: int, size: int) -> None:
-        """Write *header*, then move *size* bytes from *pipe_fd* into the socket (kernel only)."""
+        """Write *header*, then move *size* bytes from *pipe_fd* into the socket (kernel only).
+
+        Like :meth:`write`, checkpoints only if it has to wait for the socket.
+        """
         sock = self._sock
         assert sock is not None
+        fd = sock.fileno()
         view = memoryview(header)
         while view:
-            sent = await sock.send(view, socket.MSG_MORE)  # the payload follows at once
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
             view = view[sent:]
             self.written += sent
-        fd = sock.fileno()
         while size:
             moved = splice_some(pipe_fd, fd, size)
             if moved is None:
+                if self._tcp:
+                    push_corked(sock)
                 await trio.lowlevel.wait_writable(sock)
                 continue
             if moved == 0:  # pragma: no cover - the pipe holds at least size bytes
                 raise OSError("splice source ran dry")
             size -= moved
             self.written += moved
-        await trio.lowlevel.checkpoint_if_cancelled()

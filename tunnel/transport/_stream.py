@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -35,7 +35,7 @@ from ._compress import (
     run_sized,
 )
 from ._ratelimit import RateLimit
-from ._splice import KernelPipe, SinkQueue, is_spliceable, splice_some
+from ._splice import KernelPipe, PipeSource, SinkQueue, is_spliceable, widen_pipe
 from ._stats import StreamStatistics
 from ._util import BrokenStream, ConflictGuard, Signal, aborted
 
@@ -77,23 +77,24 @@ class IterationRecord:
 
 
 #: What :meth:`TunnelStream.receive_record` returns; ``b""`` means end of stream.
-Record = Union[bytes, memoryview, PagesRecord, ZeroPagesRecord, DeviceStateRecord, IterationRecord]
+Record = bytes | memoryview | PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord
 
 
 class _Outgoing:
     """The one piece of work a stream has handed to the writer.
 
-    Either a caller's buffer (*data*), one typed *record*, or a kernel
-    *pipe* that ``send_fd`` keeps filling from a file descriptor.
+    Either a caller's buffer (*data*), one typed *record*, or a *source*
+    file descriptor staged through a kernel pipe (``send_fd``).
     """
 
-    __slots__ = ("data", "done", "drained", "error", "pipe", "record", "source_eof", "wait_scope", "writing")
+    __slots__ = ("abandoned", "data", "done", "drained", "error", "record", "source", "wait_scope", "writing")
 
-    def __init__(self, data: memoryview | None, record: object | None, pipe: KernelPipe | None = None) -> None:
+    def __init__(self, data: memoryview | None, record: object | None, source: PipeSource | None = None) -> None:
         self.data = data
         self.record = record
-        self.pipe = pipe
-        self.source_eof = False
+        self.source = source
+        #: ``send_fd`` returned while the writer was splicing: the writer closes the pipe.
+        self.abandoned = False
         self.writing = False
         self.drained = Signal()
         self.done = trio.Event()
@@ -154,6 +155,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._eof_received = False
         self._recv_signal = Signal()
         self._sink: SinkQueue | None = None
+        self._sink_dirty = False  # queued for the reader's next flush
         #: Waits on a file descriptor (send_fd and receive_fd may both wait at once), woken on failure.
         self._fd_scopes: set[trio.CancelScope] = set()
         self._frames_received = 0
@@ -172,21 +174,35 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if buf is not None:
                 buf.release()
             return
-        if self._sink is not None and isinstance(item, (bytes, memoryview)):
-            self._sink.add_memory(item, buf)
-        else:
-            self._backlog.append((item, length, buf))
         self._buffered += length
         self._bytes_received += length
         self._frames_received += 1
+        sink = self._sink
+        if sink is not None and isinstance(item, (bytes, memoryview)):
+            sink.add_memory(item, buf)
+            self._conn._sink_dirty(self)  # the reader flushes it before it next waits
+            return
+        self._backlog.append((item, length, buf))
         self._recv_signal.fire()
 
-    def _on_spliced(self, size: int) -> None:
-        """The reader spliced *size* payload bytes into this stream's sink pipe."""
-        assert self._sink is not None
-        self._sink.add_pipe(size)
+    def _on_spliced(self, pipe: KernelPipe, size: int) -> None:
+        """The reader spliced *size* payload bytes into *pipe*, one of this stream's sink's."""
+        sink = self._sink
+        assert sink is not None
+        sink.add_pipe(pipe, size)
         self._buffered += size
         self._bytes_received += size
+        self._conn._sink_dirty(self)
+
+    def _flush_sink(self, sink: SinkQueue) -> None:
+        """Move what the sink takes without blocking, and return its credit."""
+        moved, spliced = sink.flush()
+        if moved:
+            self._bytes_spliced += spliced
+            self._buffered -= moved
+            self._conn._acknowledge(self.stream_id, moved)
+        if sink.blocked or sink.error is not None:
+            sink.signal.fire()  # receive_fd's task waits for the sink, or raises
 
     def _on_eof(self) -> None:
         self._eof_received = True
@@ -343,20 +359,26 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------
     # Receiving
 
-    async def _wait_item(self) -> bool:
-        """Wait for a backlog item; False at end of stream."""
+    async def _wait_item(self) -> tuple[bool, bool]:
+        """Wait for a backlog item: (False at end of stream, whether it blocked).
+
+        A receive that blocked here has had its checkpoint; one that did not
+        still owes one.
+        """
         self._release_lent()  # what the previous receive returned is no longer needed
+        blocked = False
         while not self._backlog:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
             if self._eof_received:
-                return False
+                return False, blocked
             if self._error is not None:
                 raise self._error
             await self._recv_signal.wait()
+            blocked = True
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
-        return True
+        return True, blocked
 
     def _take_bytes(self, max_bytes: int | None, view_ok: bool) -> Buffer:
         item, length, buf = self._backlog[0]
@@ -394,11 +416,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Up to *max_bytes* of stream data; ``b""`` only at end of stream."""
         self._check_max(max_bytes)
         with self._recv_guard:
-            if not await self._wait_item():
+            ready, blocked = await self._wait_item()
+            data = self._take_bytes(max_bytes, view_ok=False) if ready else b""
+            if not blocked:
                 await trio.lowlevel.checkpoint()
-                return b""
-            data = self._take_bytes(max_bytes, view_ok=False)
-            await trio.lowlevel.checkpoint()
             assert isinstance(data, bytes)
             return data
 
@@ -410,18 +431,19 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """
         self._check_max(max_bytes)
         with self._recv_guard:
-            if not await self._wait_item():
+            ready, blocked = await self._wait_item()
+            data = self._take_bytes(max_bytes, view_ok=True) if ready else b""
+            if not blocked:
                 await trio.lowlevel.checkpoint()
-                return b""
-            data = self._take_bytes(max_bytes, view_ok=True)
-            await trio.lowlevel.checkpoint()
             return data
 
     async def receive_record(self) -> Record:
         """The next data chunk or typed record; ``b""`` at end of stream."""
         with self._recv_guard:
-            if not await self._wait_item():
-                await trio.lowlevel.checkpoint()
+            ready, blocked = await self._wait_item()
+            if not ready:
+                if not blocked:
+                    await trio.lowlevel.checkpoint()
                 return b""
             item, length, buf = self._backlog[0]
             if isinstance(item, ZstdPagesReceived):
@@ -437,7 +459,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 self._buffered -= length
                 self._conn._acknowledge(self.stream_id, length)
                 data = _record_of(item)
-            await trio.lowlevel.checkpoint()
+            if not blocked:
+                await trio.lowlevel.checkpoint()
             return data
 
     async def _take_compressed(self, item: ZstdPagesReceived, length: int, buf: ReadBuffer | None) -> PagesRecord:
@@ -488,13 +511,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         On a plain-socket connection, for a pipe or socket *fd* on a stream
         without a digest, the bytes are spliced by the kernel and never
         enter Python; otherwise they are copied through one reused buffer.
-        *fd* is switched to non-blocking mode.
+        *fd* is switched to non-blocking mode, and a pipe is widened to
+        1 MiB where the system allows, so each splice moves more.
         """
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
         with self._send_guard:
             self._check_send()
             os.set_blocking(fd, False)
+            widen_pipe(fd)
             if self._conn._can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd):
                 return await self._send_fd_spliced(fd, limit)
             return await self._send_fd_copied(fd, limit)
@@ -536,45 +561,36 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             raise self._error
 
     async def _send_fd_spliced(self, fd: int, limit: int | None) -> int:
-        out = _Outgoing(None, None, KernelPipe())
-        pipe = out.pipe
-        assert pipe is not None
+        source = PipeSource(fd, limit)
+        out = _Outgoing(None, None, source)
         self._outgoing = out
-        total = 0
         try:
             while True:
                 if out.error is not None:
                     raise out.error
-                if limit is not None and total >= limit:
-                    out.source_eof = True
-                moved = None
-                if not out.source_eof and pipe.room > 0:
-                    want = pipe.room if limit is None else min(pipe.room, limit - total)
-                    moved = splice_some(fd, pipe.write_fd, want)
-                    if moved == 0:
-                        out.source_eof = True
-                    elif moved:
-                        pipe.level += moved
-                        total += moved
-                        self._conn._schedule(self)
-                        continue
-                if out.source_eof and pipe.level == 0:
+                if source.fill():
+                    self._conn._schedule(self)
+                if source.error is not None:
+                    raise source.error
+                if source.pipe.level:
+                    # The writer sends it, topping the pipe up from the source before
+                    # each frame, and wakes us once the pipe ran empty.
+                    await out.drained.wait()
+                elif source.eof:
                     break
-                if pipe.level == 0:
-                    await self._wait_fd(trio.lowlevel.wait_readable, fd, out)
                 else:
-                    await out.drained.wait()  # the writer moved some on; fill again
+                    await self._wait_fd(trio.lowlevel.wait_readable, fd, out)
         finally:
             if self._outgoing is out:
                 self._outgoing = None
             if out.writing:
-                out.source_eof = True  # the writer closes the pipe when its splice is done
+                out.abandoned = True  # the writer closes the pipe when its splice is done
             else:
-                pipe.close()
+                source.pipe.close()
         if out.error is not None:
             raise out.error
         await trio.lowlevel.checkpoint()
-        return total
+        return source.total
 
     async def receive_fd(self, fd: int) -> int:
         """Write everything the peer sends on this stream into *fd*, until end of stream.
@@ -583,17 +599,19 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         Python) under the same conditions as :meth:`send_fd`; credit goes
         back to the peer only once bytes are in *fd*.  If writing to *fd*
         fails, the stream is aborted with the reason and the error raised.
+        *fd* is made non-blocking and, if a pipe, widened as for :meth:`send_fd`.
         """
         with self._recv_guard:
             self._release_lent()
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
             os.set_blocking(fd, False)
+            widen_pipe(fd)
             if self._conn._can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd):
                 return await self._receive_fd_spliced(fd)
             total = 0
             while True:
-                if not await self._wait_item():
+                if not (await self._wait_item())[0]:
                     break
                 data = self._take_bytes(None, view_ok=True)
                 total += await self._write_fd(fd, memoryview(data))
@@ -614,54 +632,37 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         return written
 
     async def _receive_fd_spliced(self, fd: int) -> int:
-        sink = SinkQueue()
-        for item, length, buf in self._backlog:
+        for item, _, _ in self._backlog:
             if not isinstance(item, (bytes, memoryview)):
-                sink.release()
                 raise TunnelError(f"stream {self.stream_id} carries typed records: use receive_record()")
+        # Pipes for the whole receive window: the reader never has to copy this payload through memory.
+        sink = SinkQueue(fd, self._conn._core.local_settings.initial_stream_window)
         while self._backlog:
-            item, length, buf = self._backlog.popleft()
+            item, _, buf = self._backlog.popleft()
             start, self._head_offset = self._head_offset, 0
             sink.add_memory(memoryview(item)[start:], buf)  # type: ignore[arg-type]
         self._sink = sink
         self._conn._sinks[self.stream_id] = sink
-        total = 0
         try:
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("the stream was closed")
                 if self._error is not None and not self._eof_received:
                     raise self._error
-                if sink.segments:
-                    head = sink.segments[0]
-                    if isinstance(head, int):
-                        moved = splice_some(sink.pipe.read_fd, fd, head)
-                        if moved is None:
-                            await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
-                            continue
-                        if moved == 0:  # pragma: no cover - the pipe holds head bytes
-                            raise OSError("sink pipe ran dry")
-                        sink.pipe.level -= moved
-                        if moved == head:
-                            sink.segments.popleft()
-                        else:
-                            sink.segments[0] = head - moved
-                        self._bytes_spliced += moved
-                    else:
-                        data, buf = head
-                        moved = await self._write_fd(fd, memoryview(data))
-                        if self._sink is not sink or not sink.segments or sink.segments[0] is not head:
-                            continue  # failed meanwhile: the backlog was dropped and acknowledged
-                        sink.segments.popleft()
-                        if buf is not None:
-                            buf.release()
-                    total += moved
-                    self._buffered -= moved
-                    self._conn._acknowledge(self.stream_id, moved)
+                if sink.error is not None:
+                    await self.abort(ErrorCode.APPLICATION_ERROR, f"destination write failed: {sink.error}")
+                    raise sink.error
+                if sink.blocked:
+                    await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
+                    sink.blocked = False
+                    if self._sink is sink:
+                        self._flush_sink(sink)
+                elif sink.segments:
+                    self._flush_sink(sink)
                 elif self._eof_received:
                     break
                 else:
-                    await sink.signal.wait()
+                    await sink.signal.wait()  # the reader moves the data on while the sink keeps up
         finally:
             self._sink = None
             self._conn._sinks.pop(self.stream_id, None)
@@ -674,7 +675,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     if buf is not None:
                         buf.release()
         await trio.lowlevel.checkpoint()
-        return total
+        return sink.written
 
     # ------------------------------------------------------------------
     # Control
