@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 import trio
-
 from _common import child_result, run_child
 
 

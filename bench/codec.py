@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tunnel  # noqa: E402
+import tunnel
 
 FRAME = 256 * 1024
 PAGE = 4096

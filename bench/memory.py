@@ -20,10 +20,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import trio  # noqa: E402
-
-from _common import emit, now, random_block  # noqa: E402
-from _pair import accept, connect, spawn_pair  # noqa: E402
+import trio
+from _common import emit, now, random_block
+from _pair import accept, connect, spawn_pair
 
 CHUNK = 1024 * 1024
 

@@ -19,10 +19,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import trio  # noqa: E402
-
-from _common import emit, now, random_block  # noqa: E402
-from _pair import accept, connect, percentile, spawn_pair  # noqa: E402
+import trio
+from _common import emit, now, random_block
+from _pair import accept, connect, percentile, spawn_pair
 
 PROGRAM, ECHO = 0x4242, 1
 CHUNK = 1024 * 1024
@@ -119,7 +118,7 @@ def main() -> None:
         return
     extra = ["--idle", str(idle), "--loaded", str(loaded), "--body", str(args.body)]
     s, r = spawn_pair(__file__, extra)
-    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    ms = lambda v: round(v * 1000, 3)
     out = {
         "body_bytes": args.body,
         "idle_calls": len(s["idle"]),

@@ -28,9 +28,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import trio  # noqa: E402
-
-from _common import child_result, cpu_seconds, emit, median, now, random_block, run_child  # noqa: E402
+import trio
+from _common import child_result, cpu_seconds, emit, median, now, random_block, run_child
 
 CHUNK = int(os.environ.get("BENCH_CHUNK", 1024 * 1024))
 MODES = ["raw", "tunnel", "tls_raw", "tls_tunnel", "fd_raw", "fd_tunnel"]
@@ -152,9 +151,9 @@ async def sender(mode: str, port: int, total: int, certdir: str) -> dict[str, fl
 
 
 async def receiver(mode: str, listener_fd: int, total: int, certdir: str) -> dict[str, float]:
-    from tunnel.transport import open_connection
-
     import socket as stdsocket
+
+    from tunnel.transport import open_connection
 
     lsock = trio.socket.from_stdlib_socket(stdsocket.socket(fileno=listener_fd))
     listener = trio.SocketListener(lsock)

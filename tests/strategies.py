@@ -103,7 +103,7 @@ def window_updates(ids: St[int] = st.integers(0, 0xFFFFFFFF)) -> St[WindowUpdate
     return st.builds(WindowUpdate, stream_id=ids, increment=st.integers(1, MAX_WINDOW))
 
 
-def _rpc(cls: type[RpcCall] | type[RpcReply], max_body: int) -> St[Any]:
+def _rpc(cls: type[RpcCall | RpcReply], max_body: int) -> St[Any]:
     return st.builds(cls, program=u32, version=u32, procedure=u32, serial=u32, body=_bulk(max_body))
 
 

@@ -64,7 +64,7 @@ TEXT = DOC.read_text(encoding="utf-8")
 
 def _vectors() -> dict[str, bytes]:
     found: dict[str, bytes] = {}
-    for name, body in re.findall(r"^```hex vector=([\w-]+)[ \t]*\n(.*?)^```", TEXT, re.M | re.S):
+    for name, body in re.findall(r"^```hex vector=([\w-]+)[ \t]*\n(.*?)^```", TEXT, re.MULTILINE | re.DOTALL):
         assert name not in found, f"vector {name} appears twice"
         found[name] = bytes.fromhex("".join(body.split()))
     return found
@@ -422,7 +422,7 @@ def test_frame_type_table() -> None:
 
 
 def test_payload_heading_numbers() -> None:
-    headings = re.findall(r"^### 4\.\d+ ([A-Z_]+) \((0x[0-9a-f]{2})\)$", TEXT, re.M)
+    headings = re.findall(r"^### 4\.\d+ ([A-Z_]+) \((0x[0-9a-f]{2})\)$", TEXT, re.MULTILINE)
     assert {name: int(value, 16) for name, value in headings} == {t.name: int(t) for t in FrameType}
 
 
@@ -452,7 +452,7 @@ _EMPTY_EXTRA = {FrameType.ZSTD_PAGES: 1}
 @pytest.mark.parametrize("ftype", list(FrameType), ids=lambda t: t.name)
 def test_payload_layout_table(ftype: FrameType) -> None:
     """Offsets are contiguous, and the fixed part is what the encoder writes for an empty frame."""
-    number = re.search(rf"^### (4\.\d+) {ftype.name} \(", TEXT, re.M)
+    number = re.search(rf"^### (4\.\d+) {ftype.name} \(", TEXT, re.MULTILINE)
     assert number, ftype.name
     table = _table("Offset", "Size", "Field", heading=f"{number.group(1)} {ftype.name} (")
     fixed = 0

@@ -12,9 +12,9 @@ import threading
 
 import pytest
 import trio
+from conftest import TRANSPORTS, connected
 
 import tunnel
-from conftest import TRANSPORTS, connected
 
 
 def _feed(fd: int, payload: bytes) -> threading.Thread:
@@ -49,25 +49,24 @@ async def test_pipe_to_pipe(transport: str, digest: int) -> None:
     got = bytearray()
     feeder, drainer = _feed(src_w, payload), _drain(dst_r, got)
     with trio.fail_after(60):
-        async with connected(TRANSPORTS[transport]) as (client, server):
-            async with trio.open_nursery() as nursery:
+        async with connected(TRANSPORTS[transport]) as (client, server), trio.open_nursery() as nursery:
 
-                async def send() -> None:
-                    s = await client.open_stream(digest=digest, label="qemu")
-                    assert await s.send_fd(src_r) == len(payload)
-                    await s.send_eof()
-                    assert await s.receive_some() == b""
-                    stats = s.statistics()
-                    spliced = transport in ("tcp", "unix") and digest == tunnel.DigestAlgorithm.NONE
-                    assert (stats.bytes_spliced == len(payload)) if spliced else (stats.bytes_spliced == 0)
-                    await s.aclose()
+            async def send() -> None:
+                s = await client.open_stream(digest=digest, label="qemu")
+                assert await s.send_fd(src_r) == len(payload)
+                await s.send_eof()
+                assert await s.receive_some() == b""
+                stats = s.statistics()
+                spliced = transport in ("tcp", "unix") and digest == tunnel.DigestAlgorithm.NONE
+                assert (stats.bytes_spliced == len(payload)) if spliced else (stats.bytes_spliced == 0)
+                await s.aclose()
 
-                nursery.start_soon(send)
-                r = await server.accept_stream()
-                assert await r.receive_fd(dst_w) == len(payload)
-                os.close(dst_w)
-                await r.send_eof()
-                await r.aclose()
+            nursery.start_soon(send)
+            r = await server.accept_stream()
+            assert await r.receive_fd(dst_w) == len(payload)
+            os.close(dst_w)
+            await r.send_eof()
+            await r.aclose()
     os.close(src_r)
     await trio.to_thread.run_sync(feeder.join)
     await trio.to_thread.run_sync(drainer.join)

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import trio
-
 from conftest import TRANSPORTS, connected
 
 

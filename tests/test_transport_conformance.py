@@ -10,11 +10,10 @@ stream whose credit is used up in both directions: ``send_all`` and
 from __future__ import annotations
 
 import pytest
-import trio
+from conftest import TRANSPORTS, connected, lockstep_pair
 from trio.testing import check_half_closeable_stream
 
 import tunnel
-from conftest import TRANSPORTS, connected, lockstep_pair
 from tunnel.transport import TunnelConnection, TunnelStream
 
 WINDOW = 16 * 1024
