@@ -22,7 +22,7 @@ import trustme
 from qemu_fixtures import RANDOM_ADDR, RandomRam, base_args, file_digest, loader_args, random_ram, requires_qemu, run_dir
 
 from tunnel.client import connect
-from tunnel.daemon import Daemon, DaemonError, TLSFiles, parse_uri
+from tunnel.daemon import Daemon, DaemonError, PermissionDenied, TLSFiles, parse_uri
 
 __all__ = ["random_ram", "run_dir"]  # fixtures, imported for pytest
 
@@ -132,8 +132,8 @@ async def test_tunnelled_migration_over_mutual_tls(run_dir: str, random_ram: Cal
     src_uri, dst_uri = f"tls://127.0.0.1:{free_port()}", f"tls://127.0.0.1:{free_port()}"
     with trio.fail_after(120):
         async with (
-            running(Daemon(state_dir=f"{run_dir}/src", listen=[src_uri], tls=src_tls)),
-            running(Daemon(state_dir=f"{run_dir}/dst", listen=[dst_uri], tls=dst_tls, allow=["cn:source"])),
+            running(Daemon(state_dir=f"{run_dir}/src", listen=[src_uri], tls=src_tls, allow_admin=["cn:operator"])),
+            running(Daemon(state_dir=f"{run_dir}/dst", listen=[dst_uri], tls=dst_tls, allow=["cn:source"], allow_admin=["cn:operator"])),
         ):
             async with connect(src_uri, tls=client_tls) as client:
                 await client.define(definition("vm1", ram, 320))
@@ -296,13 +296,13 @@ async def test_daemon_errors_are_one_line_messages(run_dir: str, random_ram: Cal
         src_uri, dst_uri = f"tls://127.0.0.1:{free_port()}", f"tls://127.0.0.1:{free_port()}"
         operator = certs.files("operator")
         async with (
-            running(Daemon(state_dir=f"{run_dir}/src2", listen=[src_uri], tls=certs.files("source"))),
+            running(Daemon(state_dir=f"{run_dir}/src2", listen=[src_uri], tls=certs.files("source"), allow_admin=["cn:operator"])),
             running(Daemon(state_dir=f"{run_dir}/dst2", listen=[dst_uri], tls=certs.files("destination"), allow=["cn:someone-else"])),
         ):
             async with connect(src_uri, tls=operator) as client:
                 await client.define(definition("vm2", None))
                 await client.start("vm2")
-                with pytest.raises(DaemonError, match="refuses migrations from cn:source"):
+                with pytest.raises(DaemonError, match="PREPARE needs the peer role.*cn:source has no role"):
                     await client.migrate("vm2", dst_uri, p2p=True, tunnelled=True)
                 assert (await client.list())[0]["state"] == "running"
             # A certificate from another CA does not get in at all.
@@ -374,13 +374,20 @@ def test_plain_tcp_needs_insecure_and_says_so(run_dir: str) -> None:
         Daemon(state_dir=f"{run_dir}/s", listen=["tcp://127.0.0.1:1"])
     with pytest.raises(DaemonError, match="TLS needs"):
         Daemon(state_dir=f"{run_dir}/s", listen=["tls://127.0.0.1:1"])
+    with pytest.raises(DaemonError, match="cannot make an admin"):
+        Daemon(state_dir=f"{run_dir}/s", listen=["tcp://127.0.0.1:1"], insecure=True, allow_admin=["addr:127.0.0.1"])
     lines: list[str] = []
 
     async def main() -> None:
         port = free_port()
-        daemon = Daemon(state_dir=f"{run_dir}/s", listen=[f"tcp://127.0.0.1:{port}"], insecure=True, log=lines.append)
+        daemon = Daemon(
+            state_dir=f"{run_dir}/s", listen=[f"tcp://127.0.0.1:{port}"], insecure=True, allow_ro=["addr:127.0.0.1"], log=lines.append
+        )
         async with running(daemon), connect(f"tcp://127.0.0.1:{port}") as client:
             assert await client.list() == []
+            # an address on plain TCP can be granted read-only, never admin
+            with pytest.raises(PermissionDenied, match="DEFINE needs the admin role"):
+                await client.define({"name": "vm1", "qemu": []})
 
     trio.run(main)
     assert any("WARNING" in line and "without TLS" in line for line in lines)

@@ -159,6 +159,14 @@ EXPECTED_FRAMES: dict[str, Frame] = {
     "rpc_error": RpcError(
         program=0x20008086, version=1, procedure=7, serial=2, error_code=ErrorCode.BUSY, message="128 calls already in progress"
     ),
+    "rpc_error_denied": RpcError(
+        program=0x54554E64,
+        version=1,
+        procedure=6,
+        serial=3,
+        error_code=ErrorCode.PERMISSION_DENIED,
+        message="MIGRATE needs the admin role; cn:backup has read-only",
+    ),
     "stream_open": StreamOpen(
         stream_id=1, kind=StreamKind.MEMORY, digest=DigestAlgorithm.CRC32, migration_id=MIGRATION_ID, label="pc.ram"
     ),

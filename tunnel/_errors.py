@@ -48,6 +48,7 @@ class ErrorCode(IntEnum):
     CALL_TOO_LARGE = 13
     BUSY = 14
     CONNECTION_CLOSED = 15
+    PERMISSION_DENIED = 16
 
     @classmethod
     def name_of(cls, code: int) -> str:

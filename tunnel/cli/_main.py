@@ -52,15 +52,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     d = sub.add_parser("daemon", help="run a migration daemon", description="Run a migration daemon until SIGTERM or SIGINT.")
-    d.add_argument("--listen", metavar="URI", action="append", required=True,
+    d.add_argument("--listen", metavar="URI", action="append", default=[],
                    help="unix:///abs/path.sock (mode 0600), tls://host:port (mutual TLS) or tcp://host:port (needs --insecure); repeatable")
     d.add_argument("--state-dir", metavar="DIR", required=True, help="where definitions, QMP sockets and QEMU logs live")
     d.add_argument("--tls-cert", dest="d_tls_cert", metavar="FILE", help="this daemon's certificate (PEM), also its identity as a migration source")
     d.add_argument("--tls-key", dest="d_tls_key", metavar="FILE", help="its private key (PEM)")
     d.add_argument("--tls-ca", dest="d_tls_ca", metavar="FILE", help="CA whose signature peers' and clients' certificates must carry")
+    d.add_argument("--listen-ro", metavar="URI", action="append", default=[],
+                   help="unix:///abs/path.sock: a read-only socket (mode 0666) where anyone may list domains and read "
+                        "job info, and nothing else; repeatable")
+    d.add_argument("--allow-admin", metavar="ID", action="append", default=[],
+                   help="grant the admin role (define, start, destroy, monitor, migrate, ...) to cn:NAME (TLS certificate "
+                        "common name) or uid:N (unix peer); this daemon's own uid on its unix socket always has it; repeatable")
     d.add_argument("--allow-peer", metavar="ID", action="append", default=[],
-                   help="accept incoming migrations from cn:NAME (TLS certificate common name) or uid:N (unix peer); "
-                        "this daemon's own uid is always allowed; repeatable")
+                   help="accept incoming migrations (the peer role) from cn:NAME, uid:N, or addr:HOST on an --insecure "
+                        "tcp:// listener; this daemon's own uid is always allowed; a peer is not an admin; repeatable")
+    d.add_argument("--allow-ro", metavar="ID", action="append", default=[],
+                   help="grant the read-only role (list, dominfo, jobinfo) to cn:NAME, uid:N or addr:HOST; repeatable")
+    d.add_argument("--socket-mode", metavar="OCTAL", default="600",
+                   help="permission bits of the --listen unix sockets (default 600); with --socket-group, 660 lets the "
+                        "group's users connect, and SO_PEERCRED still decides their role")
+    d.add_argument("--socket-group", metavar="GROUP", help="group owning the --listen unix sockets")
     d.add_argument("--insecure", action="store_true", help="allow tcp:// listeners without TLS (logged as a warning)")
 
     df = sub.add_parser("define", help="define (or redefine) a domain from a JSON file")
@@ -132,7 +144,33 @@ def _log(line: str) -> None:
 
 async def _run_daemon(args: argparse.Namespace) -> int:
     tls = _tls(args.d_tls_cert, args.d_tls_key, args.d_tls_ca, "daemon")
-    daemon = Daemon(state_dir=args.state_dir, listen=args.listen, tls=tls, allow=args.allow_peer, insecure=args.insecure, log=_log)
+    try:
+        mode = int(args.socket_mode, 8)
+    except ValueError:
+        raise DaemonError(f"bad --socket-mode {args.socket_mode!r}: use octal permission bits such as 600 or 660") from None
+    group = None
+    if args.socket_group is not None:
+        import grp
+
+        try:
+            group = grp.getgrnam(args.socket_group).gr_gid
+        except KeyError:
+            if not args.socket_group.isdigit():
+                raise DaemonError(f"bad --socket-group {args.socket_group!r}: no such group") from None
+            group = int(args.socket_group)
+    daemon = Daemon(
+        state_dir=args.state_dir,
+        listen=args.listen,
+        listen_ro=args.listen_ro,
+        tls=tls,
+        allow=args.allow_peer,
+        allow_admin=args.allow_admin,
+        allow_ro=args.allow_ro,
+        socket_mode=mode,
+        socket_group=group,
+        insecure=args.insecure,
+        log=_log,
+    )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from ._daemon import Daemon, Domain, parse_allow
 from ._domains import DomainStore, validate_definition
 from ._net import Identity, TLSFiles
-from ._rpc import PROGRAM, DaemonError, Procedure
+from ._access import Role
+from ._rpc import PROGRAM, DaemonError, PermissionDenied, Procedure
 from ._uri import URI, URIError, parse_uri
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "Domain",
     "DomainStore",
     "Identity",
+    "PermissionDenied",
     "Procedure",
+    "Role",
     "TLSFiles",
     "URIError",
     "parse_allow",

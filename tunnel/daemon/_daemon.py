@@ -17,9 +17,11 @@ from typing import Any
 
 import trio
 
-from .._errors import TunnelError
+from .._errors import ErrorCode, RPCError, TunnelError
+from .._frames import Buffer
 from ..qemu import QemuError, QemuProcess, QMPError, run_state
 from ..transport import Handler, TunnelConnection, TunnelStream, open_connection
+from ._access import GRANTED_BY, PROCEDURE_ROLES, AccessPolicy, Listener, Role, describe, parse_entry
 from ._domains import DomainStore, validate_definition, validate_name
 from ._imageguest import ImageGuest
 from ._migration import Incoming, SourceJob, domain_state
@@ -33,13 +35,8 @@ JSON = dict[str, Any]
 
 
 def parse_allow(entry: str) -> tuple[str, str]:
-    """``cn:NAME`` or ``uid:N`` (``addr:HOST`` for peers on an ``--insecure`` TCP listener)."""
-    kind, sep, value = entry.partition(":")
-    if not sep or not value or kind not in ("cn", "uid", "addr"):
-        raise DaemonError(f"bad --allow-peer {entry!r}: use cn:NAME, uid:N or addr:HOST")
-    if kind == "uid" and not value.isdigit():
-        raise DaemonError(f"bad --allow-peer {entry!r}: a uid is a number")
-    return kind, value
+    """``cn:NAME``, ``uid:N`` or ``addr:HOST``, as ``--allow-peer`` takes them."""
+    return parse_entry("--allow-peer", entry)
 
 
 class Domain:
@@ -96,22 +93,35 @@ class Daemon:
         *,
         state_dir: str,
         listen: list[str],
+        listen_ro: list[str] = (),  # type: ignore[assignment]
         tls: TLSFiles | None = None,
         allow: list[str] = (),  # type: ignore[assignment]
+        allow_admin: list[str] = (),  # type: ignore[assignment]
+        allow_ro: list[str] = (),  # type: ignore[assignment]
+        socket_mode: int = 0o600,
+        socket_group: int | None = None,
         insecure: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.store = DomainStore(state_dir)
         self.listen_uris = [parse_uri(u) for u in listen]
-        if not self.listen_uris:
+        self.listen_ro_uris = [parse_uri(u) for u in listen_ro]
+        if not self.listen_uris and not self.listen_ro_uris:
             raise DaemonError("nothing to listen on: give at least one --listen URI")
         for uri in self.listen_uris:
             if uri.scheme == "tls" and tls is None:
                 raise DaemonError(f"cannot listen on {uri}: TLS needs --tls-cert, --tls-key and --tls-ca")
             if uri.scheme == "tcp" and not insecure:
                 raise DaemonError(f"refusing to listen on {uri} without TLS: use tls://, or pass --insecure to accept that risk")
+        for uri in self.listen_ro_uris:
+            if uri.scheme != "unix":
+                raise DaemonError(f"bad --listen-ro {uri}: the read-only socket is a unix socket (use --allow-ro for TLS clients)")
+        if socket_mode & ~0o777:
+            raise DaemonError(f"bad --socket-mode {socket_mode:o}: use permission bits such as 600 or 660")
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
         self.tls = tls
-        self.allow = [parse_allow(a) for a in allow] + [("uid", str(os.getuid()))]
+        self.access = AccessPolicy(admins=allow_admin, peers=allow, read_only=allow_ro)
         self.insecure = insecure
         self._log = log or (lambda line: None)
         self.domains: dict[str, Domain] = {
@@ -133,15 +143,19 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for uri in self.listen_uris:
-                    listeners = await listen(uri)
+                for uri, read_only in [(u, False) for u in self.listen_uris] + [(u, True) for u in self.listen_ro_uris]:
+                    if read_only:
+                        listeners = await listen(uri, mode=0o666)
+                    else:
+                        listeners = await listen(uri, mode=self.socket_mode, group=self.socket_group)
                     if uri.scheme == "unix":
                         self._unix_paths.append(uri.path)
                     if uri.scheme == "tcp":
-                        self.log(f"WARNING: listening on {uri} without TLS (--insecure): anyone who can reach it can drive this daemon")
+                        self.log(f"WARNING: listening on {uri} without TLS (--insecure): anyone who can reach it can migrate into this daemon")
+                    place = Listener(scheme=uri.scheme, read_only=read_only)
                     for listener in listeners:
-                        nursery.start_soon(self._accept_loop, listener, uri)
-                    self.log(f"listening on {uri}")
+                        nursery.start_soon(self._accept_loop, listener, uri, place)
+                    self.log(f"listening on {uri}{' (read-only)' if read_only else ''}")
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -158,7 +172,7 @@ class Daemon:
                 pass
         self.log("stopped")
 
-    async def _accept_loop(self, listener: trio.SocketListener, uri: URI) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, uri: URI, place: Listener) -> None:
         async with listener:
             while True:
                 try:
@@ -168,16 +182,16 @@ class Daemon:
                     await trio.sleep(0.5)
                     continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._serve, stream, uri)
+                self._nursery.start_soon(self._serve, stream, uri, place)
 
-    async def _serve(self, raw: trio.SocketStream, uri: URI) -> None:
+    async def _serve(self, raw: trio.SocketStream, uri: URI, place: Listener) -> None:
         try:
-            await self._serve_connection(raw, uri)
+            await self._serve_connection(raw, uri, place)
         except Exception as exc:  # noqa: BLE001 - a bug: drop this connection, keep the daemon serving
             self.log(f"internal error on a connection from {uri}: " + "".join(traceback.format_exception(exc)).rstrip())
             await trio.aclose_forcefully(raw)
 
-    async def _serve_connection(self, raw: trio.SocketStream, uri: URI) -> None:
+    async def _serve_connection(self, raw: trio.SocketStream, uri: URI, place: Listener) -> None:
         stream: trio.abc.Stream = raw
         if uri.scheme == "tls":
             assert self._server_context is not None
@@ -187,7 +201,7 @@ class Daemon:
                 return
             stream = tls_stream
         identity = peer_identity(stream)
-        session = Session(self, identity, raw.socket.getsockname())
+        session = Session(self, identity, raw.socket.getsockname(), self.roles_of(identity, place))
         try:
             async with open_connection(stream, client=False, handlers=session.handlers()) as conn:
                 session.conn = conn
@@ -285,19 +299,20 @@ class Daemon:
             raise DaemonError(f"cannot migrate to {uri}: this daemon has no TLS identity (--tls-cert, --tls-key, --tls-ca)")
         return uri
 
-    def authorized(self, identity: Identity) -> bool:
-        kind = {"tcp": "addr"}.get(identity.kind, identity.kind)
-        value = identity.value.rsplit(":", 1)[0] if identity.kind == "tcp" else identity.value
-        return (kind, value) in self.allow
+    def roles_of(self, identity: Identity, place: Listener) -> frozenset[Role]:
+        if identity.kind == "tcp":
+            return self.access.roles("addr", identity.value.rsplit(":", 1)[0], place)
+        return self.access.roles(identity.kind, identity.value, place)
 
 
 class Session:
     """One connection to the daemon, from a client or a peer daemon."""
 
-    def __init__(self, daemon: Daemon, identity: Identity, sockname: Any) -> None:
+    def __init__(self, daemon: Daemon, identity: Identity, sockname: Any, roles: frozenset[Role]) -> None:
         self.daemon = daemon
         self.identity = identity
         self.sockname = sockname
+        self.roles = roles
         self.conn: TunnelConnection | None = None
         self.prepared: dict[bytes, Incoming] = {}
 
@@ -318,7 +333,23 @@ class Session:
             Procedure.PREPARE: self.prepare,
             Procedure.FINISH: self.finish,
         }
-        return {(PROGRAM, int(proc)): json_handler(fn) for proc, fn in table.items()}
+        return {(PROGRAM, int(proc)): self._guarded(proc, json_handler(fn)) for proc, fn in table.items()}
+
+    def _guarded(self, procedure: Procedure, handler: Handler) -> Handler:
+        """*handler*, run only when this connection holds the role *procedure* needs."""
+        needed = PROCEDURE_ROLES[procedure]
+
+        async def guarded(body: bytes) -> Buffer:
+            if needed not in self.roles:
+                self.daemon.log(f"refused {procedure.name} from {self.identity} ({describe(self.roles)}): needs {needed.value}")
+                raise RPCError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"{procedure.name} needs the {needed.value} role (granted by the daemon's {GRANTED_BY[needed]}); "
+                    f"{self.identity} has {describe(self.roles)}",
+                )
+            return await handler(body)
+
+        return guarded
 
     # ------------------------------------------------------------------
     # Domain management
@@ -496,9 +527,6 @@ class Session:
 
     async def prepare(self, request: JSON) -> JSON:
         daemon = self.daemon
-        if not daemon.authorized(self.identity):
-            daemon.log(f"refused a migration from {self.identity}: not on the allow list")
-            raise DaemonError(f"the destination refuses migrations from {self.identity}: not on its allow list (--allow-peer)")
         definition = validate_definition(field(request, "definition", dict))
         try:
             migration_id = bytes.fromhex(field(request, "migration_id", str))

@@ -1,7 +1,8 @@
 """Sockets of the daemon: listeners, outgoing connections, TLS and peer identity.
 
-Unix sockets are created with mode 0600 (under a umask, so there is no
-moment when they are wider), and the peer's uid comes from ``SO_PEERCRED``.
+Unix sockets are created with the operator's mode (0600 unless told
+otherwise, never wider at any moment) and group, and the peer's uid comes
+from ``SO_PEERCRED``.
 TLS is mutual: the daemon requires a client certificate signed by the
 operator's CA, and the subject common name of that certificate is the
 peer's identity.  Plain TCP exists only for operators who ask for it.
@@ -98,8 +99,8 @@ async def connect(uri: URI, tls: TLSFiles | None) -> trio.abc.Stream:
     return ssl_stream
 
 
-def _unix_socket(path: str) -> trio.socket.SocketType:
-    """Bind a listening unix socket at *path*, mode 0600, replacing only a dead socket."""
+def _unix_socket(path: str, *, mode: int, group: int | None) -> trio.socket.SocketType:
+    """Bind a listening unix socket at *path* with *mode* (and *group*), replacing only a dead socket."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise DaemonError(f"cannot listen on {path}: it exists and is not a socket")
@@ -115,24 +116,27 @@ def _unix_socket(path: str) -> trio.socket.SocketType:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
     try:
+        # bind() creates the file with the socket inode's mode less the umask, so
+        # narrowing the inode first means the file is never wider than *mode*,
+        # without touching the process-wide umask while other threads run.
+        os.fchmod(sock.fileno(), mode & 0o600)
         sock.bind(path)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
     except BaseException:
         sock.close()
         raise
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(64)
+    sock.listen(512)
     return trio.socket.from_stdlib_socket(sock)
 
 
-async def listen(uri: URI) -> list[trio.SocketListener]:
-    """Listeners for *uri* (TLS is layered per connection by the daemon)."""
+async def listen(uri: URI, *, mode: int = 0o600, group: int | None = None) -> list[trio.SocketListener]:
+    """Listeners for *uri* (TLS is layered per connection by the daemon); *mode* and *group* are for unix sockets."""
     if uri.scheme == "unix":
         try:
-            return [trio.SocketListener(_unix_socket(uri.path))]
+            return [trio.SocketListener(_unix_socket(uri.path, mode=mode, group=group))]
         except OSError as exc:
             raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
     try:

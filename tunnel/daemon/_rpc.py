@@ -16,7 +16,7 @@ from typing import Any
 
 from .._errors import ErrorCode, RPCError
 
-__all__ = ["PROGRAM", "DaemonError", "Procedure", "decode", "encode", "json_handler"]
+__all__ = ["PROGRAM", "DaemonError", "PermissionDenied", "Procedure", "decode", "encode", "json_handler"]
 
 #: "TUNd": the program number of the daemon's procedures.
 PROGRAM = 0x54554E64
@@ -41,6 +41,8 @@ class Procedure(IntEnum):
     # source daemon -> destination daemon (or the client, when it drives a migration without PEER2PEER)
     PREPARE = 32
     FINISH = 33
+    #: A restarted source asks how a migration it started ended on the destination.
+    MIGRATION_OUTCOME = 34
 
 
 class DaemonError(Exception):
@@ -49,6 +51,10 @@ class DaemonError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class PermissionDenied(DaemonError):
+    """The daemon refused a call because the caller lacks the role it needs."""
 
 
 def encode(obj: JSONObject) -> bytes:
@@ -81,6 +87,8 @@ def error_of(exc: RPCError) -> DaemonError:
     """The :class:`DaemonError` a failed call stands for, on the calling side."""
     if exc.code == ErrorCode.APPLICATION_ERROR:
         return DaemonError(exc.message)
+    if exc.code == ErrorCode.PERMISSION_DENIED:
+        return PermissionDenied(f"permission denied: {exc.message}")
     return DaemonError(f"{ErrorCode.name_of(exc.code)}: {exc.message}")
 
 
