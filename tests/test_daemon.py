@@ -144,6 +144,38 @@ async def test_tunnelled_migration_over_mutual_tls(run_dir: str, random_ram: Cal
             assert await dest_memory_digest(dst_uri, "vm1-moved", run_dir, ram.size, tls=client_tls) == ram.sha256
 
 
+async def test_native_p2p_between_tls_daemons_uses_qemus_own_tls(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
+    ram = random_ram(64 * MiB)
+    certs = Certs(run_dir)
+    operator = certs.files("operator")
+    src_uri, dst_uri = f"tls://127.0.0.1:{free_port()}", f"tls://127.0.0.1:{free_port()}"
+    with trio.fail_after(120):
+        async with (
+            running(Daemon(state_dir=f"{run_dir}/src", listen=[src_uri], tls=certs.files("source"), allow_admin=["cn:operator"])),
+            running(
+                Daemon(
+                    state_dir=f"{run_dir}/dst",
+                    listen=[dst_uri],
+                    tls=certs.files("destination"),
+                    allow=["cn:source"],
+                    allow_admin=["cn:operator"],
+                )
+            ),
+        ):
+            async with connect(src_uri, tls=operator) as client:
+                await client.define(definition("vm1", ram))
+                await client.start("vm1")
+                # plain TCP is refused without --insecure, before anything starts
+                with pytest.raises(DaemonError, match="without TLS"):
+                    await client.migrate("vm1", f"tcp://127.0.0.1:{free_port()}", live=True, p2p=True)
+                result = await client.migrate("vm1", dst_uri, live=True, p2p=True)
+                assert result["status"] == "completed" and "tunnel_bytes_sent" not in result
+            async with connect(dst_uri, tls=operator) as dest:
+                params = (await dest.monitor("vm1", {"execute": "query-migrate-parameters"}))["return"]
+                assert params["tls-creds"] == "tunnel-migration-tls"  # QEMU's own TLS carried the data
+            assert await dest_memory_digest(dst_uri, "vm1", run_dir, ram.size, tls=operator) == ram.sha256
+
+
 async def test_native_p2p_migration_uses_a_direct_channel(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
     ram = random_ram(64 * MiB)
     with trio.fail_after(90):

@@ -121,8 +121,8 @@ class Client:
             try:
                 result = await self._call(
                     Procedure.MIGRATE,
-                    {"name": name, "destination": destination, "uri": prepared["uri"], "live": live,
-                     "bandwidth_mib": bandwidth_mib, "p2p": False},
+                    {"name": name, "destination": destination, "uri": prepared["uri"], "tls": bool(prepared.get("tls")),
+                     "live": live, "bandwidth_mib": bandwidth_mib, "p2p": False},
                 )
                 performed = True
                 finished = await dest._call(Procedure.FINISH, {"migration_id": migration_id, "ok": True})

@@ -7,10 +7,10 @@ QEMU's migration stream.
 
 from __future__ import annotations
 
+from ._access import Role
 from ._daemon import Daemon, Domain, parse_allow
 from ._domains import DomainStore, validate_definition
 from ._net import Identity, TLSFiles
-from ._access import Role
 from ._rpc import PROGRAM, DaemonError, PermissionDenied, Procedure
 from ._uri import URI, URIError, parse_uri
 

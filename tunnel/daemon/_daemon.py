@@ -26,7 +26,7 @@ from ._domains import DomainStore, validate_definition, validate_name
 from ._imageguest import ImageGuest
 from ._migration import Incoming, SourceJob, domain_state
 from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
-from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler
+from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler, public_message
 from ._uri import URI, URIError, parse_uri
 
 __all__ = ["Daemon", "Domain", "parse_allow"]
@@ -37,6 +37,18 @@ JSON = dict[str, Any]
 def parse_allow(entry: str) -> tuple[str, str]:
     """``cn:NAME``, ``uid:N`` or ``addr:HOST``, as ``--allow-peer`` takes them."""
     return parse_entry("--allow-peer", entry)
+
+
+def host_memory_mib() -> int:
+    """MemTotal: the default bound on a memory-image guest (its dirty bitmap and image scale with it)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 16384
 
 
 class Domain:
@@ -52,6 +64,8 @@ class Domain:
         self.last_job: SourceJob | None = None
         self.incoming: Incoming | None = None
         self.persistent = True
+        #: Set while a start is under way, so a concurrent start cannot launch a second QEMU.
+        self.starting = False
 
     @property
     def name(self) -> str:
@@ -100,6 +114,7 @@ class Daemon:
         allow_ro: list[str] = (),  # type: ignore[assignment]
         socket_mode: int = 0o600,
         socket_group: int | None = None,
+        max_image_mib: int | None = None,
         insecure: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -119,6 +134,7 @@ class Daemon:
         if socket_mode & ~0o777:
             raise DaemonError(f"bad --socket-mode {socket_mode:o}: use permission bits such as 600 or 660")
         self.socket_mode = socket_mode
+        self.max_image_mib = max_image_mib if max_image_mib is not None else host_memory_mib()
         self.socket_group = socket_group
         self.tls = tls
         self.access = AccessPolicy(admins=allow_admin, peers=allow, read_only=allow_ro)
@@ -134,6 +150,21 @@ class Daemon:
 
     def log(self, line: str) -> None:
         self._log(line)
+
+    def public(self, exc: BaseException) -> str:
+        """*exc* as a client may read it (see :func:`public_message`)."""
+        return public_message(exc, hide=(self.store.state_dir,))
+
+    def check_definition(self, obj: object) -> JSON:
+        """A definition from a client (define) or a source daemon (prepare), checked against this daemon's limits."""
+        definition = validate_definition(obj)
+        if "image" in definition:
+            size = definition["image"]["size_mib"]
+            if size > self.max_image_mib:
+                raise DaemonError(
+                    f"bad definition: image size_mib {size} is above this daemon's limit of {self.max_image_mib} MiB (--max-image-mib)"
+                )
+        return definition
 
     # ------------------------------------------------------------------
     # Running
@@ -201,7 +232,7 @@ class Daemon:
                 return
             stream = tls_stream
         identity = peer_identity(stream)
-        session = Session(self, identity, raw.socket.getsockname(), self.roles_of(identity, place))
+        session = Session(self, identity, raw.socket.getsockname(), self.roles_of(identity, place), scheme=uri.scheme)
         try:
             async with open_connection(stream, client=False, handlers=session.handlers()) as conn:
                 session.conn = conn
@@ -226,8 +257,17 @@ class Daemon:
         return domain
 
     async def start_guest(self, domain: Domain, *, paused: bool = False, incoming: bool = False) -> None:
+        if domain.starting:
+            raise DaemonError(f"domain {domain.name!r} is already starting")
         if domain.process is not None:
             raise DaemonError(f"domain {domain.name!r} is already running")
+        domain.starting = True
+        try:
+            await self._start_guest(domain, paused=paused, incoming=incoming)
+        finally:
+            domain.starting = False
+
+    async def _start_guest(self, domain: Domain, *, paused: bool, incoming: bool) -> None:
         assert self._nursery is not None
         if domain.is_image:
             if incoming:
@@ -253,7 +293,8 @@ class Daemon:
                 log_path=log_path,
             )
         except (OSError, QemuError) as exc:
-            raise DaemonError(f"cannot start domain {domain.name!r}: {exc}") from None
+            self.log(f"cannot start {domain.name}: {exc}")
+            raise DaemonError(f"cannot start domain {domain.name!r}: {self.public(exc)}") from None
         domain.process = process
         self._nursery.start_soon(self._watch, domain, process)
         self.log(f"started {domain.name} (pid {process.pid}{', incoming' if incoming else ''}{', paused' if paused else ''})")
@@ -297,6 +338,8 @@ class Daemon:
             raise DaemonError(str(exc)) from None
         if uri.scheme == "tls" and self.tls is None:
             raise DaemonError(f"cannot migrate to {uri}: this daemon has no TLS identity (--tls-cert, --tls-key, --tls-ca)")
+        if uri.scheme == "tcp" and not self.insecure:
+            raise DaemonError(f"refusing to migrate to {uri} without TLS: use tls://, or start this daemon with --insecure")
         return uri
 
     def roles_of(self, identity: Identity, place: Listener) -> frozenset[Role]:
@@ -308,8 +351,10 @@ class Daemon:
 class Session:
     """One connection to the daemon, from a client or a peer daemon."""
 
-    def __init__(self, daemon: Daemon, identity: Identity, sockname: Any, roles: frozenset[Role]) -> None:
+    def __init__(self, daemon: Daemon, identity: Identity, sockname: Any, roles: frozenset[Role], *, scheme: str) -> None:
         self.daemon = daemon
+        #: How the peer reached us (unix, tls, tcp): a native migration's data channel is as secure as this.
+        self.scheme = scheme
         self.identity = identity
         self.sockname = sockname
         self.roles = roles
@@ -347,7 +392,13 @@ class Session:
                     f"{procedure.name} needs the {needed.value} role (granted by the daemon's {GRANTED_BY[needed]}); "
                     f"{self.identity} has {describe(self.roles)}",
                 )
-            return await handler(body)
+            try:
+                return await handler(body)
+            except RPCError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug: log it, tell the client no more than that
+                self.daemon.log(f"internal error in {procedure.name} from {self.identity}: " + "".join(traceback.format_exception(exc)).rstrip())
+                raise RPCError(ErrorCode.INTERNAL_ERROR, f"{procedure.name} failed: {public_message(exc)}") from None
 
         return guarded
 
@@ -355,8 +406,8 @@ class Session:
     # Domain management
 
     async def define(self, request: JSON) -> JSON:
-        definition = validate_definition(field(request, "definition", dict))
         daemon = self.daemon
+        definition = daemon.check_definition(field(request, "definition", dict))
         existing = daemon.domains.get(definition["name"])
         if existing is not None and existing.process is not None:
             raise DaemonError(f"domain {definition['name']!r} is running; it cannot be redefined until it stops")
@@ -436,11 +487,15 @@ class Session:
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
         direct_uri = None
+        direct_tls = False
         if not p2p:
             # Client-driven: the client prepared the destination and passes its QEMU endpoint.
             direct_uri = field(request, "uri", str, None)
             if direct_uri is None or not direct_uri.startswith(("unix:", "tcp:")):
                 raise DaemonError("without --p2p the client drives the migration: it must pass the destination's 'uri'")
+            direct_tls = field(request, "tls", bool, False)
+            if direct_uri.startswith("tcp:") and not direct_tls and not daemon.insecure:
+                raise DaemonError("refusing to send the migration over plain TCP: the destination must be reached over tls://")
         domain = daemon.domain(request.get("name"))
         dest = field(request, "destination", str)
         if p2p:
@@ -469,6 +524,7 @@ class Session:
             dname=dname,
             verify=field(request, "verify", bool, False),
             direct_uri=direct_uri,
+            direct_tls=direct_tls,
         )
         domain.job = domain.last_job = job
         assert daemon._nursery is not None
@@ -519,7 +575,7 @@ class Session:
         try:
             await job.set_speed(mib)
         except QMPError as exc:
-            raise DaemonError(f"cannot change the speed: {exc}") from None
+            raise DaemonError(f"cannot change the speed: {self.daemon.public(exc)}") from None
         return {"bandwidth_mib": mib}
 
     # ------------------------------------------------------------------
@@ -527,7 +583,7 @@ class Session:
 
     async def prepare(self, request: JSON) -> JSON:
         daemon = self.daemon
-        definition = validate_definition(field(request, "definition", dict))
+        definition = daemon.check_definition(field(request, "definition", dict))
         try:
             migration_id = bytes.fromhex(field(request, "migration_id", str))
         except ValueError:
@@ -555,7 +611,9 @@ class Session:
         daemon.domains[name] = domain
         try:
             await daemon.start_guest(domain, incoming=True)
-            reply = await incoming.prepare(self.sockname, images_dir=daemon.store.images_dir)
+            reply = await incoming.prepare(
+                self.sockname, images_dir=daemon.store.images_dir, tls=daemon.tls if self.scheme == "tls" else None
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(incoming)

@@ -59,6 +59,7 @@ from ..qemu import (
     query_migration,
     run_state,
     set_max_bandwidth,
+    set_tls,
     start_incoming_fd,
     start_incoming_uri,
     start_outgoing_fd,
@@ -66,9 +67,10 @@ from ..qemu import (
     wait_migration,
 )
 from ..transport import TunnelConnection, TunnelStream, open_connection
+from ._imageguest import PAGE as PAGE_SIZE
 from ._imageguest import ImageGuest
-from ._net import connect
-from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
+from ._net import TLSFiles, connect
+from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of, public_message
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, Domain
@@ -159,11 +161,13 @@ class SourceJob:
         dname: str | None,
         verify: bool = False,
         direct_uri: str | None = None,
+        direct_tls: bool = False,
     ) -> None:
         self.daemon = daemon
         #: Client-driven (not PEER2PEER) migration: only perform, to this QEMU endpoint the
         #: client got from the destination; the client then calls finish and confirm.
         self.direct_uri = direct_uri
+        self.direct_tls = direct_tls
         self.was_running = False
         #: Memory-image guests: both sides report the image's content digest (costs a read of the image).
         self.verify = verify
@@ -284,11 +288,12 @@ class SourceJob:
         except DaemonError as exc:
             self.state, self.error = "failed", exc.message
         except MigrationError as exc:
-            self.state, self.error = "failed", str(exc)
+            self.state, self.error = "failed", self.daemon.public(exc)
         except (TunnelError, QemuError, OSError, trio.BrokenResourceError) as exc:
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.state, self.error = "failed", self.daemon.public(exc)
+            self.daemon.log(f"migration of {domain.name} failed: {type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a bug: fail this job, keep the daemon serving
-            self.state, self.error = "failed", f"internal error: {exc!r}"
+            self.state, self.error = "failed", self.daemon.public(exc)
             self.daemon.log("".join(traceback.format_exception(exc)).rstrip())
         finally:
             if self.state not in ("completed", "performed", "failed"):
@@ -368,7 +373,7 @@ class SourceJob:
             if not self.live and was_running:
                 await qmp.execute("stop")
             assert self.direct_uri is not None
-            await self._transfer(None, qmp, {"uri": self.direct_uri})
+            await self._transfer(None, qmp, {"uri": self.direct_uri, "tls": self.direct_tls})
             self.transfer_ended = time.monotonic()
             success = True
         finally:
@@ -424,6 +429,7 @@ class SourceJob:
         bandwidth = self._bandwidth_bytes()
         self.transfer_started = time.monotonic()
         if not self.tunnelled:
+            await self._set_tls(qmp, bool(prepared.get("tls")))
             await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth)
             self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
             return
@@ -470,6 +476,18 @@ class SourceJob:
         finally:
             theirs.close()
             ours.close()
+
+    async def _set_tls(self, qmp: Any, tls: bool) -> None:
+        """QEMU's own TLS for a native channel the destination secured, with this daemon's certificate."""
+        if not tls:
+            await set_tls(qmp, None)
+            return
+        files = self.daemon.tls
+        if files is None:
+            raise DaemonError("the destination wants TLS for the migration data, and this daemon has no TLS identity (--tls-cert)")
+        domain = self.domain
+        creds = await trio.to_thread.run_sync(files.write_qemu_dir, os.path.join(domain.run_dir, f"{domain.name}.tls"), "client")
+        await set_tls(qmp, creds, endpoint="client", hostname=self.daemon.parse_peer_uri(self.dest).host)
 
     async def _rollback(self, peer: TunnelConnection | None, process: QemuProcess | ImageGuest, was_running: bool) -> None:
         """Failure: discard the destination, resume the source as it was."""
@@ -530,9 +548,23 @@ class Incoming:
         #: The image writer of a memory-image guest's migration.
         self.writer: MemoryImageWriter | None = None
 
-    async def prepare(self, peer_sockname: Any, *, images_dir: str) -> dict[str, Any]:
+    async def prepare(self, peer_sockname: Any, *, images_dir: str, tls: TLSFiles | None = None) -> dict[str, Any]:
+        """Ready the destination; for a native migration return QEMU's endpoint.
+
+        The data channel is as private as the connection that prepared it: a
+        unix socket beside ours, QEMU's own TLS with this daemon's certificate
+        (``verify-peer``) when the source came over TLS, plain TCP only when
+        it came over an ``--insecure`` TCP listener.  QEMU accepts one
+        connection on it.
+        """
         if self.domain.is_image:
-            self.writer = MemoryImageWriter(os.path.join(images_dir, f"{self.domain.name}.img"), mode=0o600)
+            # Size and page size come from the definition this daemon checked, never from the peer's stream header.
+            self.writer = MemoryImageWriter(
+                os.path.join(images_dir, f"{self.domain.name}.img"),
+                mode=0o600,
+                size=self.domain.definition["image"]["size_mib"] * MiB,
+                page_size=PAGE_SIZE,
+            )
             await trio.lowlevel.checkpoint()
             return {}
         process = self.domain.process
@@ -556,13 +588,16 @@ class Incoming:
             await start_incoming_uri(process.qmp, self.uri)
             return {"uri": self.uri}
         host = peer_sockname[0]
+        if tls is not None:
+            creds = tls.write_qemu_dir(os.path.join(self.domain.run_dir, f"{self.domain.name}.tls"), "server")
+            await set_tls(process.qmp, creds, endpoint="server")
         await start_incoming_uri(process.qmp, f"tcp:{host}:0")
         status = await process.qmp.execute("query-migrate")
         for address in status.get("socket-address", []):
             if address.get("type") == "inet":
                 port = address["port"]
                 self.uri = f"tcp:{host}:{port}"
-                return {"uri": self.uri}
+                return {"uri": self.uri, "tls": tls is not None}
         raise DaemonError("the destination QEMU did not report its incoming TCP port")
 
     async def pump(self, stream: TunnelStream) -> None:
@@ -571,7 +606,7 @@ class Incoming:
             try:
                 await receive_into(stream, self.writer)  # commits only after the stream's digest matched
             except (TunnelError, EndpointError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.pump_error = f"{type(exc).__name__}: {exc}"
+                self.pump_error = public_message(exc, hide=(os.path.dirname(self.domain.run_dir),))
             finally:
                 self.pump_done.set()
             return
@@ -579,7 +614,7 @@ class Incoming:
         try:
             await pump_socket(stream, self.sock)
         except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.pump_error = f"{type(exc).__name__}: {exc}"
+            self.pump_error = public_message(exc, hide=(os.path.dirname(self.domain.run_dir),))
         finally:
             self.sock.close()
             self.pump_done.set()

@@ -45,6 +45,28 @@ class TLSFiles:
         ctx.load_cert_chain(self.cert, self.key)
         return ctx
 
+    def write_qemu_dir(self, path: str, endpoint: str, *, owner: int | None = None) -> str:
+        """Copy these files into *path* in QEMU's ``tls-creds-x509`` layout for *endpoint* (server or client).
+
+        QEMU runs sandboxed and maybe as another user, so it gets its own
+        copies (mode 0600, owned by *owner* when given) rather than the daemon's paths.
+        """
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        for source, name in ((self.ca, "ca-cert.pem"), (self.cert, f"{endpoint}-cert.pem"), (self.key, f"{endpoint}-key.pem")):
+            target = os.path.join(path, name)
+            with open(source, "rb") as f:
+                data = f.read()
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, data)
+                if owner is not None:
+                    os.fchown(fd, owner, -1)
+            finally:
+                os.close(fd)
+        if owner is not None:
+            os.chown(path, owner, -1)
+        return path
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Identity:

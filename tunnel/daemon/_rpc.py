@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import Any
 
-from .._errors import ErrorCode, RPCError
+import trio
 
-__all__ = ["PROGRAM", "DaemonError", "PermissionDenied", "Procedure", "decode", "encode", "json_handler"]
+from .._errors import ErrorCode, RPCError, TunnelError
+
+__all__ = ["PROGRAM", "DaemonError", "PermissionDenied", "Procedure", "decode", "encode", "json_handler", "public_message"]
 
 #: "TUNd": the program number of the daemon's procedures.
 PROGRAM = 0x54554E64
@@ -55,6 +57,35 @@ class DaemonError(Exception):
 
 class PermissionDenied(DaemonError):
     """The daemon refused a call because the caller lacks the role it needs."""
+
+
+def public_message(exc: BaseException, *, hide: tuple[str, ...] = ()) -> str:
+    """What a client may read of *exc*: no exception class names, no host paths of the daemon.
+
+    The full text goes to the daemon's log; clients get QEMU's own words where
+    QEMU gave any (they are about the client's definition), an OS error's
+    description without its file name, and otherwise only that something
+    failed.  Each string in *hide* (the state directory) is replaced by ``...``.
+    """
+    from ..qemu import QemuError, QemuStartError
+
+    if isinstance(exc, DaemonError):
+        text = exc.message
+    elif isinstance(exc, QemuStartError):
+        reasons = [line.strip() for line in exc.log_tail.splitlines() if line.strip()]
+        text = "QEMU exited during start" + (f": {reasons[-1]}" if reasons else "")
+    elif isinstance(exc, (QemuError, TunnelError)):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = exc.strerror or "an operating system error"
+    elif isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+        text = "the connection broke"
+    else:
+        text = "an internal error (the daemon's log has the details)"
+    for secret in hide:
+        if secret:
+            text = text.replace(secret, "...")
+    return " ".join(text.split())  # one line
 
 
 def encode(obj: JSONObject) -> bytes:

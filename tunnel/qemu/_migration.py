@@ -18,13 +18,14 @@ end passed as the fd works), never a pipe.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ._errors import MigrationError
+from ._errors import MigrationError, QMPError
 from ._qmp import QMPClient
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "set_capabilities",
     "set_max_bandwidth",
     "set_parameters",
+    "set_tls",
     "start_incoming_fd",
     "start_incoming_uri",
     "start_outgoing_fd",
@@ -200,6 +202,30 @@ async def start_incoming_uri(qmp: QMPClient, uri: str, *, capabilities: Mapping[
     """Make a QEMU started with ``-incoming defer`` listen on *uri* (``unix:PATH``, ``tcp:...``)."""
     await _prepare(qmp, None, capabilities)
     await qmp.execute("migrate-incoming", {"uri": uri})
+
+
+#: The id of the ``tls-creds-x509`` object :func:`set_tls` adds.
+TLS_OBJECT_ID = "tunnel-migration-tls"
+
+
+async def set_tls(qmp: QMPClient, creds_dir: str | None, *, endpoint: str = "client", hostname: str | None = None) -> None:
+    """Make the next migration use TLS with the x509 files in *creds_dir*, or plain (None).
+
+    *creds_dir* holds ``ca-cert.pem`` and ``ENDPOINT-cert.pem`` / ``ENDPOINT-key.pem``
+    (QEMU's layout); the peer must present a certificate signed by that CA
+    (``verify-peer``).  On the client *hostname* is the name the server's
+    certificate must carry.  Call it with the same kind on both sides.
+    """
+    with contextlib.suppress(QMPError):  # a previous migration's object: replace it
+        await qmp.execute("object-del", {"id": TLS_OBJECT_ID})
+    if creds_dir is None:
+        await set_parameters(qmp, {"tls-creds": "", "tls-hostname": ""})
+        return
+    await qmp.execute(
+        "object-add",
+        {"qom-type": "tls-creds-x509", "id": TLS_OBJECT_ID, "dir": creds_dir, "endpoint": endpoint, "verify-peer": True},
+    )
+    await set_parameters(qmp, {"tls-creds": TLS_OBJECT_ID, "tls-hostname": hostname or ""})
 
 
 async def cancel(qmp: QMPClient) -> None:
