@@ -73,7 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="permission bits of the --listen unix sockets (default 600); with --socket-group, 660 lets the "
                         "group's users connect, and SO_PEERCRED still decides their role")
     d.add_argument("--socket-group", metavar="GROUP", help="group owning the --listen unix sockets")
-    d.add_argument("--insecure", action="store_true", help="allow tcp:// listeners without TLS (logged as a warning)")
+    d.add_argument("--max-image-mib", metavar="MIB", type=int,
+                   help="largest memory-image guest accepted from a client or a peer (default: the host's memory)")
+    d.add_argument("--insecure", action="store_true",
+                   help="allow tcp:// listeners without TLS and migrations to tcp:// peers (logged as a warning)")
 
     df = sub.add_parser("define", help="define (or redefine) a domain from a JSON file")
     df.add_argument("file", metavar="FILE", help='JSON: {"name": "vm1", "qemu": ["-machine", "q35", "-m", "512", ...]}')
@@ -168,6 +171,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         allow_ro=args.allow_ro,
         socket_mode=mode,
         socket_group=group,
+        max_image_mib=args.max_image_mib,
         insecure=args.insecure,
         log=_log,
     )
