@@ -32,9 +32,10 @@ SIGSYS), no scheduler or resource-limit changes.  Migration over fds and
 sockets is unaffected.  ``user=`` runs QEMU as that user, its primary group
 and no supplementary groups, switched in the child before exec so QEMU never
 runs as root (the daemon needs root for this), and gives the guest directory
-to that user so QEMU can create its socket and pidfile.  Files QEMU opens
-itself (disk images, a ``loader`` device's file) must be readable by that
-user: that is the caller's business.
+to that user so QEMU can create its socket and pidfile.  The rest is the
+caller's business: the directories above the guest directory must be
+searchable by that user, and files QEMU opens itself (disk images, a
+``loader`` device's file) readable by it.
 
 *Exit.*  Exit is observed through a pidfd (Linux >= 5.3): no thread, no
 SIGCHLD handler, and a signal sent through it never reaches a stranger that
