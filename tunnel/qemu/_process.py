@@ -178,7 +178,7 @@ class QemuProcess:
         seconds (generous: ``-mem-prealloc`` of a big guest delays the greeting).
         """
         if (guest_dir is None) == (run_dir is None):
-            raise TypeError("QemuProcess.start() needs guest_dir= (or the deprecated run_dir=), not both")
+            raise TypeError("QemuProcess.start() needs exactly one of guest_dir= and the deprecated run_dir=")
         if guest_dir is not None:
             if log_path is not None:
                 raise TypeError("log_path= goes with the deprecated run_dir=; the log of guest_dir= is guest_dir/qemu.log")
