@@ -1,8 +1,9 @@
-"""The QEMU layer against real QEMU (TCG): QMP, supervised processes, migrations.
+"""The QEMU layer against real QEMU (TCG): QMP, processes, migrations (sandboxed QEMU).
 
 Guests are small (128 MiB, 64 MiB of it random data loaded on the source
 only) so the file runs in seconds.  Every test bounds itself with
 ``trio.fail_after`` and stops every QEMU it starts (``async with``).
+Lifetime across daemons (detach, attach) is in test_qemu_lifetime.py.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -144,7 +142,7 @@ async def test_qmp_event_buffer_is_bounded(run_dir: str) -> None:
 @requires_qemu
 async def test_qmp_round_trips_events_and_errors(run_dir: str) -> None:
     with trio.fail_after(30):
-        async with await QemuProcess.start(base_args(), run_dir=run_dir, name="vm", paused=True) as vm:
+        async with await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/vm", name="vm", paused=True) as vm:
             qmp = vm.qmp
             assert qmp.version >= (7, 0, 0)
             assert await run_state(qmp) == "prelaunch"
@@ -193,7 +191,7 @@ async def test_qmp_round_trips_events_and_errors(run_dir: str) -> None:
 @requires_qemu
 async def test_qmp_reports_qemu_going_away(run_dir: str) -> None:
     with trio.fail_after(30):
-        async with await QemuProcess.start(base_args(), run_dir=run_dir, name="vm", paused=True) as vm:
+        async with await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/vm", name="vm", paused=True) as vm:
             waiter_error: list[BaseException] = []
 
             async def wait_forever() -> None:
@@ -215,96 +213,86 @@ async def test_qmp_reports_qemu_going_away(run_dir: str) -> None:
 # ------------------------------------------------------------- processes
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _seccomp_mode(pid: int) -> int:
+    """2 when the process runs under a seccomp filter (QEMU's -sandbox)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Seccomp:")).split()[1])
+
+
 @requires_qemu
 async def test_bad_argument_is_a_clear_start_error(run_dir: str) -> None:
+    guest_dir = f"{run_dir}/bad"
     with trio.fail_after(30):
         with pytest.raises(QemuStartError) as info:
-            await QemuProcess.start([*base_args(), "-machine", "no-such-machine"], run_dir=run_dir, name="bad")
+            await QemuProcess.start([*base_args(), "-machine", "no-such-machine"], guest_dir=guest_dir, name="bad")
     assert "unsupported machine type" in str(info.value)
     assert info.value.returncode not in (None, 0)
-    assert not os.path.exists(os.path.join(run_dir, "bad.qmp"))
+    assert sorted(os.listdir(guest_dir)) == ["qemu.log"]  # no socket, no pidfile; the log explains
+    assert "unsupported machine type" in _read(f"{guest_dir}/qemu.log")
 
 
 @requires_qemu
-async def test_stop_leaves_no_process_and_no_socket(run_dir: str) -> None:
+async def test_guest_dir_layout_and_stop_leaves_only_the_log(run_dir: str) -> None:
+    guest_dir = f"{run_dir}/vm"
     with trio.fail_after(30):
-        log_path = os.path.join(run_dir, "vm.log")
-        vm = await QemuProcess.start(base_args(), run_dir=run_dir, name="vm", log_path=log_path)
-        assert os.path.exists(vm.qmp_path) and _alive(vm.pid)
-        assert await run_state(vm.qmp) == "running"  # not paused: no -S was added
-        assert await vm.stop() == 0  # a clean QMP quit
-        assert not _alive(vm.pid)
-        assert not os.path.exists(vm.qmp_path)
+        vm = await QemuProcess.start(base_args(), guest_dir=guest_dir, name="vm")
+        try:
+            assert vm.guest_dir == guest_dir and vm.is_child
+            assert os.stat(guest_dir).st_mode & 0o777 == 0o700
+            assert sorted(os.listdir(guest_dir)) == ["qemu.log", "qemu.pid", "qmp.sock"]
+            assert int(_read(f"{guest_dir}/qemu.pid")) == vm.pid
+            assert os.readlink(f"/proc/{vm.pid}/cwd") == guest_dir
+            assert os.getsid(vm.pid) == vm.pid  # its own session: the daemon's terminal signals miss it
+            assert _seccomp_mode(vm.pid) == 2  # sandboxed by default
+            assert await run_state(vm.qmp) == "running"  # not paused: no -S was added
+            # Relative paths resolve in the guest directory.
+            await vm.qmp.execute("pmemsave", {"val": 0, "size": 4096, "filename": "first-page.mem"})
+            assert os.path.getsize(f"{guest_dir}/first-page.mem") == 4096
+            os.unlink(f"{guest_dir}/first-page.mem")
+        finally:
+            assert await vm.stop() == 0  # a clean QMP quit
+        assert not _alive(vm.pid) and vm.exited
+        assert os.listdir(guest_dir) == ["qemu.log"]
         assert vm.qmp.closed
         assert await vm.stop() == 0  # idempotent
 
-        # The context manager stops its guest even when the body is cancelled.
-        vm2 = await QemuProcess.start(base_args(), run_dir=run_dir, name="vm2", paused=True)
+        # The context manager stops its guest even when the body is cancelled; the log is appended to.
+        vm2 = await QemuProcess.start(base_args(), guest_dir=guest_dir, name="vm", paused=True)
         with trio.CancelScope() as scope:
             async with vm2:
                 scope.cancel()
                 await trio.sleep_forever()
         assert vm2.returncode is not None and not _alive(vm2.pid)
-        assert not os.path.exists(vm2.qmp_path)
+        assert os.listdir(guest_dir) == ["qemu.log"]
 
 
 @requires_qemu
 async def test_stop_escalates_to_signals(run_dir: str) -> None:
     with trio.fail_after(30):
-        vm = await QemuProcess.start(base_args(), run_dir=run_dir, name="vm", paused=True)
+        vm = await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/vm", name="vm", paused=True)
         # A stopped process answers no QMP and ignores SIGTERM until continued: only SIGKILL works.
         os.kill(vm.pid, signal.SIGSTOP)
         assert await vm.stop(timeout=0.5) == -signal.SIGKILL
         assert not _alive(vm.pid)
-        assert not os.path.exists(vm.qmp_path)
+        assert os.listdir(f"{run_dir}/vm") == ["qemu.log"]  # the pidfile QEMU could not remove is gone too
 
 
 @requires_qemu
-async def test_qemu_dies_with_its_supervisor(run_dir: str) -> None:
-    """A daemon killed with SIGKILL (no cleanup at all) takes its guests with it."""
-    parent_code = textwrap.dedent(
-        f"""
-        import trio
-        from tunnel.qemu import QemuProcess
-
-        async def main():
-            vm = await QemuProcess.start({base_args()!r}, run_dir={run_dir!r}, name="orphan", paused=True)
-            print(vm.pid, flush=True)
-            await trio.sleep_forever()
-
-        trio.run(main)
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+async def test_deprecated_run_dir_and_log_path_still_work(run_dir: str) -> None:
+    """The daemon's call until it moves to guest_dir=: the guest directory is run_dir/NAME, removed when empty."""
+    log_path = os.path.join(run_dir, "vm.log")
     with trio.fail_after(30):
-        parent = await trio.lowlevel.open_process([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, env=env)
-        qemu_pid = None
-        pidfd = -1
-        try:
-            assert parent.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await parent.stdout.receive_some(64)
-                assert chunk, "the parent exited before starting QEMU"
-                line += chunk
-            qemu_pid = int(line)
-            pidfd = os.pidfd_open(qemu_pid)
-            assert _alive(qemu_pid)
-            parent.kill()
-            await parent.wait()
-            with trio.fail_after(10):
-                await trio.lowlevel.wait_readable(pidfd)  # readable once QEMU has exited
-            assert not _alive(qemu_pid)
-        finally:
-            if parent.returncode is None:
-                parent.kill()
-                await parent.wait()
-            if pidfd >= 0:
-                if qemu_pid is not None and _alive(qemu_pid):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                os.close(pidfd)
-            if parent.stdout is not None:
-                await parent.stdout.aclose()
+        async with await QemuProcess.start(base_args(), run_dir=run_dir, name="vm", paused=True, log_path=log_path) as vm:
+            assert vm.qmp_path == f"{run_dir}/vm/qmp.sock"
+            assert await run_state(vm.qmp) == "prelaunch"
+        assert sorted(os.listdir(run_dir)) == ["vm.log"]
+        with pytest.raises(TypeError):
+            await QemuProcess.start(base_args(), run_dir=run_dir, guest_dir=f"{run_dir}/vm", name="vm")
 
 
 # ------------------------------------------------------------ migrations
@@ -315,8 +303,8 @@ async def test_native_migration_over_unix_socket(run_dir: str, random_ram: Calla
     ram = random_ram(64 << 20)
     with trio.fail_after(60):
         async with (
-            await QemuProcess.start(base_args() + loader_args(ram), run_dir=run_dir, name="src", paused=True) as src,
-            await QemuProcess.start(base_args(), run_dir=run_dir, name="dst", incoming=True) as dst,
+            await QemuProcess.start(base_args() + loader_args(ram), guest_dir=f"{run_dir}/src", name="src", paused=True) as src,
+            await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/dst", name="dst", incoming=True) as dst,
         ):
             assert await run_state(dst.qmp) == "inmigrate"
             uri = f"unix:{run_dir}/migrate.sock"
@@ -360,10 +348,11 @@ async def test_migration_through_socketpairs_and_a_relay(run_dir: str, random_ra
     counts = {"forward": 0, "back": 0}
     with trio.fail_after(60):
         async with (
-            await QemuProcess.start(base_args() + loader_args(ram), run_dir=run_dir, name="src") as src,
-            await QemuProcess.start(base_args(), run_dir=run_dir, name="dst", incoming=True) as dst,
+            await QemuProcess.start(base_args() + loader_args(ram), guest_dir=f"{run_dir}/src", name="src") as src,
+            await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/dst", name="dst", incoming=True) as dst,
             trio.open_nursery() as nursery,
         ):
+            assert _seccomp_mode(src.pid) == _seccomp_mode(dst.pid) == 2  # fd migration works sandboxed
             src_qemu, src_relay = socket.socketpair()
             dst_qemu, dst_relay = socket.socketpair()
             with src_qemu, dst_qemu:  # QEMU holds its own duplicates after getfd
@@ -387,9 +376,9 @@ async def test_migration_through_socketpairs_and_a_relay(run_dir: str, random_ra
 async def test_cancel_half_way_leaves_the_source_usable(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
     ram = random_ram(64 << 20)
     with trio.fail_after(60):
-        async with await QemuProcess.start(base_args() + loader_args(ram), run_dir=run_dir, name="src") as src:
+        async with await QemuProcess.start(base_args() + loader_args(ram), guest_dir=f"{run_dir}/src", name="src") as src:
             assert await run_state(src.qmp) == "running"
-            async with await QemuProcess.start(base_args(), run_dir=run_dir, name="dst1", incoming=True) as dst1:
+            async with await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/dst1", name="dst1", incoming=True) as dst1:
                 uri = f"unix:{run_dir}/m1.sock"
                 await start_incoming_uri(dst1.qmp, uri)
                 await start_outgoing_uri(src.qmp, uri, max_bandwidth=SLOW)
@@ -404,7 +393,7 @@ async def test_cancel_half_way_leaves_the_source_usable(run_dir: str, random_ram
                 # The half-fed destination gives up on its own; stop() handles an exited QEMU.
                 assert await dst1.wait() != 0
             # ... and the source can migrate again, completely.
-            async with await QemuProcess.start(base_args(), run_dir=run_dir, name="dst2", incoming=True) as dst2:
+            async with await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/dst2", name="dst2", incoming=True) as dst2:
                 uri = f"unix:{run_dir}/m2.sock"
                 await start_incoming_uri(dst2.qmp, uri)
                 await start_outgoing_uri(src.qmp, uri, max_bandwidth=FAST)
@@ -419,8 +408,8 @@ async def test_max_bandwidth_applies_to_a_running_migration(run_dir: str, random
     ram = random_ram(64 << 20)
     with trio.fail_after(60):
         async with (
-            await QemuProcess.start(base_args() + loader_args(ram), run_dir=run_dir, name="src", paused=True) as src,
-            await QemuProcess.start(base_args(), run_dir=run_dir, name="dst", incoming=True) as dst,
+            await QemuProcess.start(base_args() + loader_args(ram), guest_dir=f"{run_dir}/src", name="src", paused=True) as src,
+            await QemuProcess.start(base_args(), guest_dir=f"{run_dir}/dst", name="dst", incoming=True) as dst,
         ):
             uri = f"unix:{run_dir}/migrate.sock"
             await start_incoming_uri(dst.qmp, uri)

@@ -2,7 +2,8 @@
 
 * :class:`QMPClient`: QEMU's monitor protocol (commands from several tasks,
   bounded event buffer, fd passing with ``getfd``).
-* :class:`QemuProcess`: a supervised QEMU that never outlives its supervisor.
+* :class:`QemuProcess`: a QEMU in its own guest directory, sandboxed, that
+  outlives the daemon that started it: a restarted daemon attaches to it again.
 * migration helpers: start outgoing/incoming migrations on fds or URIs,
   poll them (:class:`MigrationStatus`), cap their bandwidth, cancel them.
 
@@ -12,7 +13,7 @@ QEMU one end of a socketpair and the tunnel stream the other.
 
 from __future__ import annotations
 
-from ._errors import MigrationError, QemuError, QemuStartError, QMPConnectionClosed, QMPError
+from ._errors import MigrationError, QemuError, QemuGone, QemuStartError, QMPConnectionClosed, QMPError
 from ._migration import (
     ACTIVE_STATES,
     MigrationStatus,
@@ -31,11 +32,13 @@ from ._migration import (
     wait_migration,
     wait_run_state,
 )
-from ._process import QemuProcess, qemu_binary
+from ._process import SANDBOX, GuestFiles, QemuProcess, qemu_binary
 from ._qmp import QMPClient, QMPEvent
 
 __all__ = [
     "ACTIVE_STATES",
+    "SANDBOX",
+    "GuestFiles",
     "MigrationError",
     "MigrationStatus",
     "QMPClient",
@@ -43,6 +46,7 @@ __all__ = [
     "QMPError",
     "QMPEvent",
     "QemuError",
+    "QemuGone",
     "QemuProcess",
     "QemuStartError",
     "cancel",

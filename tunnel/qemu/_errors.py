@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._migration import MigrationStatus
 
-__all__ = ["MigrationError", "QMPConnectionClosed", "QMPError", "QemuError", "QemuStartError"]
+__all__ = ["MigrationError", "QMPConnectionClosed", "QMPError", "QemuError", "QemuGone", "QemuStartError"]
 
 
 class QemuError(Exception):
@@ -58,6 +58,14 @@ class QemuStartError(QemuError):
         if log_tail.strip():
             text += ": " + log_tail.strip()
         super().__init__(text)
+
+
+class QemuGone(QemuError):
+    """A guest directory holds no QEMU to attach to.
+
+    Its pidfile is missing, unreadable or stale (names a dead process or one
+    that is not this guest's QEMU), or the QEMU there does not answer on QMP.
+    """
 
 
 class MigrationError(QemuError):
