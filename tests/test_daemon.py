@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from daemon_proc import daemon_process, kill_guests
 from qemu_fixtures import RANDOM_ADDR, RandomRam, base_args, file_digest, loader_args, random_ram, requires_qemu, run_dir
 
 from tunnel.client import connect
-from tunnel.daemon import Daemon, DaemonError, PermissionDenied, TLSFiles, parse_uri
+from tunnel.daemon import Daemon as _Daemon
+from tunnel.daemon import DaemonError, PermissionDenied, TLSFiles, parse_uri
 
 __all__ = ["random_ram", "run_dir"]  # fixtures, imported for pytest
 
@@ -59,8 +62,16 @@ def free_port() -> int:
         return port
 
 
+def Daemon(**options: Any) -> _Daemon:
+    """A daemon whose guests may load files from the temp directory and stop with it (tests leave nothing running)."""
+    options.setdefault("allow_paths", [tempfile.gettempdir()])
+    options.setdefault("shutdown_guests_on_exit", True)
+    options.setdefault("log", lambda line: print(line, file=sys.stderr))  # shown by pytest when a test fails
+    return _Daemon(**options)
+
+
 @asynccontextmanager
-async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
+async def running(daemon: _Daemon) -> AsyncIterator[_Daemon]:
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
         try:
@@ -70,7 +81,7 @@ async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
 
 
 @asynccontextmanager
-async def unix_pair(root: str, **dest_options: Any) -> AsyncIterator[tuple[str, str, Daemon, Daemon]]:
+async def unix_pair(root: str, **dest_options: Any) -> AsyncIterator[tuple[str, str, _Daemon, _Daemon]]:
     src_uri, dst_uri = f"unix://{root}/src.sock", f"unix://{root}/dst.sock"
     async with (
         running(Daemon(state_dir=f"{root}/src", listen=[src_uri])) as src,
@@ -80,9 +91,10 @@ async def unix_pair(root: str, **dest_options: Any) -> AsyncIterator[tuple[str, 
 
 
 async def dest_memory_digest(uri: str, name: str, directory: str, size: int, tls: TLSFiles | None = None) -> str:
-    path = os.path.join(directory, "dump.mem")
+    """pmemsave on the destination daemon (state directory DIRECTORY/dst): the file lands in the guest's directory."""
+    path = os.path.join(directory, "dst", "run", name, "dump.mem")
     async with connect(uri, tls=tls) as client:
-        reply = await client.monitor(name, {"execute": "pmemsave", "arguments": {"val": RANDOM_ADDR, "size": size, "filename": path}})
+        reply = await client.monitor(name, {"execute": "pmemsave", "arguments": {"val": RANDOM_ADDR, "size": size, "filename": "dump.mem"}})
     assert "return" in reply, reply
     try:
         return await trio.to_thread.run_sync(file_digest, path)
@@ -109,19 +121,23 @@ async def test_tunnelled_migration_over_unix_moves_256_mib_of_random_ram(run_dir
             async with connect(src_uri) as client:
                 await client.define(definition("vm1", ram, 320))
                 assert await client.start("vm1") == "running"
-                result = await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True)
+                result = await client.migrate("vm1", dst_uri, live=True, p2p=True, tunnelled=True, persistent=True)
                 assert result["status"] == "completed"
                 assert result["tunnel_bytes_sent"] >= ram.size  # random pages cannot shrink
                 assert result["tunnel_bytes_received"] > 0  # QEMU's return path came back on the same stream
                 assert result["destination_state"] == "running"
                 rows = {d["name"]: d for d in await client.list()}
                 assert rows["vm1"]["state"] == "shut off"  # confirm stopped the source
+                assert rows["vm1"]["migrated_to"] == dst_uri
                 assert (await client.jobinfo("vm1"))["status"] == "completed"
+                # One live copy: the source refuses to start what now runs on the destination.
+                with pytest.raises(DaemonError, match=f"was migrated to {dst_uri} and runs there.*--force"):
+                    await client.start("vm1")
             async with connect(dst_uri) as client:
                 rows = {d["name"]: d for d in await client.list()}
                 assert rows["vm1"]["state"] == "running"
             assert await dest_memory_digest(dst_uri, "vm1", run_dir, ram.size) == ram.sha256
-            # The destination now owns a persistent definition.
+            # The destination now owns a persistent definition (--persistent).
             assert os.path.exists(f"{run_dir}/dst/domains/vm1.json")
 
 
@@ -200,8 +216,8 @@ async def test_client_driven_migration_without_p2p(run_dir: str, random_ram: Cal
             assert result["status"] == "completed" and result["destination_state"] == "running"
             assert (await client.list())[0]["state"] == "shut off"
             assert await dest_memory_digest(dst_uri, "vm1-b", run_dir, ram.size) == ram.sha256
-            # a destination that refuses leaves the source running
-            await client.start("vm1")
+            # a destination that refuses leaves the source running (--force: it runs renamed there, as vm1-b)
+            await client.start("vm1", force=True)
             with pytest.raises(DaemonError, match="already exists and is active on the destination"):
                 await client.migrate("vm1", dst_uri, live=True, dname="vm1-b")
             assert (await client.list())[0]["state"] == "running"
@@ -237,7 +253,8 @@ async def test_abort_half_way_leaves_the_source_as_it_was_and_no_destination(
                         if info.get("status") == "active" and (info.get("data_processed") or 0) > 8 * MiB:
                             break
                     assert dest_pid is not None
-                    assert await client.abort("vm1") == "cancelled"
+                    aborted = await client.abort("vm1")
+                    assert aborted == "cancelled", (aborted, (await client.jobinfo("vm1")).get("error"))
                 assert "cancelled" in outcome["error"] and "aborted by the client" in outcome["error"]
                 rows = await client.list()
                 assert rows[0]["state"] == "running" and rows[0]["pid"] == source_pid
@@ -368,37 +385,42 @@ def test_cli_flag_rules_and_bad_requests_exit_non_zero_with_one_line(run_dir: st
     assert "tunnelled" in cli("migrate", "--help").stdout
 
 
-async def test_daemon_process_socket_mode_and_clean_sigterm(run_dir: str) -> None:
+async def test_daemon_process_guests_outlive_sigterm_and_sigkill_and_are_reattached(run_dir: str) -> None:
     sock = f"{run_dir}/d.sock"
-    with trio.fail_after(60):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tunnel", "daemon", "--listen", f"unix://{sock}", "--state-dir", f"{run_dir}/state"],
-            stderr=subprocess.PIPE,
-        )
-        try:
-            while not os.path.exists(sock):
-                assert proc.poll() is None, "the daemon exited"
-                await trio.sleep(0.05)
+    args = ("--listen", f"unix://{sock}")
+    with trio.fail_after(90):
+        async with daemon_process(run_dir, "state", *args, kill_qemus=False) as daemon:
             assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
             async with connect(f"unix://{sock}") as client:
                 await client.define(definition("vm1", None))
                 await client.start("vm1")
                 qemu_pid = (await client.list())[0]["pid"]
             assert pid_alive(qemu_pid)
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.stderr is not None
-        log = (await proc.stderr.receive_some(65536)).decode()
-        assert "SIGTERM: shutting down" in log and "stopped vm1" in log
-        assert not pid_alive(qemu_pid)  # no orphaned QEMU
+            assert await daemon.stop(signal.SIGTERM) == 0
+        log = daemon.log()
+        assert "SIGTERM: shutting down" in log and f"left vm1 running (pid {qemu_pid})" in log
+        assert pid_alive(qemu_pid)  # the guest outlived the daemon
         assert not os.path.exists(sock)  # no leftover socket
-        assert not [f for f in os.listdir(f"{run_dir}/state/run") if f.endswith((".qmp", ".sock"))]
-        # The definition survives the daemon.
-        assert os.path.exists(f"{run_dir}/state/domains/vm1.json")
+        try:
+            # A new daemon on the same state directory finds it, with the same pid, and drives it.
+            async with daemon_process(run_dir, "state", *args, kill_qemus=False) as daemon:
+                async with connect(f"unix://{sock}") as client:
+                    rows = await client.list()
+                    assert (rows[0]["name"], rows[0]["state"], rows[0]["pid"]) == ("vm1", "running", qemu_pid)
+                    assert (await client.monitor("vm1", {"execute": "query-status"}))["return"]["status"] == "running"
+                assert await daemon.stop(signal.SIGKILL) != 0
+            assert pid_alive(qemu_pid)  # SIGKILL of the daemon does not touch it either
+            # --shutdown-guests-on-exit: the old behaviour, for those who want it.
+            async with daemon_process(run_dir, "state", *args, "--shutdown-guests-on-exit", kill_qemus=False) as daemon:
+                async with connect(f"unix://{sock}") as client:
+                    assert (await client.list())[0]["pid"] == qemu_pid
+                assert await daemon.stop(signal.SIGTERM) == 0
+            assert not pid_alive(qemu_pid)
+            assert "stopped vm1 (daemon shutting down)" in daemon.log()
+            assert os.listdir(f"{run_dir}/state/run") == ["vm1.log"]  # no socket, pidfile or record left; the log kept
+            assert os.path.exists(f"{run_dir}/state/domains/vm1.json")  # the definition survives the daemon
+        finally:
+            kill_guests(f"{run_dir}/state")
 
 
 def test_plain_tcp_needs_insecure_and_says_so(run_dir: str) -> None:

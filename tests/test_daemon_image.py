@@ -29,8 +29,8 @@ __all__ = ["run_dir"]
 async def daemons(root: str) -> AsyncIterator[tuple[str, str]]:
     src_uri, dst_uri = f"unix://{root}/src.sock", f"unix://{root}/dst.sock"
     async with trio.open_nursery() as nursery:
-        await nursery.start(Daemon(state_dir=f"{root}/src", listen=[src_uri]).run)
-        await nursery.start(Daemon(state_dir=f"{root}/dst", listen=[dst_uri]).run)
+        await nursery.start(Daemon(state_dir=f"{root}/src", listen=[src_uri], shutdown_guests_on_exit=True).run)
+        await nursery.start(Daemon(state_dir=f"{root}/dst", listen=[dst_uri], shutdown_guests_on_exit=True).run)
         try:
             yield src_uri, dst_uri
         finally:
@@ -58,7 +58,7 @@ async def test_memory_image_guest_migrates_with_precopy_while_dirtying(run_dir: 
                 assert (await dclient.list())[0]["state"] == "running"
                 with pytest.raises(DaemonError, match="memory-image guest: it has no QEMU monitor"):
                     await dclient.monitor("img", {"execute": "query-status"})
-            await client.start("img")  # the source's image is still there: the guest runs again
+            await client.start("img", force=True)  # the source's image is still there: --force runs it again
             with pytest.raises(DaemonError, match="migrates only --tunnelled"):
                 await client.migrate("img", dst, p2p=True)
 

@@ -329,6 +329,19 @@ async def test_stream_without_final_iteration_does_not_commit(tmp_path: Path) ->
     assert not os.path.exists(target) and leftovers(str(tmp_path)) == []
 
 
+async def test_a_writer_sized_by_its_definition_refuses_a_bigger_stream(tmp_path: Path) -> None:
+    # The destination sizes the image from its own (checked) definition, never from the peer's header.
+    pages = [os.urandom(PAGE) for _ in range(8)]
+    source = str(tmp_path / "g.mem")
+    make_image(source, pages)
+    outcome = await migrate(MemoryImageReader(source), MemoryImageWriter(str(tmp_path / "ok.out"), size=8 * PAGE, page_size=PAGE))
+    _ok(outcome)
+    assert read_file(str(tmp_path / "ok.out")) == read_file(source)
+    outcome = await migrate(MemoryImageReader(source), MemoryImageWriter(str(tmp_path / "small.out"), size=4 * PAGE, page_size=PAGE))
+    assert isinstance(outcome.destination, EndpointError) and "expects 16384" in str(outcome.destination)
+    assert not os.path.exists(tmp_path / "small.out") and leftovers(str(tmp_path)) == []
+
+
 async def test_records_too_large_for_the_peer_are_split(tmp_path: Path) -> None:
     # 16 KiB frames: a 128-page batch and a ZERO_PAGES record of 1500 runs must both be cut to fit.
     pages = [os.urandom(PAGE) if i % 2 else None for i in range(3000)] + [os.urandom(PAGE) for _ in range(300)]

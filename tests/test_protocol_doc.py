@@ -537,7 +537,11 @@ def test_transition_table() -> None:
 
 def test_daemon_procedure_table() -> None:
     from tunnel.daemon import PROGRAM, Procedure
+    from tunnel.daemon._access import PROCEDURE_ROLES
 
-    table = _table("Procedure", "Number", heading="Appendix A")
+    table = _table("Procedure", "Number", "Role", heading="Appendix A")
     assert {row[0]: int(row[1]) for row in table.rows} == {p.name: p.value for p in Procedure}
+    # the role each procedure needs, as the daemon's dispatcher checks it
+    assert {row[0]: row[2] for row in table.rows} == {p.name: role.value for p, role in PROCEDURE_ROLES.items()}
     assert f"0x{PROGRAM:08X}" in TEXT
+    assert f"PERMISSION_DENIED` ({int(ErrorCode.PERMISSION_DENIED)})" in " ".join(TEXT.split())

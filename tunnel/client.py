@@ -52,8 +52,8 @@ class Client:
     async def undefine(self, name: str) -> None:
         await self._call(Procedure.UNDEFINE, {"name": name})
 
-    async def start(self, name: str, *, paused: bool = False) -> str:
-        state: str = (await self._call(Procedure.START, {"name": name, "paused": paused}))["state"]
+    async def start(self, name: str, *, paused: bool = False, force: bool = False) -> str:
+        state: str = (await self._call(Procedure.START, {"name": name, "paused": paused, "force": force}))["state"]
         return state
 
     async def destroy(self, name: str) -> None:
@@ -77,16 +77,28 @@ class Client:
         bandwidth_mib: int = 0,
         dname: str | None = None,
         verify: bool = False,
+        persistent: bool = False,
+        undefine_source: bool = False,
+        detach: bool = False,
     ) -> JSON:
         """Run the migration to completion; returns the job's final statistics.
 
         *verify* (memory-image guests): both daemons digest the image at the
         switch-over and report ``source_image_sha256`` / ``destination_image_sha256``.
+        *persistent*: the destination keeps the definition (else it is
+        transient there, gone when the guest stops); *undefine_source*: the
+        source forgets it (else it keeps it, marked as migrated away).
+        *detach* (PEER2PEER only): return once the job started, as virsh's ``--async``.
         """
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
         if not p2p:
-            return await self._migrate_managed(name, destination, live=live, bandwidth_mib=bandwidth_mib, dname=dname)
+            if detach:
+                raise DaemonError("--detach needs --p2p: without it this client drives the migration and must stay")
+            return await self._migrate_managed(
+                name, destination, live=live, bandwidth_mib=bandwidth_mib, dname=dname, persistent=persistent,
+                undefine_source=undefine_source,
+            )
         request: JSON = {
             "name": name,
             "destination": destination,
@@ -94,6 +106,9 @@ class Client:
             "p2p": p2p,
             "tunnelled": tunnelled,
             "bandwidth_mib": bandwidth_mib,
+            "persistent": persistent,
+            "undefine_source": undefine_source,
+            "detach": detach,
         }
         if dname is not None:
             request["dname"] = dname
@@ -101,7 +116,9 @@ class Client:
             request["verify"] = True
         return await self._call(Procedure.MIGRATE, request)
 
-    async def _migrate_managed(self, name: str, destination: str, *, live: bool, bandwidth_mib: int, dname: str | None) -> JSON:
+    async def _migrate_managed(
+        self, name: str, destination: str, *, live: bool, bandwidth_mib: int, dname: str | None, persistent: bool, undefine_source: bool
+    ) -> JSON:
         """Without PEER2PEER the client drives: begin and perform on the source, prepare and finish on
         the destination (which authorizes the client's own identity), then confirm on the source."""
         info = await self.domain_info(name)
@@ -115,14 +132,14 @@ class Client:
             prepared = await dest._call(
                 Procedure.PREPARE,
                 {"definition": definition, "migration_id": migration_id, "tunnelled": False, "live": live,
-                 "running": info["state"] == "running"},
+                 "running": info["state"] == "running", "persistent": persistent},
             )
             performed = False
             try:
                 result = await self._call(
                     Procedure.MIGRATE,
                     {"name": name, "destination": destination, "uri": prepared["uri"], "tls": bool(prepared.get("tls")),
-                     "live": live, "bandwidth_mib": bandwidth_mib, "p2p": False},
+                     "live": live, "bandwidth_mib": bandwidth_mib, "p2p": False, "undefine_source": undefine_source},
                 )
                 performed = True
                 finished = await dest._call(Procedure.FINISH, {"migration_id": migration_id, "ok": True})

@@ -72,7 +72,11 @@ class _Daemons:
         log = os.open(os.path.join(self.root, f"{name}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "tunnel", "daemon", "--listen", f"unix://{sock}", "--state-dir", os.path.join(self.root, name)],
+                [
+                    sys.executable, "-m", "tunnel", "daemon", "--listen", f"unix://{sock}", "--state-dir", os.path.join(self.root, name),
+                    # the guest's RAM file lives in the demo's directory; a throw-away demo stops its guests
+                    "--allow-path", self.root, "--shutdown-guests-on-exit",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -127,7 +131,8 @@ async def _migrate_with_progress(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poll)
         try:
-            result = await client.migrate(name, dest, live=True, p2p=True, tunnelled=tunnelled, verify=verify)
+            # --undefinesource: the demo defines the guest afresh for each run
+            result = await client.migrate(name, dest, live=True, p2p=True, tunnelled=tunnelled, verify=verify, undefine_source=True)
         except DaemonError as exc:
             error = exc
         nursery.cancel_scope.cancel()
@@ -165,17 +170,17 @@ async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> 
             started = time.monotonic()
             result = await _migrate_with_progress(source, "demo-vm", dst, tunnelled=tunnelled, show=not args.json)
             seconds = time.monotonic() - started
-            dump = os.path.join(root, f"dest-{label}.bin")
+            # pmemsave writes into the guest's own directory on the destination
+            dump = os.path.join(root, "destination", "run", "demo-vm", "dump.bin")
             reply = await destination.monitor(
-                "demo-vm", {"execute": "pmemsave", "arguments": {"val": LOAD_ADDRESS, "size": size, "filename": dump}}
+                "demo-vm", {"execute": "pmemsave", "arguments": {"val": LOAD_ADDRESS, "size": size, "filename": "dump.bin"}}
             )
             if "error" in reply:
                 raise DaemonError(f"pmemsave on the destination failed: {reply['error'].get('desc')}")
             got = await trio.to_thread.run_sync(_file_digest, dump)
             os.unlink(dump)
             state = (await destination.domain_info("demo-vm"))["state"]
-            await destination.destroy("demo-vm")
-            await destination.undefine("demo-vm")
+            await destination.destroy("demo-vm")  # transient there: it goes with its QEMU
         if got != expected:
             raise DaemonError(f"{label} migration: the destination's memory differs from the source's (sha256 {got} != {expected})")
         summary[label] = {

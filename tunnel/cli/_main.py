@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("TUNNEL_TLS_CA"), help="CA certificate that signed the daemon's")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    d = sub.add_parser("daemon", help="run a migration daemon", description="Run a migration daemon until SIGTERM or SIGINT.")
+    d = sub.add_parser("daemon", help="run a migration daemon",
+                       description="Run a migration daemon until SIGTERM or SIGINT. Guests outlive it: a stopped daemon "
+                                   "leaves its QEMUs running, and the next one started on the same --state-dir reattaches "
+                                   "to them. A migration still transferring when the daemon stops is cancelled and its "
+                                   "guest resumes on this host.")
     d.add_argument("--listen", metavar="URI", action="append", default=[],
                    help="unix:///abs/path.sock (mode 0600), tls://host:port (mutual TLS) or tcp://host:port (needs --insecure); repeatable")
     d.add_argument("--state-dir", metavar="DIR", required=True, help="where definitions, QMP sockets and QEMU logs live")
@@ -73,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="permission bits of the --listen unix sockets (default 600); with --socket-group, 660 lets the "
                         "group's users connect, and SO_PEERCRED still decides their role")
     d.add_argument("--socket-group", metavar="GROUP", help="group owning the --listen unix sockets")
+    d.add_argument("--allow-path", metavar="DIR", action="append", default=[],
+                   help="a directory whose files guest definitions may name (disk images, kernels, loader files); "
+                        "anything else outside the guest's own run directory is refused; repeatable")
+    d.add_argument("--allow-unsafe-monitor", action="store_true",
+                   help="pass every QMP command of 'monitor' to QEMU (default: queries, stop/cont, reset, memory dumps "
+                        "into the guest's directory); with it, admins can make QEMU run host programs")
+    d.add_argument("--qemu-user", metavar="USER", help="run QEMU as this unprivileged user (the daemon must run as root)")
+    d.add_argument("--shutdown-guests-on-exit", action="store_true",
+                   help="stop every guest when the daemon stops (default: guests keep running and the next daemon "
+                        "reattaches to them)")
     d.add_argument("--max-image-mib", metavar="MIB", type=int,
                    help="largest memory-image guest accepted from a client or a peer (default: the host's memory)")
     d.add_argument("--insecure", action="store_true",
@@ -172,6 +186,10 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         socket_mode=mode,
         socket_group=group,
         max_image_mib=args.max_image_mib,
+        allow_paths=args.allow_path,
+        allow_unsafe_monitor=args.allow_unsafe_monitor,
+        qemu_user=args.qemu_user,
+        shutdown_guests_on_exit=args.shutdown_guests_on_exit,
         insecure=args.insecure,
         log=_log,
     )

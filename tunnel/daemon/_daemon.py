@@ -1,37 +1,55 @@
-"""The reference migration daemon: domains, QEMU supervision, RPC service.
+"""The reference migration daemon: domains, QEMU supervision, listeners.
 
 Every connection, from a client or from another daemon, is a tunnel
-connection: RPC calls go as tunnel calls of :data:`PROGRAM`, and the
-migration streams of TUNNELLED migrations arrive on the same connection as
-the calls that prepared them.  Jobs (migrations) run in the daemon's own
-nursery, so they survive the client that started them and stop with the
-daemon; guests are QEMU processes the daemon launched and watches.
+connection served by a :class:`~._session.Session`: RPC calls go as tunnel
+calls of :data:`PROGRAM`, and the migration streams of TUNNELLED migrations
+arrive on the same connection as the calls that prepared them.  Jobs
+(migrations) run in the daemon's own nursery, so they survive the client
+that started them.
+
+Guests outlive the daemon.  Each QEMU runs in its own session, sandboxed,
+in its guest directory (``STATE_DIR/run/NAME``) beside a ``domain.json``
+record; when the daemon stops it cancels the migrations still transferring
+(their guests resume where they were), lets those past the point of no
+return finish, and detaches from its guests.  The next daemon reattaches to
+every QEMU it finds and settles what a migration left half-done
+(:mod:`._recovery`).  ``shutdown_guests_on_exit`` restores the old
+behaviour of stopping guests with the daemon.  Memory-image guests are
+simulations inside the daemon and stop with it.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
-from .._errors import ErrorCode, RPCError, TunnelError
-from .._frames import Buffer
-from ..qemu import QemuError, QemuProcess, QMPError, run_state
-from ..transport import Handler, TunnelConnection, TunnelStream, open_connection
-from ._access import GRANTED_BY, PROCEDURE_ROLES, AccessPolicy, Listener, Role, describe, parse_entry
+from .._errors import TunnelError
+from ..qemu import QemuError, QemuGone, QemuProcess, QMPError, query_migration, run_state
+from ..transport import open_connection
+from ._access import AccessPolicy, Listener, Role, parse_entry
 from ._domains import DomainStore, validate_definition, validate_name
 from ._imageguest import ImageGuest
-from ._migration import Incoming, SourceJob, domain_state
+from ._incoming import Incoming
+from ._migration import domain_state
 from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
-from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler, public_message
+from ._qemuargs import check_qemu_args
+from ._recovery import ACTIVE, cancel_and_resume, settle_source
+from ._rpc import DaemonError, public_message
+from ._session import Session
+from ._source import SourceJob
 from ._uri import URI, URIError, parse_uri
 
 __all__ = ["Daemon", "Domain", "parse_allow"]
 
 JSON = dict[str, Any]
+#: How often a source asks a destination that has not confirmed a migration.
+SETTLE_INTERVAL = 2.0
 
 
 def parse_allow(entry: str) -> tuple[str, str]:
@@ -54,18 +72,23 @@ def host_memory_mib() -> int:
 class Domain:
     """A defined guest and, while it runs, its QEMU process and current job."""
 
-    def __init__(self, definition: JSON, run_dir: str) -> None:
+    def __init__(self, definition: JSON, store: DomainStore, *, persistent: bool = True) -> None:
         self.definition = definition
-        self.run_dir = run_dir
+        self.store = store
         self.process: QemuProcess | ImageGuest | None = None
         #: Cancels the task that notices QEMU exiting by itself (before the daemon stops it).
         self.watcher: trio.CancelScope | None = None
         self.job: SourceJob | None = None
         self.last_job: SourceJob | None = None
         self.incoming: Incoming | None = None
-        self.persistent = True
+        #: A transient domain (arrived by migration without --persistent) is forgotten when it stops.
+        self.persistent = persistent
         #: Set while a start is under way, so a concurrent start cannot launch a second QEMU.
         self.starting = False
+        #: The destination of a migration that completed here but that the destination has not confirmed:
+        #: the guest stays paused until it does.
+        self.unconfirmed: str | None = None
+        self.settling = False
 
     @property
     def name(self) -> str:
@@ -75,6 +98,10 @@ class Domain:
     @property
     def is_image(self) -> bool:
         return "image" in self.definition
+
+    @property
+    def guest_dir(self) -> str:
+        return self.store.guest_dir(self.name)
 
     def qemu(self) -> QemuProcess:
         """The running QEMU, or a clear error for guests that have none."""
@@ -89,7 +116,9 @@ class Domain:
             return "incoming"
         if self.process is None:
             return "shut off"
-        if self.job is not None:
+        if self.unconfirmed is not None:
+            return "migrated, unconfirmed"
+        if self.job is not None and not self.job.resolved.is_set():
             return "migrating"
         if isinstance(self.process, ImageGuest):
             return "running" if self.process.running else "paused"
@@ -106,15 +135,19 @@ class Daemon:
         self,
         *,
         state_dir: str,
-        listen: list[str],
-        listen_ro: list[str] = (),  # type: ignore[assignment]
+        listen: Sequence[str],
+        listen_ro: Sequence[str] = (),
         tls: TLSFiles | None = None,
-        allow: list[str] = (),  # type: ignore[assignment]
-        allow_admin: list[str] = (),  # type: ignore[assignment]
-        allow_ro: list[str] = (),  # type: ignore[assignment]
+        allow: Sequence[str] = (),
+        allow_admin: Sequence[str] = (),
+        allow_ro: Sequence[str] = (),
         socket_mode: int = 0o600,
         socket_group: int | None = None,
         max_image_mib: int | None = None,
+        allow_paths: Sequence[str] = (),
+        allow_unsafe_monitor: bool = False,
+        qemu_user: str | None = None,
+        shutdown_guests_on_exit: bool = False,
         insecure: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -133,6 +166,21 @@ class Daemon:
                 raise DaemonError(f"bad --listen-ro {uri}: the read-only socket is a unix socket (use --allow-ro for TLS clients)")
         if socket_mode & ~0o777:
             raise DaemonError(f"bad --socket-mode {socket_mode:o}: use permission bits such as 600 or 660")
+        for path in allow_paths:
+            if not os.path.isabs(path) or not os.path.isdir(path):
+                raise DaemonError(f"bad --allow-path {path!r}: it must be an absolute path to a directory")
+        self.allow_paths = [os.path.realpath(p) for p in allow_paths]
+        self.allow_unsafe_monitor = allow_unsafe_monitor
+        self.qemu_user = qemu_user
+        self.qemu_uid: int | None = None
+        if qemu_user is not None:
+            try:
+                self.qemu_uid = pwd.getpwnam(qemu_user).pw_uid
+            except KeyError:
+                raise DaemonError(f"bad --qemu-user {qemu_user!r}: no such user") from None
+            if os.getuid() != 0:
+                raise DaemonError("--qemu-user needs the daemon to run as root (it switches QEMU to that user)")
+        self.shutdown_guests_on_exit = shutdown_guests_on_exit
         self.socket_mode = socket_mode
         self.max_image_mib = max_image_mib if max_image_mib is not None else host_memory_mib()
         self.socket_group = socket_group
@@ -140,9 +188,11 @@ class Daemon:
         self.access = AccessPolicy(admins=allow_admin, peers=allow, read_only=allow_ro)
         self.insecure = insecure
         self._log = log or (lambda line: None)
-        self.domains: dict[str, Domain] = {
-            name: Domain(definition, self.store.run_dir) for name, definition in self.store.load_all().items()
-        }
+        if self.qemu_uid is not None:
+            # QEMU, as that user, must reach its own guest directory (which it owns) below these.
+            for path in (self.store.state_dir, self.store.run_dir):
+                os.chmod(path, 0o711)
+        self.domains: dict[str, Domain] = {name: Domain(definition, self.store) for name, definition in self.store.load_all().items()}
         self.incoming: dict[bytes, Incoming] = {}
         self._nursery: trio.Nursery | None = None
         self._server_context = tls.server_context() if tls is not None else None
@@ -156,7 +206,7 @@ class Daemon:
         return public_message(exc, hide=(self.store.state_dir,))
 
     def check_definition(self, obj: object) -> JSON:
-        """A definition from a client (define) or a source daemon (prepare), checked against this daemon's limits."""
+        """A definition from a client (define) or a source daemon (prepare), checked against this daemon's rules."""
         definition = validate_definition(obj)
         if "image" in definition:
             size = definition["image"]["size_mib"]
@@ -164,16 +214,25 @@ class Daemon:
                 raise DaemonError(
                     f"bad definition: image size_mib {size} is above this daemon's limit of {self.max_image_mib} MiB (--max-image-mib)"
                 )
+        else:
+            definition["qemu"] = self.check_args(definition["name"], definition["qemu"])
         return definition
+
+    def new_domain(self, definition: JSON, *, persistent: bool = True) -> Domain:
+        return Domain(definition, self.store, persistent=persistent)
+
+    def check_args(self, name: str, args: list[str]) -> list[str]:
+        return check_qemu_args(args, run_dir=self.store.guest_dir(name), allowed_dirs=self.allow_paths)
 
     # ------------------------------------------------------------------
     # Running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; on the way out stop every guest and remove the sockets."""
+        """Serve until cancelled; on the way out settle jobs, leave (or stop) the guests and remove the sockets."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await self._reattach_all()
                 for uri, read_only in [(u, False) for u in self.listen_uris] + [(u, True) for u in self.listen_ro_uris]:
                     if read_only:
                         listeners = await listen(uri, mode=0o666)
@@ -193,9 +252,14 @@ class Daemon:
                 await self._shutdown()
 
     async def _shutdown(self) -> None:
+        # Jobs and incoming migrations were cancelled with the nursery: their guests already run where they were.
         for domain in list(self.domains.values()):
-            if domain.process is not None:
+            if domain.process is None:
+                continue
+            if self.shutdown_guests_on_exit or isinstance(domain.process, ImageGuest):
                 await self.stop_guest(domain, reason="daemon shutting down")
+            else:
+                await self._detach(domain)
         for path in self._unix_paths:
             try:
                 os.unlink(path)
@@ -282,22 +346,24 @@ class Daemon:
             )
             self.log(f"started memory-image guest {domain.name}{' (paused)' if paused else ''}")
             return
-        log_path = os.path.join(self.store.run_dir, f"{domain.name}.log")
+        # Checked again now: a definition on disk may predate the rules, and a symlink may have moved since define.
+        args = self.check_args(domain.name, domain.definition["qemu"])
+        await self.store.set_runtime(domain.name, "domain", {"definition": domain.definition, "persistent": domain.persistent})
         try:
             process = await QemuProcess.start(
-                domain.definition["qemu"],
-                run_dir=self.store.run_dir,
-                name=domain.name,
-                incoming=incoming,
-                paused=paused,
-                log_path=log_path,
+                args, guest_dir=domain.guest_dir, name=domain.name, incoming=incoming, paused=paused, user=self.qemu_user
             )
         except (OSError, QemuError) as exc:
             self.log(f"cannot start {domain.name}: {exc}")
+            await self.store.clear_guest_dir(domain.name)
             raise DaemonError(f"cannot start domain {domain.name!r}: {self.public(exc)}") from None
+        self._adopt(domain, process)
+        self.log(f"started {domain.name} (pid {process.pid}{', incoming' if incoming else ''}{', paused' if paused else ''})")
+
+    def _adopt(self, domain: Domain, process: QemuProcess) -> None:
+        assert self._nursery is not None
         domain.process = process
         self._nursery.start_soon(self._watch, domain, process)
-        self.log(f"started {domain.name} (pid {process.pid}{', incoming' if incoming else ''}{', paused' if paused else ''})")
 
     async def start_incoming_image(self, domain: Domain, *, running: bool) -> None:
         """After a memory-image migration committed: run the guest on the new image."""
@@ -314,22 +380,149 @@ class Daemon:
     async def _watch(self, domain: Domain, process: QemuProcess) -> None:
         with trio.CancelScope() as scope:
             domain.watcher = scope
-            code = await process.wait()
+            try:
+                code = await process.wait()
+            except QemuError:
+                return  # detached
             if domain.process is process:
                 domain.process = None
-                self.log(f"{domain.name}: QEMU exited with status {code}")
+                await process.stop()  # closes our handles, removes the socket and pidfile
+                await self.store.clear_guest_dir(domain.name)
+                self.log(f"{domain.name}: QEMU exited" + (f" with status {code}" if code is not None else ""))
+                self._forget_if_transient(domain)
+
+    async def _unwatch(self, domain: Domain) -> None:
+        if domain.watcher is not None:
+            domain.watcher.cancel()
+            domain.watcher = None
+            await trio.lowlevel.checkpoint()  # let the watcher leave process.wait()
 
     async def stop_guest(self, domain: Domain, *, reason: str) -> None:
         process = domain.process
         if process is None:
             return
         domain.process = None
-        if domain.watcher is not None:
-            domain.watcher.cancel()
-            domain.watcher = None
-            await trio.lowlevel.checkpoint()  # let the watcher leave process.wait()
+        await self._unwatch(domain)
         await process.stop()
+        if isinstance(process, QemuProcess):
+            await self.store.clear_guest_dir(domain.name)
         self.log(f"stopped {domain.name} ({reason})")
+        self._forget_if_transient(domain)
+
+    async def _detach(self, domain: Domain) -> None:
+        """Leave the guest running without us (daemon exit); the next daemon reattaches."""
+        process = domain.process
+        assert isinstance(process, QemuProcess)
+        domain.process = None
+        await self._unwatch(domain)
+        await process.detach()
+        self.log(f"left {domain.name} running (pid {process.pid})")
+
+    def _forget_if_transient(self, domain: Domain) -> None:
+        if not domain.persistent and domain.incoming is None and self.domains.get(domain.name) is domain:
+            del self.domains[domain.name]
+
+    def where_is(self, domain: Domain) -> str:
+        """One phrase for logs and clients: where the guest runs after a migration ended."""
+        if domain.unconfirmed is not None:
+            return f"the guest is paused here until {domain.unconfirmed} confirms"
+        if domain.process is not None:
+            return "the guest runs here"
+        marker = self.store.migrated(domain.name)
+        if marker is not None:
+            return f"the guest runs on {marker['destination']}"
+        return "the guest is not running here"
+
+    async def migrated_away(self, domain: Domain, *, destination: str, migration_id: str, undefine: bool) -> None:
+        """The destination runs the guest now: stop our copy and remember where it went (or forget it)."""
+        domain.unconfirmed = None
+        await self.stop_guest(domain, reason=f"migrated to {destination}")
+        if undefine or not domain.persistent:
+            await self.store.remove(domain.name)
+            await self.store.set_migrated(domain.name, None)
+            if self.domains.get(domain.name) is domain:
+                del self.domains[domain.name]
+        else:
+            await self.store.set_migrated(domain.name, {"destination": destination, "migration_id": migration_id, "at": time.time()})
+
+    def settle_later(self, domain: Domain, *, destination: str, migration_id: str, was_running: bool) -> None:
+        """Keep asking *destination* how the migration ended until it answers; the guest stays paused meanwhile."""
+        domain.unconfirmed = destination
+        if domain.settling or self._nursery is None:
+            return
+        domain.settling = True
+
+        async def settle() -> None:
+            try:
+                while domain.unconfirmed is not None and domain.process is not None:
+                    await trio.sleep(SETTLE_INTERVAL)
+                    outcome = await settle_source(
+                        self, domain, destination=destination, migration_id=migration_id, was_running=was_running
+                    )
+                    if outcome != "unconfirmed":
+                        self.log(f"migration of {domain.name} to {destination} settled: {outcome}; {self.where_is(domain)}")
+            finally:
+                domain.settling = False
+
+        self._nursery.start_soon(settle)
+
+    # ------------------------------------------------------------------
+    # Reattaching after a restart
+
+    async def _reattach_all(self) -> None:
+        for name in self.store.running_guests():
+            try:
+                await self._reattach(name)
+            except (QemuError, QMPError, OSError, DaemonError) as exc:
+                self.log(f"cannot reattach {name}: {exc}")
+
+    async def _reattach(self, name: str) -> None:
+        record = self.store.runtime(name, "domain")
+        migration = self.store.runtime(name, "migration")
+        try:
+            process = await QemuProcess.attach(guest_dir=self.store.guest_dir(name), name=name)
+        except QemuGone as exc:
+            self.log(f"{name}: no QEMU to reattach ({exc})")
+            if migration is not None and migration.get("role") == "destination":
+                await self.store.set_outcome(migration["migration_id"], "discarded")
+            await self.store.clear_guest_dir(name)
+            return
+        domain = self.domains.get(name)
+        if domain is None:
+            if record is None:
+                self.log(f"{name}: a running QEMU without a definition; stopping it")
+                await process.stop()
+                await self.store.clear_guest_dir(name)
+                return
+            domain = Domain(validate_definition(record["definition"]), self.store, persistent=bool(record.get("persistent")))
+            self.domains[name] = domain
+        self._adopt(domain, process)
+        self.log(f"reattached {name} (pid {process.pid})")
+        if migration is None:
+            return
+        role, migration_id = migration.get("role"), str(migration.get("migration_id"))
+        if role == "destination":
+            if self.store.outcome(migration_id) == "finished":
+                if migration.get("running") and await run_state(process.qmp) != "running":
+                    await process.qmp.execute("cont")
+                await self.store.set_runtime(name, "migration", None)
+                self.log(f"{name}: its incoming migration had finished; it stays here")
+            else:
+                await self.store.set_outcome(migration_id, "discarded")
+                await self.stop_guest(domain, reason="an incoming migration that never finished")
+            return
+        # The source of a migration the previous daemon did not see through.
+        destination, was_running = str(migration.get("destination")), bool(migration.get("was_running"))
+        status = (await query_migration(process.qmp)).status
+        if status in ACTIVE or status != "completed":
+            await cancel_and_resume(process.qmp, was_running=was_running)
+            await self.store.set_runtime(name, "migration", None)
+            self.log(f"{name}: cancelled the migration to {destination} that the previous daemon left; {self.where_is(domain)}")
+            return
+        outcome = await settle_source(self, domain, destination=destination, migration_id=migration_id, was_running=was_running)
+        if outcome == "unconfirmed":
+            self.settle_later(domain, destination=destination, migration_id=migration_id, was_running=was_running)
+        self.log(f"{name}: the migration to {destination} had completed in QEMU: {outcome}; {self.where_is(domain)}")
 
     def parse_peer_uri(self, text: str) -> URI:
         try:
@@ -346,341 +539,3 @@ class Daemon:
         if identity.kind == "tcp":
             return self.access.roles("addr", identity.value.rsplit(":", 1)[0], place)
         return self.access.roles(identity.kind, identity.value, place)
-
-
-class Session:
-    """One connection to the daemon, from a client or a peer daemon."""
-
-    def __init__(self, daemon: Daemon, identity: Identity, sockname: Any, roles: frozenset[Role], *, scheme: str) -> None:
-        self.daemon = daemon
-        #: How the peer reached us (unix, tls, tcp): a native migration's data channel is as secure as this.
-        self.scheme = scheme
-        self.identity = identity
-        self.sockname = sockname
-        self.roles = roles
-        self.conn: TunnelConnection | None = None
-        self.prepared: dict[bytes, Incoming] = {}
-
-    def handlers(self) -> dict[tuple[int, int], Handler]:
-        table: dict[Procedure, Callable[[JSON], Awaitable[JSON]]] = {
-            Procedure.DEFINE: self.define,
-            Procedure.UNDEFINE: self.undefine,
-            Procedure.START: self.start,
-            Procedure.DESTROY: self.destroy,
-            Procedure.LIST: self.list,
-            Procedure.DOMAIN_INFO: self.domain_info,
-            Procedure.MIGRATE: self.migrate,
-            Procedure.JOBINFO: self.jobinfo,
-            Procedure.ABORT: self.abort,
-            Procedure.SET_SPEED: self.set_speed,
-            Procedure.MONITOR: self.monitor,
-            Procedure.CONFIRM: self.confirm,
-            Procedure.PREPARE: self.prepare,
-            Procedure.FINISH: self.finish,
-        }
-        return {(PROGRAM, int(proc)): self._guarded(proc, json_handler(fn)) for proc, fn in table.items()}
-
-    def _guarded(self, procedure: Procedure, handler: Handler) -> Handler:
-        """*handler*, run only when this connection holds the role *procedure* needs."""
-        needed = PROCEDURE_ROLES[procedure]
-
-        async def guarded(body: bytes) -> Buffer:
-            if needed not in self.roles:
-                self.daemon.log(f"refused {procedure.name} from {self.identity} ({describe(self.roles)}): needs {needed.value}")
-                raise RPCError(
-                    ErrorCode.PERMISSION_DENIED,
-                    f"{procedure.name} needs the {needed.value} role (granted by the daemon's {GRANTED_BY[needed]}); "
-                    f"{self.identity} has {describe(self.roles)}",
-                )
-            try:
-                return await handler(body)
-            except RPCError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug: log it, tell the client no more than that
-                self.daemon.log(f"internal error in {procedure.name} from {self.identity}: " + "".join(traceback.format_exception(exc)).rstrip())
-                raise RPCError(ErrorCode.INTERNAL_ERROR, f"{procedure.name} failed: {public_message(exc)}") from None
-
-        return guarded
-
-    # ------------------------------------------------------------------
-    # Domain management
-
-    async def define(self, request: JSON) -> JSON:
-        daemon = self.daemon
-        definition = daemon.check_definition(field(request, "definition", dict))
-        existing = daemon.domains.get(definition["name"])
-        if existing is not None and existing.process is not None:
-            raise DaemonError(f"domain {definition['name']!r} is running; it cannot be redefined until it stops")
-        daemon.store.save(definition)
-        if existing is not None:
-            existing.definition = definition
-            existing.persistent = True
-        else:
-            daemon.domains[definition["name"]] = Domain(definition, daemon.store.run_dir)
-        daemon.log(f"defined {definition['name']}")
-        return {"name": definition["name"], "replaced": existing is not None}
-
-    async def undefine(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        if domain.process is not None:
-            raise DaemonError(f"domain {domain.name!r} is running; stop it first")
-        self.daemon.store.remove(domain.name)
-        del self.daemon.domains[domain.name]
-        self.daemon.log(f"undefined {domain.name}")
-        return {}
-
-    async def start(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        await self.daemon.start_guest(domain, paused=field(request, "paused", bool, False))
-        return {"state": await domain.state()}
-
-    async def destroy(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        if domain.process is None:
-            raise DaemonError(f"domain {domain.name!r} is not running")
-        if domain.job is not None:
-            raise DaemonError(f"domain {domain.name!r} is migrating; abort the job first")
-        await self.daemon.stop_guest(domain, reason="destroyed by a client")
-        return {}
-
-    async def list(self, request: JSON) -> JSON:
-        rows = []
-        for name in sorted(self.daemon.domains):
-            domain = self.daemon.domains[name]
-            rows.append(
-                {
-                    "name": name,
-                    "state": await domain.state(),
-                    "pid": domain.process.pid if domain.process is not None else None,
-                    "persistent": domain.persistent,
-                }
-            )
-        return {"domains": rows}
-
-    async def domain_info(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        return {"name": domain.name, "state": await domain.state(), "definition": domain.definition}
-
-    async def monitor(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        command = field(request, "command", dict)
-        execute = command.get("execute")
-        if not isinstance(execute, str):
-            raise DaemonError('bad QMP command: it must be a JSON object with "execute", as in {"execute": "query-status"}')
-        if execute in ("getfd", "closefd", "add-fd", "remove-fd"):
-            raise DaemonError(f"QMP command {execute!r} passes file descriptors and is not available here")
-        qemu = domain.qemu()
-        arguments = command.get("arguments")
-        try:
-            result = await qemu.qmp.execute(execute, arguments)
-        except QMPError as exc:
-            return {"error": {"class": getattr(exc, "error_class", "GenericError"), "desc": getattr(exc, "desc", str(exc))}}
-        return {"return": result}
-
-    # ------------------------------------------------------------------
-    # Jobs, on the source
-
-    async def migrate(self, request: JSON) -> JSON:
-        daemon = self.daemon
-        p2p = field(request, "p2p", bool, False)
-        tunnelled = field(request, "tunnelled", bool, False)
-        if tunnelled and not p2p:
-            raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
-        direct_uri = None
-        direct_tls = False
-        if not p2p:
-            # Client-driven: the client prepared the destination and passes its QEMU endpoint.
-            direct_uri = field(request, "uri", str, None)
-            if direct_uri is None or not direct_uri.startswith(("unix:", "tcp:")):
-                raise DaemonError("without --p2p the client drives the migration: it must pass the destination's 'uri'")
-            direct_tls = field(request, "tls", bool, False)
-            if direct_uri.startswith("tcp:") and not direct_tls and not daemon.insecure:
-                raise DaemonError("refusing to send the migration over plain TCP: the destination must be reached over tls://")
-        domain = daemon.domain(request.get("name"))
-        dest = field(request, "destination", str)
-        if p2p:
-            daemon.parse_peer_uri(dest)
-        dname = field(request, "dname", str, None)
-        if dname is not None:
-            validate_name(dname)
-        bandwidth = field(request, "bandwidth_mib", int, 0)
-        if bandwidth < 0:
-            raise DaemonError("the bandwidth must be >= 0 MiB/s (0 for no limit)")
-        if domain.incoming is not None:
-            raise DaemonError(f"domain {domain.name!r} is still being migrated in")
-        if domain.process is None:
-            raise DaemonError(f"domain {domain.name!r} is not running")
-        if domain.is_image and not tunnelled:
-            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it migrates only --tunnelled")
-        if domain.job is not None:
-            raise DaemonError(f"domain {domain.name!r} already has a migration job")
-        job = SourceJob(
-            daemon,
-            domain,
-            dest,
-            live=field(request, "live", bool, False),
-            tunnelled=tunnelled,
-            bandwidth_mib=bandwidth,
-            dname=dname,
-            verify=field(request, "verify", bool, False),
-            direct_uri=direct_uri,
-            direct_tls=direct_tls,
-        )
-        domain.job = domain.last_job = job
-        assert daemon._nursery is not None
-        daemon._nursery.start_soon(job.run)
-        mode = "tunnelled p2p" if tunnelled else "native p2p" if p2p else "native, driven by the client"
-        daemon.log(f"migrating {domain.name} to {dest} ({mode})")
-        await job.done.wait()
-        info = await job.info()
-        if job.state != ("completed" if p2p else "performed"):
-            raise DaemonError(f"migration of {domain.name!r} {job.state}: {job.error}")
-        info.update(job.summary)
-        return info
-
-    async def confirm(self, request: JSON) -> JSON:
-        """Client-driven migration, last step: stop the source guest (ok) or resume it."""
-        domain = self.daemon.domain(request.get("name"))
-        job = domain.last_job
-        if job is None or job.direct_uri is None:
-            raise DaemonError(f"domain {domain.name!r} has no client-driven migration to confirm")
-        await job.confirm(field(request, "ok", bool))
-        return {"status": job.state}
-
-    def _job(self, request: JSON) -> SourceJob:
-        domain = self.daemon.domain(request.get("name"))
-        if domain.job is None:
-            raise DaemonError(f"no migration job is running for domain {domain.name!r}")
-        return domain.job
-
-    async def jobinfo(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        job = domain.job or domain.last_job
-        if job is None:
-            return {"domain": domain.name, "status": "none"}
-        return await job.info()
-
-    async def abort(self, request: JSON) -> JSON:
-        job = self._job(request)
-        job.abort()
-        with trio.move_on_after(30):
-            await job.done.wait()
-        return {"status": job.state}
-
-    async def set_speed(self, request: JSON) -> JSON:
-        mib = field(request, "bandwidth_mib", int)
-        if mib < 0:
-            raise DaemonError("the bandwidth must be >= 0 MiB/s (0 for no limit)")
-        job = self._job(request)
-        try:
-            await job.set_speed(mib)
-        except QMPError as exc:
-            raise DaemonError(f"cannot change the speed: {self.daemon.public(exc)}") from None
-        return {"bandwidth_mib": mib}
-
-    # ------------------------------------------------------------------
-    # Incoming migrations, on the destination
-
-    async def prepare(self, request: JSON) -> JSON:
-        daemon = self.daemon
-        definition = daemon.check_definition(field(request, "definition", dict))
-        try:
-            migration_id = bytes.fromhex(field(request, "migration_id", str))
-        except ValueError:
-            raise DaemonError("malformed request: bad migration_id") from None
-        if len(migration_id) != 16 or migration_id in daemon.incoming:
-            raise DaemonError("malformed request: bad or duplicate migration_id")
-        name = definition["name"]
-        existing = daemon.domains.get(name)
-        if existing is not None and (existing.process is not None or existing.incoming is not None):
-            raise DaemonError(f"domain {name!r} already exists and is active on the destination")
-        domain = Domain(definition, daemon.store.run_dir)
-        domain.persistent = False  # becomes persistent once finish succeeds
-        tunnelled = field(request, "tunnelled", bool, False)
-        if domain.is_image and not tunnelled:
-            raise DaemonError("a memory-image guest migrates only tunnelled")
-        incoming = Incoming(
-            domain,
-            migration_id,
-            tunnelled=tunnelled,
-            running=field(request, "running", bool, False),
-            verify=field(request, "verify", bool, False),
-        )
-        incoming.previous = existing
-        domain.incoming = incoming
-        daemon.domains[name] = domain
-        try:
-            await daemon.start_guest(domain, incoming=True)
-            reply = await incoming.prepare(
-                self.sockname, images_dir=daemon.store.images_dir, tls=daemon.tls if self.scheme == "tls" else None
-            )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._discard(incoming)
-            raise
-        self.prepared[migration_id] = incoming
-        daemon.incoming[migration_id] = incoming
-        daemon.log(f"prepared incoming {name} from {self.identity}")
-        return reply
-
-    async def on_stream(self, stream: TunnelStream) -> None:
-        incoming = self.prepared.get(stream.migration_id)
-        if incoming is None or not incoming.tunnelled or incoming.stream_seen.is_set():
-            await stream.abort(reason="no prepared tunnelled migration with this id on this connection")
-            return
-        assert self.daemon._nursery is not None
-        self.daemon._nursery.start_soon(incoming.pump, stream)
-
-    async def finish(self, request: JSON) -> JSON:
-        try:
-            migration_id = bytes.fromhex(field(request, "migration_id", str))
-        except ValueError:
-            raise DaemonError("malformed request: bad migration_id") from None
-        incoming = self.prepared.pop(migration_id, None)
-        if incoming is None:
-            raise DaemonError("no prepared migration with this id on this connection")
-        self.daemon.incoming.pop(migration_id, None)
-        domain = incoming.domain
-        if not field(request, "ok", bool):
-            await self._discard(incoming)
-            return {}
-        try:
-            state = await incoming.finish(self.daemon)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._discard(incoming)
-            raise
-        domain.incoming = None
-        domain.persistent = True
-        self.daemon.store.save(domain.definition)
-        self.daemon.log(f"incoming {domain.name} complete: {state}")
-        reply: JSON = {"state": state}
-        if incoming.image_sha256 is not None:
-            reply["image_sha256"] = incoming.image_sha256
-        return reply
-
-    async def _discard(self, incoming: Incoming) -> None:
-        """Throw away a prepared destination: no QEMU left, nothing that looks complete.
-
-        A definition the destination had before (of a guest that was not
-        running) comes back as it was; otherwise the name disappears.
-        """
-        domain = incoming.domain
-        if incoming.sock is not None:
-            incoming.sock.close()
-        if incoming.writer is not None and not incoming.writer.committed:
-            await incoming.writer.abort("the incoming migration was discarded")
-        await self.daemon.stop_guest(domain, reason="incoming migration discarded")
-        domain.incoming = None
-        if self.daemon.domains.get(domain.name) is domain:
-            if incoming.previous is not None:
-                self.daemon.domains[domain.name] = incoming.previous
-            else:
-                del self.daemon.domains[domain.name]
-        self.daemon.log(f"discarded incoming {domain.name}")
-
-    async def close(self) -> None:
-        for migration_id, incoming in list(self.prepared.items()):
-            self.daemon.incoming.pop(migration_id, None)
-            await self._discard(incoming)
-        self.prepared.clear()

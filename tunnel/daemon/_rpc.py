@@ -72,8 +72,17 @@ def public_message(exc: BaseException, *, hide: tuple[str, ...] = ()) -> str:
     if isinstance(exc, DaemonError):
         text = exc.message
     elif isinstance(exc, QemuStartError):
-        reasons = [line.strip() for line in exc.log_tail.splitlines() if line.strip()]
-        text = "QEMU exited during start" + (f": {reasons[-1]}" if reasons else "")
+        lines = [line.strip() for line in exc.log_tail.splitlines() if line.strip()]
+        # QEMU prefixes its errors with its program name; a hint may follow on a line of its own.
+        errors = [i for i, line in enumerate(lines) if line.split(":", 1)[0].startswith("qemu-system")]
+        if errors:
+            first = errors[-1]
+            text = "QEMU exited during start: " + lines[first].split(":", 1)[1].strip()
+            hints = lines[first + 1 :]
+            if hints:
+                text += f" ({'; '.join(hints)})"
+        else:
+            text = "QEMU exited during start" + (f": {lines[-1]}" if lines else "")
     elif isinstance(exc, (QemuError, TunnelError)):
         text = str(exc)
     elif isinstance(exc, OSError):

@@ -80,6 +80,7 @@ class MemoryImageWriter:
         self._written = bytearray()
         self._zero = b""
         self._device_bytes = 0
+        self._header_seen = False
         if size is not None and page_size is not None:
             self._open(ImageHeader(size=size, page_size=page_size, region=region))
 
@@ -199,9 +200,20 @@ class MemoryImageWriter:
 
     def _device_state(self, record: DeviceStateRecord) -> None:
         if record.name == HEADER_NAME:
+            header = ImageHeader.parse(record)
+            if self._fd is not None and not self._header_seen:
+                # Opened from the size and page size we were given: the stream's header must agree.
+                self._header_seen = True
+                if (header.size, header.page_size, header.region) != (self.size, self.page_size, self.region):
+                    raise EndpointError(
+                        f"the source image has {header.size} bytes in {header.page_size}-byte pages (region {header.region}), "
+                        f"this destination expects {self.size} in {self.page_size}-byte pages (region {self.region})"
+                    )
+                return
             if self._fd is not None or self.committed:
                 raise EndpointError("a second memory-image header")
-            self._open(ImageHeader.parse(record))
+            self._header_seen = True
+            self._open(header)
             return
         size = len(record.data)
         previous = len(self.device_states.get(record.name, b""))

@@ -1,0 +1,194 @@
+"""The destination side of a migration: one prepared incoming QEMU (or memory image) per migration id.
+
+The incoming migration owns its QEMU socket (the daemon's end of the
+socketpair, for TUNNELLED), the tunnel stream once it arrives, and the image
+writer of a memory-image guest.  :meth:`Incoming.discard` releases all of
+them on every path: it aborts the stream, wakes the pump waiting on the
+socket before closing it, and aborts the writer so nothing that looks
+complete is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._errors import TunnelError
+from ..endpoints import EndpointError, MemoryImageWriter, receive_into
+from ..qemu import MigrationError, QemuProcess, run_state, set_tls, start_incoming_fd, start_incoming_uri, wait_migration
+from ..transport import TunnelStream
+from ._imageguest import PAGE as PAGE_SIZE
+from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, pump_socket, socketpair
+from ._net import TLSFiles
+from ._rpc import DaemonError, public_message
+
+if TYPE_CHECKING:
+    from ._daemon import Daemon, Domain
+
+__all__ = ["Incoming"]
+
+MiB = 1024 * 1024
+
+
+class Incoming:
+    """One prepared incoming migration on the destination daemon."""
+
+    def __init__(
+        self, domain: Domain, migration_id: bytes, *, tunnelled: bool, running: bool, verify: bool = False, persistent: bool = False
+    ) -> None:
+        self.domain = domain
+        #: Keep the definition once the guest arrived (virsh --persistent); else it goes when the guest stops.
+        self.persistent = persistent
+        self.stream: TunnelStream | None = None
+        self.verify = verify
+        self.image_sha256: str | None = None
+        self.migration_id = migration_id
+        self.tunnelled = tunnelled
+        self.running = running
+        self.sock: socket.socket | None = None
+        self.uri: str | None = None
+        self.stream_seen = trio.Event()
+        self.pump_done = trio.Event()
+        self.pump_error: str | None = None
+        #: The inactive definition of the same name the destination had before, restored if this fails.
+        self.previous: Domain | None = None
+        #: The image writer of a memory-image guest's migration.
+        self.writer: MemoryImageWriter | None = None
+
+    async def prepare(
+        self, peer_sockname: Any, *, images_dir: str, tls: TLSFiles | None = None, owner: int | None = None
+    ) -> dict[str, Any]:
+        """Ready the destination; for a native migration return QEMU's endpoint.
+
+        The data channel is as private as the connection that prepared it: a
+        unix socket beside ours, QEMU's own TLS with this daemon's certificate
+        (``verify-peer``) when the source came over TLS, plain TCP only when
+        it came over an ``--insecure`` TCP listener.  QEMU accepts one
+        connection on it.
+        """
+        if self.domain.is_image:
+            # Size and page size come from the definition this daemon checked, never from the peer's stream header.
+            self.writer = MemoryImageWriter(
+                os.path.join(images_dir, f"{self.domain.name}.img"),
+                mode=0o600,
+                size=self.domain.definition["image"]["size_mib"] * MiB,
+                page_size=PAGE_SIZE,
+            )
+            await trio.lowlevel.checkpoint()
+            return {}
+        process = self.domain.process
+        assert isinstance(process, QemuProcess)
+        if self.tunnelled:
+            ours, theirs = socketpair()
+            try:
+                await start_incoming_fd(process.qmp, theirs.fileno(), capabilities=RETURN_PATH)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            self.sock = ours
+            return {}
+        if isinstance(peer_sockname, str):  # the source reached us over a unix socket
+            path = os.path.join(self.domain.guest_dir, "incoming.sock")
+            if os.path.lexists(path):
+                os.unlink(path)
+            self.uri = f"unix:{path}"
+            await start_incoming_uri(process.qmp, self.uri)
+            return {"uri": self.uri}
+        host = peer_sockname[0]
+        if tls is not None:
+            creds = await trio.to_thread.run_sync(
+                lambda: tls.write_qemu_dir(os.path.join(self.domain.guest_dir, "tls"), "server", owner=owner)
+            )
+            await set_tls(process.qmp, creds, endpoint="server")
+        await start_incoming_uri(process.qmp, f"tcp:{host}:0")
+        status = await process.qmp.execute("query-migrate")
+        for address in status.get("socket-address", []):
+            if address.get("type") == "inet":
+                port = address["port"]
+                self.uri = f"tcp:{host}:{port}"
+                return {"uri": self.uri, "tls": tls is not None}
+        raise DaemonError("the destination QEMU did not report its incoming TCP port")
+
+    async def pump(self, stream: TunnelStream) -> None:
+        self.stream = stream
+        self.stream_seen.set()
+        hide = (self.domain.store.state_dir,)
+        if self.writer is not None:
+            try:
+                await receive_into(stream, self.writer)  # commits only after the stream's digest matched
+            except (TunnelError, EndpointError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.pump_error = public_message(exc, hide=hide)
+            finally:
+                self.pump_done.set()
+            return
+        sock = self.sock
+        if sock is None:  # discarded before the stream came
+            await stream.abort(reason="the incoming migration was discarded")
+            self.pump_done.set()
+            return
+        try:
+            await pump_socket(stream, sock)
+        except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.pump_error = public_message(exc, hide=hide)
+        finally:
+            self._close_sock()
+            self.pump_done.set()
+
+    def _close_sock(self) -> None:
+        """Close our end of QEMU's socket, waking any task waiting on it first (it then sees ClosedResourceError)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def discard(self) -> None:
+        """Release what this migration holds: the stream (aborted), QEMU's socket, an uncommitted image."""
+        if self.stream is not None:
+            with trio.move_on_after(1):
+                try:
+                    await self.stream.abort(reason="the incoming migration was discarded")
+                except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        self._close_sock()
+        if self.writer is not None and not self.writer.committed:
+            await self.writer.abort("the incoming migration was discarded")
+
+    async def finish(self, daemon: Daemon) -> str:
+        """Wait until the guest is loaded; record that it arrived; resume it if it ran on the source; return its state.
+
+        The outcome is on disk before the guest runs, so a source that lost
+        our answer learns "finished" and never resumes its own copy.
+        """
+        if self.writer is not None:
+            with trio.move_on_after(FINISH_TIMEOUT) as waited:
+                await self.pump_done.wait()
+            if waited.cancelled_caught or not self.stream_seen.is_set():
+                raise DaemonError(f"the memory image of {self.domain.name!r} did not arrive")
+            if self.pump_error is not None or not self.writer.committed:
+                raise DaemonError(f"the memory image of {self.domain.name!r} was not committed: {self.pump_error}")
+            if self.verify:
+                self.image_sha256 = await trio.to_thread.run_sync(self.writer.digest)
+            await daemon.store.set_outcome(self.migration_id.hex(), "finished")
+            await daemon.start_incoming_image(self.domain, running=self.running)
+            return "running" if self.running else "paused"
+        process = self.domain.process
+        if not isinstance(process, QemuProcess):
+            raise DaemonError(f"the incoming QEMU of {self.domain.name!r} exited")
+        with trio.move_on_after(FINISH_TIMEOUT) as waited:
+            try:
+                await wait_migration(process.qmp, poll=POLL_INTERVAL)
+            except MigrationError as exc:
+                raise DaemonError(f"the destination QEMU failed to load {self.domain.name!r}: {exc}") from None
+        if waited.cancelled_caught:
+            raise DaemonError(f"the destination QEMU did not finish loading {self.domain.name!r} within {FINISH_TIMEOUT:.0f} s")
+        if self.pump_error is not None:
+            raise DaemonError(f"the migration stream failed on the destination: {self.pump_error}")
+        await daemon.store.set_outcome(self.migration_id.hex(), "finished")
+        if self.running:
+            await process.qmp.execute("cont")
+        return domain_state(await run_state(process.qmp))

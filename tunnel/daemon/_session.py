@@ -1,0 +1,430 @@
+"""One connection to the daemon, from a client or a peer daemon: the RPC procedures.
+
+Every procedure states the role it needs (:data:`._access.PROCEDURE_ROLES`)
+and :meth:`Session.handlers` checks it before the handler runs.  Handlers
+raise :class:`DaemonError` for what the caller should read; anything else is
+a bug, logged in full and reported as one line without internals.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._errors import ErrorCode, RPCError
+from .._frames import Buffer
+from ..qemu import QMPError
+from ..transport import Handler, TunnelConnection, TunnelStream
+from ._access import GRANTED_BY, PROCEDURE_ROLES, Role, describe
+from ._domains import validate_name
+from ._incoming import Incoming
+from ._net import Identity
+from ._qmpallow import check_qmp
+from ._recovery import outcome_reply
+from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler, public_message
+from ._source import SourceJob
+
+if TYPE_CHECKING:
+    from ._daemon import Daemon
+
+__all__ = ["Session"]
+
+JSON = dict[str, Any]
+#: QMP commands that change whether the guest runs: not while a migration decides where it runs.
+RUN_STATE_COMMANDS = frozenset({"cont", "stop", "system_reset", "system_powerdown", "system_wakeup"})
+
+
+def _migration_id(request: JSON) -> bytes:
+    try:
+        migration_id = bytes.fromhex(field(request, "migration_id", str))
+    except ValueError:
+        raise DaemonError("malformed request: bad migration_id") from None
+    if len(migration_id) != 16:
+        raise DaemonError("malformed request: a migration_id is 32 hex digits")
+    return migration_id
+
+
+class Session:
+    """One connection to the daemon, from a client or a peer daemon."""
+
+    def __init__(self, daemon: Daemon, identity: Identity, sockname: Any, roles: frozenset[Role], *, scheme: str) -> None:
+        self.daemon = daemon
+        #: How the peer reached us (unix, tls, tcp): a native migration's data channel is as secure as this.
+        self.scheme = scheme
+        self.identity = identity
+        self.sockname = sockname
+        self.roles = roles
+        self.conn: TunnelConnection | None = None
+        self.prepared: dict[bytes, Incoming] = {}
+
+    def handlers(self) -> dict[tuple[int, int], Handler]:
+        table: dict[Procedure, Callable[[JSON], Awaitable[JSON]]] = {
+            Procedure.DEFINE: self.define,
+            Procedure.UNDEFINE: self.undefine,
+            Procedure.START: self.start,
+            Procedure.DESTROY: self.destroy,
+            Procedure.LIST: self.list,
+            Procedure.DOMAIN_INFO: self.domain_info,
+            Procedure.MIGRATE: self.migrate,
+            Procedure.JOBINFO: self.jobinfo,
+            Procedure.ABORT: self.abort,
+            Procedure.SET_SPEED: self.set_speed,
+            Procedure.MONITOR: self.monitor,
+            Procedure.CONFIRM: self.confirm,
+            Procedure.PREPARE: self.prepare,
+            Procedure.FINISH: self.finish,
+            Procedure.MIGRATION_OUTCOME: self.migration_outcome,
+        }
+        return {(PROGRAM, int(proc)): self._guarded(proc, json_handler(fn)) for proc, fn in table.items()}
+
+    def _guarded(self, procedure: Procedure, handler: Handler) -> Handler:
+        """*handler*, run only when this connection holds the role *procedure* needs."""
+        needed = PROCEDURE_ROLES[procedure]
+
+        async def guarded(body: bytes) -> Buffer:
+            if needed not in self.roles:
+                self.daemon.log(f"refused {procedure.name} from {self.identity} ({describe(self.roles)}): needs {needed.value}")
+                raise RPCError(
+                    ErrorCode.PERMISSION_DENIED,
+                    f"{procedure.name} needs the {needed.value} role (granted by the daemon's {GRANTED_BY[needed]}); "
+                    f"{self.identity} has {describe(self.roles)}",
+                )
+            try:
+                return await handler(body)
+            except RPCError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug: log it, tell the client no more than that
+                self.daemon.log(f"internal error in {procedure.name} from {self.identity}: " + "".join(traceback.format_exception(exc)).rstrip())
+                raise RPCError(ErrorCode.INTERNAL_ERROR, f"{procedure.name} failed: {public_message(exc)}") from None
+
+        return guarded
+
+    # ------------------------------------------------------------------
+    # Domain management
+
+    async def define(self, request: JSON) -> JSON:
+        daemon = self.daemon
+        definition = daemon.check_definition(field(request, "definition", dict))
+        existing = daemon.domains.get(definition["name"])
+        if existing is not None and existing.process is not None:
+            raise DaemonError(f"domain {definition['name']!r} is running; it cannot be redefined until it stops")
+        await daemon.store.save(definition)
+        if existing is not None:
+            existing.definition = definition
+            existing.persistent = True
+        else:
+            daemon.domains[definition["name"]] = daemon.new_domain(definition)
+        daemon.log(f"defined {definition['name']}")
+        return {"name": definition["name"], "replaced": existing is not None}
+
+    async def undefine(self, request: JSON) -> JSON:
+        domain = self.daemon.domain(request.get("name"))
+        if domain.process is not None:
+            raise DaemonError(f"domain {domain.name!r} is running; stop it first")
+        await self.daemon.store.remove(domain.name)
+        await self.daemon.store.set_migrated(domain.name, None)
+        del self.daemon.domains[domain.name]
+        self.daemon.log(f"undefined {domain.name}")
+        return {}
+
+    async def start(self, request: JSON) -> JSON:
+        daemon = self.daemon
+        domain = daemon.domain(request.get("name"))
+        force = field(request, "force", bool, False)
+        marker = daemon.store.migrated(domain.name)
+        if marker is not None and domain.process is None:
+            if not force:
+                raise DaemonError(
+                    f"domain {domain.name!r} was migrated to {marker.get('destination')} and runs there; "
+                    f"start it here only if it does not (start --force)"
+                )
+            daemon.log(f"starting {domain.name} although it was migrated to {marker.get('destination')} (--force)")
+        await daemon.start_guest(domain, paused=field(request, "paused", bool, False))
+        if marker is not None:
+            await daemon.store.set_migrated(domain.name, None)
+        return {"state": await domain.state()}
+
+    async def destroy(self, request: JSON) -> JSON:
+        domain = self.daemon.domain(request.get("name"))
+        if domain.process is None:
+            raise DaemonError(f"domain {domain.name!r} is not running")
+        if domain.job is not None:
+            raise DaemonError(f"domain {domain.name!r} is migrating; abort the job first")
+        if domain.incoming is not None:
+            raise DaemonError(f"domain {domain.name!r} is being migrated in; the source can abort it")
+        await self.daemon.stop_guest(domain, reason="destroyed by a client")
+        return {}
+
+    async def list(self, request: JSON) -> JSON:
+        rows = []
+        for name in sorted(self.daemon.domains):
+            domain = self.daemon.domains[name]
+            rows.append(
+                {
+                    "name": name,
+                    "state": await domain.state(),
+                    "pid": domain.process.pid if domain.process is not None else None,
+                    "persistent": domain.persistent,
+                }
+            )
+            if domain.unconfirmed is not None:
+                rows[-1]["unconfirmed_destination"] = domain.unconfirmed
+            elif domain.process is None and (marker := self.daemon.store.migrated(name)) is not None:
+                rows[-1]["migrated_to"] = marker.get("destination")
+        return {"domains": rows}
+
+    async def domain_info(self, request: JSON) -> JSON:
+        domain = self.daemon.domain(request.get("name"))
+        return {"name": domain.name, "state": await domain.state(), "definition": domain.definition}
+
+    async def monitor(self, request: JSON) -> JSON:
+        domain = self.daemon.domain(request.get("name"))
+        qemu = domain.qemu()
+        command = check_qmp(field(request, "command", dict), run_dir=domain.guest_dir, allow_unsafe=self.daemon.allow_unsafe_monitor)
+        execute = command["execute"]
+        if execute in RUN_STATE_COMMANDS and (domain.job is not None or domain.unconfirmed is not None or domain.incoming is not None):
+            raise DaemonError(f"domain {domain.name!r} is migrating: {execute!r} would decide where it runs; wait, or abort the job")
+        arguments = command.get("arguments")
+        try:
+            result = await qemu.qmp.execute(execute, arguments)
+        except QMPError as exc:
+            return {"error": {"class": getattr(exc, "error_class", "GenericError"), "desc": getattr(exc, "desc", str(exc))}}
+        return {"return": result}
+
+    # ------------------------------------------------------------------
+    # Jobs, on the source
+
+    async def migrate(self, request: JSON) -> JSON:
+        daemon = self.daemon
+        p2p = field(request, "p2p", bool, False)
+        tunnelled = field(request, "tunnelled", bool, False)
+        if tunnelled and not p2p:
+            raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
+        direct_uri = None
+        direct_tls = False
+        if not p2p:
+            # Client-driven: the client prepared the destination and passes its QEMU endpoint.
+            direct_uri = field(request, "uri", str, None)
+            if direct_uri is None or not direct_uri.startswith(("unix:", "tcp:")):
+                raise DaemonError("without --p2p the client drives the migration: it must pass the destination's 'uri'")
+            direct_tls = field(request, "tls", bool, False)
+            if direct_uri.startswith("tcp:") and not direct_tls and not daemon.insecure:
+                raise DaemonError("refusing to send the migration over plain TCP: the destination must be reached over tls://")
+        domain = daemon.domain(request.get("name"))
+        dest = field(request, "destination", str)
+        if p2p:
+            daemon.parse_peer_uri(dest)
+        dname = field(request, "dname", str, None)
+        if dname is not None:
+            validate_name(dname)
+        bandwidth = field(request, "bandwidth_mib", int, 0)
+        if bandwidth < 0:
+            raise DaemonError("the bandwidth must be >= 0 MiB/s (0 for no limit)")
+        if domain.incoming is not None:
+            raise DaemonError(f"domain {domain.name!r} is still being migrated in")
+        if domain.process is None:
+            raise DaemonError(f"domain {domain.name!r} is not running")
+        if domain.is_image and not tunnelled:
+            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it migrates only --tunnelled")
+        if domain.job is not None and domain.job.resolved.is_set():
+            with trio.move_on_after(10):  # the last job is telling its destination to clean up
+                await domain.job.done.wait()
+        if domain.job is not None:
+            raise DaemonError(f"domain {domain.name!r} already has a migration job")
+        if domain.unconfirmed is not None:
+            raise DaemonError(f"domain {domain.name!r} waits for {domain.unconfirmed} to confirm its last migration")
+        job = SourceJob(
+            daemon,
+            domain,
+            dest,
+            live=field(request, "live", bool, False),
+            tunnelled=tunnelled,
+            bandwidth_mib=bandwidth,
+            dname=dname,
+            verify=field(request, "verify", bool, False),
+            direct_uri=direct_uri,
+            direct_tls=direct_tls,
+            persistent=field(request, "persistent", bool, False),
+            undefine_source=field(request, "undefine_source", bool, False),
+        )
+        domain.job = domain.last_job = job
+        assert daemon._nursery is not None
+        daemon._nursery.start_soon(job.run)
+        mode = "tunnelled p2p" if tunnelled else "native p2p" if p2p else "native, driven by the client"
+        daemon.log(f"migrating {domain.name} to {dest} ({mode})")
+        if field(request, "detach", bool, False):
+            await trio.lowlevel.checkpoint()
+            return {"domain": domain.name, "status": "started", "destination": dest}
+        await job.resolved.wait()
+        info = await job.info()
+        if job.state != ("completed" if p2p else "performed"):
+            raise DaemonError(f"migration of {domain.name!r} {job.state}: {job.error}; {daemon.where_is(domain)}")
+        info.update(job.summary)
+        return info
+
+    async def confirm(self, request: JSON) -> JSON:
+        """Client-driven migration, last step: stop the source guest (ok) or resume it."""
+        domain = self.daemon.domain(request.get("name"))
+        job = domain.last_job
+        if job is None or job.direct_uri is None:
+            raise DaemonError(f"domain {domain.name!r} has no client-driven migration to confirm")
+        await job.confirm(field(request, "ok", bool))
+        return {"status": job.state}
+
+    def _job(self, request: JSON) -> SourceJob:
+        domain = self.daemon.domain(request.get("name"))
+        if domain.job is None:
+            raise DaemonError(f"no migration job is running for domain {domain.name!r}")
+        return domain.job
+
+    async def jobinfo(self, request: JSON) -> JSON:
+        domain = self.daemon.domain(request.get("name"))
+        job = domain.job or domain.last_job
+        if job is None:
+            return {"domain": domain.name, "status": "none"}
+        return await job.info()
+
+    async def abort(self, request: JSON) -> JSON:
+        job = self._job(request)
+        job.abort()
+        with trio.move_on_after(30):  # the source guest runs again well within this: see SourceJob._recover
+            await job.resolved.wait()
+        return {"status": job.state, "where": self.daemon.where_is(job.domain)}
+
+    async def set_speed(self, request: JSON) -> JSON:
+        mib = field(request, "bandwidth_mib", int)
+        if mib < 0:
+            raise DaemonError("the bandwidth must be >= 0 MiB/s (0 for no limit)")
+        job = self._job(request)
+        try:
+            await job.set_speed(mib)
+        except QMPError as exc:
+            raise DaemonError(f"cannot change the speed: {self.daemon.public(exc)}") from None
+        return {"bandwidth_mib": mib}
+
+    # ------------------------------------------------------------------
+    # Incoming migrations, on the destination
+
+    async def prepare(self, request: JSON) -> JSON:
+        daemon = self.daemon
+        # The same checks as a local definition: a compromised source cannot run code here.
+        definition = daemon.check_definition(field(request, "definition", dict))
+        migration_id = _migration_id(request)
+        if migration_id in daemon.incoming or daemon.store.outcome(migration_id.hex()) is not None:
+            raise DaemonError("malformed request: duplicate migration_id")
+        name = definition["name"]
+        existing = daemon.domains.get(name)
+        if existing is not None and (existing.process is not None or existing.incoming is not None or existing.starting):
+            raise DaemonError(f"domain {name!r} already exists and is active on the destination")
+        persistent = field(request, "persistent", bool, False) or (existing is not None and existing.persistent)
+        domain = daemon.new_domain(definition, persistent=persistent)
+        tunnelled = field(request, "tunnelled", bool, False)
+        if domain.is_image and not tunnelled:
+            raise DaemonError("a memory-image guest migrates only tunnelled")
+        incoming = Incoming(
+            domain,
+            migration_id,
+            tunnelled=tunnelled,
+            running=field(request, "running", bool, False),
+            verify=field(request, "verify", bool, False),
+            persistent=persistent,
+        )
+        incoming.previous = existing
+        domain.incoming = incoming
+        daemon.domains[name] = domain
+        daemon.incoming[migration_id] = incoming
+        self.prepared[migration_id] = incoming
+        try:
+            if not domain.is_image:
+                # Before QEMU starts: a restarted daemon finds an incoming QEMU it must discard.
+                await daemon.store.set_runtime(
+                    name, "migration", {"role": "destination", "migration_id": migration_id.hex(), "running": incoming.running}
+                )
+            await daemon.start_guest(domain, incoming=True)
+            reply = await incoming.prepare(
+                self.sockname,
+                images_dir=daemon.store.images_dir,
+                tls=daemon.tls if self.scheme == "tls" else None,
+                owner=daemon.qemu_uid,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._discard(incoming)
+            raise
+        daemon.log(f"prepared incoming {name} from {self.identity}")
+        return reply
+
+    async def on_stream(self, stream: TunnelStream) -> None:
+        incoming = self.prepared.get(stream.migration_id)
+        if incoming is None or not incoming.tunnelled or incoming.stream_seen.is_set():
+            await stream.abort(reason="no prepared tunnelled migration with this id on this connection")
+            return
+        assert self.daemon._nursery is not None
+        self.daemon._nursery.start_soon(incoming.pump, stream)
+
+    async def finish(self, request: JSON) -> JSON:
+        migration_id = _migration_id(request)
+        incoming = self.prepared.pop(migration_id, None)
+        if incoming is None:
+            raise DaemonError("no prepared migration with this id on this connection")
+        daemon = self.daemon
+        domain = incoming.domain
+        if not field(request, "ok", bool):
+            await self._discard(incoming)
+            return {}
+        try:
+            state = await incoming.finish(daemon)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._discard(incoming)
+            raise
+        domain.incoming = None
+        daemon.incoming.pop(migration_id, None)
+        if incoming.persistent:
+            await daemon.store.save(domain.definition)
+        await daemon.store.set_migrated(domain.name, None)  # it came back here
+        if not domain.is_image:
+            await daemon.store.set_runtime(domain.name, "domain", {"definition": domain.definition, "persistent": domain.persistent})
+            await daemon.store.set_runtime(domain.name, "migration", None)
+        daemon.log(f"incoming {domain.name} complete: {state}{'' if incoming.persistent else ' (transient)'}")
+        reply: JSON = {"state": state}
+        if incoming.image_sha256 is not None:
+            reply["image_sha256"] = incoming.image_sha256
+        return reply
+
+    async def migration_outcome(self, request: JSON) -> JSON:
+        """A source that lost the answer to FINISH asks how the migration ended here."""
+        await trio.lowlevel.checkpoint()
+        return outcome_reply(self.daemon, _migration_id(request).hex())
+
+    async def _discard(self, incoming: Incoming) -> None:
+        """Throw away a prepared destination: no QEMU left, nothing that looks complete.
+
+        A definition the destination had before (of a guest that was not
+        running) comes back as it was; otherwise the name disappears.  The
+        outcome is recorded for a source that asks later.
+        """
+        daemon = self.daemon
+        domain = incoming.domain
+        self.prepared.pop(incoming.migration_id, None)
+        await incoming.discard()
+        await daemon.stop_guest(domain, reason="incoming migration discarded")
+        domain.incoming = None
+        if daemon.domains.get(domain.name) is domain:
+            if incoming.previous is not None:
+                daemon.domains[domain.name] = incoming.previous
+            else:
+                del daemon.domains[domain.name]
+        await daemon.store.set_outcome(incoming.migration_id.hex(), "discarded")
+        daemon.incoming.pop(incoming.migration_id, None)
+        if not domain.is_image:
+            await daemon.store.clear_guest_dir(domain.name)
+        daemon.log(f"discarded incoming {domain.name}")
+
+    async def close(self) -> None:
+        for incoming in list(self.prepared.values()):
+            await self._discard(incoming)
+        self.prepared.clear()

@@ -1,0 +1,547 @@
+"""The source side of a migration: one job per outgoing migration, owned by the source daemon.
+
+Theory of operation.  A job moves through phases: *begin* (check the guest,
+take its definition), *prepare* (the destination readies an incoming QEMU),
+*transfer* (QEMU's stream through the tunnel or a direct channel), *finish*
+(the destination loads and resumes the guest) and *confirm* (the source
+stops its copy).  Up to the end of *transfer* the guest is the source's:
+any failure, an abort or a daemon shutdown cancels QEMU's migration and
+resumes the guest as it was, at once; telling the destination to discard its
+copy happens afterwards, in the background, so an abort returns as soon as
+the source guest runs again.  From *finish* on, QEMU has sent everything and
+the destination may already run the guest, so the source never resumes on
+a guess: it asks the destination how the migration ended (MIGRATION_OUTCOME)
+and resumes only if the destination says it discarded its copy.  If the
+destination cannot be reached, the guest stays paused, reported as
+"migrated, unconfirmed", and the daemon keeps asking.  A record in the
+guest's directory (``migration.json``) lets a restarted daemon do the same.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._errors import RPCError, TunnelError
+from .._frames import DigestAlgorithm, StreamKind
+from ..endpoints import EndpointError, MemoryImageReader, PrecopyPolicy, Progress, image_digest, send_from
+from ..qemu import (
+    MigrationError,
+    QemuError,
+    QemuProcess,
+    QMPError,
+    query_migration,
+    run_state,
+    set_max_bandwidth,
+    set_tls,
+    start_outgoing_fd,
+    start_outgoing_uri,
+    wait_migration,
+)
+from ..transport import TunnelConnection, TunnelStream, open_connection
+from ._imageguest import ImageGuest
+from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, UNLIMITED_BANDWIDTH, pump_socket, socketpair
+from ._net import connect
+from ._recovery import cancel_and_resume, settle_source
+from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
+
+if TYPE_CHECKING:
+    from ._daemon import Daemon, Domain
+
+__all__ = ["SourceJob"]
+
+MiB = 1024 * 1024
+#: States a job ends in.
+FINAL = ("completed", "performed", "failed", "cancelled", "unconfirmed")
+#: How long the source waits for the destination's answer once QEMU has sent everything.
+FINISH_WAIT = FINISH_TIMEOUT + 15.0
+#: Bound on telling the destination to discard its copy (it discards anyway when the connection goes).
+DISCARD_TIMEOUT = 5.0
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Cancellation, possibly as a group of Cancelled from the nurseries it went through."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+
+
+@asynccontextmanager
+async def peer_connection(stream: trio.abc.Stream) -> AsyncIterator[TunnelConnection]:
+    """A tunnel connection to the destination whose own teardown failures are not the job's."""
+    body_failed = False
+    try:
+        async with open_connection(stream, client=True) as conn:
+            try:
+                yield conn
+            except BaseException:
+                body_failed = True
+                raise
+    except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+        if body_failed:
+            raise
+
+
+async def call(peer: TunnelConnection, procedure: Procedure, request: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return decode(await peer.call(PROGRAM, procedure, encode(request)))
+    except RPCError as exc:
+        raise error_of(exc) from None
+
+
+class SourceJob:
+    """One outgoing migration, owned by the source daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        domain: Domain,
+        dest: str,
+        *,
+        live: bool,
+        tunnelled: bool,
+        bandwidth_mib: int,
+        dname: str | None,
+        verify: bool = False,
+        direct_uri: str | None = None,
+        direct_tls: bool = False,
+        persistent: bool = False,
+        undefine_source: bool = False,
+    ) -> None:
+        self.daemon = daemon
+        #: Client-driven (not PEER2PEER) migration: only perform, to this QEMU endpoint the
+        #: client got from the destination; the client then calls finish and confirm.
+        self.direct_uri = direct_uri
+        self.direct_tls = direct_tls
+        self.was_running = False
+        #: Memory-image guests: both sides report the image's content digest (costs a read of the image).
+        self.verify = verify
+        self.domain = domain
+        self.dest = dest
+        self.live = live
+        self.tunnelled = tunnelled
+        self.bandwidth_mib = bandwidth_mib
+        self.dname = dname
+        self.persistent = persistent
+        self.undefine_source = undefine_source
+        self.migration_id = uuid.uuid4().bytes
+        self.phase = "begin"
+        self.state = "setup"
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.stream: TunnelStream | None = None
+        #: The memory-image reader of an image guest's migration (None for QEMU guests).
+        self.reader: MemoryImageReader | None = None
+        self.last: dict[str, Any] = {}
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()
+        self.abort_reason: str | None = None
+        self.summary: dict[str, Any] = {}
+        #: From QEMU's ``migrate`` to the destination reporting the guest loaded (finish).
+        self.transfer_started: float | None = None
+        self.transfer_ended: float | None = None
+        #: Set once where the guest runs is decided (before the destination has been told to clean up).
+        self.resolved = trio.Event()
+
+    # ------------------------------------------------------------------
+    # Control from other requests
+
+    def abort(self, reason: str = "aborted by the client") -> None:
+        if self.done.is_set():
+            raise DaemonError(f"no migration job is running for domain {self.domain.name!r}")
+        if self.phase in ("finish", "confirm"):
+            raise DaemonError(
+                f"the migration of {self.domain.name!r} is completing (QEMU sent everything, the destination is loading it); "
+                "it can no longer be aborted"
+            )
+        self.abort_reason = reason
+        self.scope.cancel()
+
+    async def set_speed(self, mib_per_s: int) -> None:
+        self.bandwidth_mib = mib_per_s
+        process = self.domain.process
+        if self.reader is not None and self.stream is not None:
+            self.stream.set_bandwidth(mib_per_s * MiB)  # the tunnel's own limiter: no QEMU here
+        elif isinstance(process, QemuProcess):
+            await set_max_bandwidth(process.qmp, self._bandwidth_bytes())
+        await trio.lowlevel.checkpoint()
+
+    def _bandwidth_bytes(self) -> int:
+        return self.bandwidth_mib * MiB if self.bandwidth_mib > 0 else UNLIMITED_BANDWIDTH
+
+    async def info(self) -> dict[str, Any]:
+        """libvirt-style job statistics: times, data totals, rate, iteration."""
+        if self.reader is not None:
+            self._note_progress(self.reader.progress())
+        elif not self.done.is_set() and isinstance(self.domain.process, QemuProcess) and self.state == "active":
+            try:
+                with trio.move_on_after(2):
+                    self._note(await query_migration(self.domain.process.qmp))
+            except QMPError:
+                pass
+        end = self.ended if self.ended is not None else time.monotonic()
+        info: dict[str, Any] = {
+            "domain": self.domain.name,
+            "status": self.state,
+            "destination": self.dest,
+            "tunnelled": self.tunnelled,
+            "live": self.live,
+            "time_elapsed_ms": int((end - self.started) * 1000),
+            "bandwidth_mib": self.bandwidth_mib,
+        }
+        info.update(self.last)
+        if info.get("data_remaining") is not None and info.get("data_total") is not None:
+            info["data_remaining"] = min(info["data_remaining"], info["data_total"])
+        rate = info.get("rate_bytes_per_s") or 0
+        remaining = info.get("data_remaining")
+        if self.state == "active" and rate and remaining is not None:
+            info["time_remaining_ms"] = int(remaining / rate * 1000)
+        elif self.state == "completed":
+            info["time_remaining_ms"] = 0
+        if self.transfer_started is not None and self.transfer_ended is not None:
+            info["transfer_ms"] = round((self.transfer_ended - self.transfer_started) * 1000, 1)
+        if self.stream is not None:
+            stats = self.stream.statistics()
+            info["tunnel_bytes_sent"] = stats.bytes_sent
+            info["tunnel_bytes_received"] = stats.bytes_received
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+    def _note_progress(self, progress: Progress) -> None:
+        total = progress.total_bytes
+        self.last = {
+            "data_total": total,
+            "data_processed": progress.bytes_sent,
+            "data_remaining": progress.remaining_bytes,
+            "rate_bytes_per_s": int(progress.rate_bytes_per_s or 0),
+            "iteration": progress.iteration + 1,
+            "expected_downtime_ms": int(progress.expected_downtime_s * 1000) if progress.expected_downtime_s is not None else None,
+            "dirty_rate_bytes_per_s": int(progress.dirty_bytes_per_s),
+            "zero_pages": progress.zero_pages,
+            "converged": progress.converged,
+        }
+
+    def _note(self, status: Any) -> None:
+        self.last = {
+            "qemu_status": status.status,
+            "data_total": status.total,
+            "data_processed": status.transferred,
+            "data_remaining": status.remaining,
+            "rate_bytes_per_s": int((status.mbps or 0) * 1e6 / 8),
+            "iteration": status.dirty_sync_count,
+            "expected_downtime_ms": status.expected_downtime_ms,
+        }
+
+    # ------------------------------------------------------------------
+    # The sequence
+
+    async def run(self) -> None:
+        domain = self.domain
+        try:
+            with self.scope:
+                await self._perform()
+        except BaseException as exc:
+            self._settle_state(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancelled by the daemon shutting down: the outcome is set below
+        finally:
+            self._settle_state(None)
+            self.ended = time.monotonic()
+            self.resolved.set()
+            self.done.set()
+            if domain.job is self:
+                domain.job = None
+            self.daemon.log(
+                f"migration of {domain.name} to {self.dest}: {self.state}"
+                + (f" ({self.error})" if self.error else "")
+                + f"; {self.daemon.where_is(domain)}"
+            )
+
+    def _settle_state(self, exc: BaseException | None) -> None:
+        """The job's final state, once: ``failed`` with the reason, or ``cancelled`` (abort, shutdown)."""
+        if self.state in FINAL:
+            return
+        if exc is not None and not _cancelled(exc):
+            self.state, self.error = "failed", self._describe(exc)
+        else:
+            self.state = "cancelled"
+            self.error = self.abort_reason or "the daemon is shutting down"
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, BaseExceptionGroup):  # the first real failure, not the cancellations it caused
+            rest = exc.split(trio.Cancelled)[1]
+            while isinstance(rest, BaseExceptionGroup):
+                rest = rest.exceptions[0]
+            exc = rest or exc
+        if isinstance(exc, DaemonError):
+            return exc.message
+        if isinstance(exc, (MigrationError, TunnelError, QemuError, OSError, trio.BrokenResourceError)):
+            self.daemon.log(f"migration of {self.domain.name} failed: {type(exc).__name__}: {exc}")
+        else:  # a bug: fail this job, keep the daemon serving
+            self.daemon.log("".join(traceback.format_exception(exc)).rstrip())
+        return self.daemon.public(exc)
+
+    async def _perform(self) -> None:
+        domain = self.domain
+        process = domain.process
+        if process is None:
+            raise DaemonError(f"domain {domain.name!r} is not running")
+        if self.direct_uri is not None:
+            assert isinstance(process, QemuProcess)
+            await self._perform_only(process)
+            return
+        # begin: the migratable definition and the cookie
+        definition = dict(domain.definition)
+        if self.dname:
+            definition["name"] = self.dname
+        if isinstance(process, ImageGuest):
+            self.was_running = process.running
+        else:
+            self.was_running = await run_state(process.qmp) == "running"
+        dest = self.daemon.parse_peer_uri(self.dest)
+        self.phase = "prepare"
+        async with peer_connection(await connect(dest, self.daemon.tls)) as peer:
+            try:
+                prepared = await call(
+                    peer,
+                    Procedure.PREPARE,
+                    {
+                        "definition": definition,
+                        "migration_id": self.migration_id.hex(),
+                        "tunnelled": self.tunnelled,
+                        "live": self.live,
+                        "running": self.was_running,
+                        "verify": self.verify,
+                        "persistent": self.persistent,
+                    },
+                )
+                self.phase = "transfer"
+                await self._record()
+                if not self.live and self.was_running:
+                    # offline migration: the guest pauses for its whole duration
+                    await (process.pause() if isinstance(process, ImageGuest) else process.qmp.execute("stop"))
+                if isinstance(process, ImageGuest):
+                    await self._transfer_image(peer, process)
+                else:
+                    await self._transfer(peer, process.qmp, prepared)
+                self.phase = "finish"
+                finished = await self._finish(peer)
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await self._recover(peer, process, exc)
+                raise
+            await self._completed(process, definition["name"], finished)
+
+    async def _record(self) -> None:
+        """What a restarted daemon needs to settle this migration (QEMU guests only: image guests die with the daemon)."""
+        if isinstance(self.domain.process, QemuProcess):
+            await self.daemon.store.set_runtime(
+                self.domain.name,
+                "migration",
+                {"role": "source", "migration_id": self.migration_id.hex(), "destination": self.dest, "was_running": self.was_running},
+            )
+
+    async def _finish(self, peer: TunnelConnection) -> dict[str, Any]:
+        """FINISH: past the point of no return, so neither an abort nor a shutdown interrupts it (it is bounded)."""
+        with trio.CancelScope(shield=True):
+            with trio.fail_after(FINISH_WAIT):
+                finished = await call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": True})
+        self.transfer_ended = time.monotonic()
+        return finished
+
+    async def _completed(self, process: QemuProcess | ImageGuest, dest_name: str, finished: dict[str, Any]) -> None:
+        """confirm: the guest lives on the destination now."""
+        self.phase = "confirm"
+        self.summary = {"destination_state": finished.get("state"), "destination_name": dest_name}
+        if self.verify and isinstance(process, ImageGuest):
+            # Paused since the final pass, so this is the content the destination must hold.
+            self.summary["source_image_sha256"] = await trio.to_thread.run_sync(image_digest, process.path)
+            self.summary["destination_image_sha256"] = finished.get("image_sha256")
+        self.state = "completed"
+        with trio.CancelScope(shield=True):
+            await self.daemon.migrated_away(self.domain, destination=self.dest, migration_id=self.migration_id.hex(),
+                                            undefine=self.undefine_source)
+
+    async def _recover(self, peer: TunnelConnection, process: QemuProcess | ImageGuest, exc: BaseException) -> None:
+        """The migration failed or was cancelled: the guest must run on exactly one host.
+
+        Before QEMU completed, that is the source: cancel and resume it now,
+        report, and only then tell the destination to discard its copy.
+        After, ask the destination (see the module docstring).
+        """
+        domain = self.domain
+        completed = self.phase in ("finish", "confirm")
+        if isinstance(process, QemuProcess) and not completed:
+            status = await cancel_and_resume(process.qmp, was_running=self.was_running, note=self._note_cancelled)
+            completed = status == "completed"  # QEMU finished just before the cancel reached it
+        elif isinstance(process, ImageGuest) and not completed and self.was_running:
+            process.resume()
+        if not completed:
+            await self.daemon.store.set_runtime(domain.name, "migration", None)
+            self._settle_state(exc)
+            self.resolved.set()  # abort and migrate answer now; the destination is told below
+            await self._discard_destination(peer)
+            return
+        outcome = await settle_source(
+            self.daemon,
+            domain,
+            destination=self.dest,
+            migration_id=self.migration_id.hex(),
+            was_running=self.was_running,
+            peer=peer,
+            undefine=self.undefine_source,
+        )
+        if outcome == "migrated":
+            self.summary = {"destination_name": self.dname or domain.name}
+            self.state, self.error = "completed", None
+        elif outcome == "unconfirmed":
+            self.state = "unconfirmed"
+            self.error = f"the destination {self.dest} has not confirmed; the guest stays paused here until it does"
+            self.daemon.settle_later(domain, destination=self.dest, migration_id=self.migration_id.hex(), was_running=self.was_running)
+        self._settle_state(exc)
+        self.resolved.set()
+
+    def _note_cancelled(self, status: Any) -> None:
+        """QEMU's figures just before the cancel: a cancelled job keeps what it had done."""
+        if status.total:
+            self._note(status)
+
+    async def _discard_destination(self, peer: TunnelConnection) -> None:
+        with trio.move_on_after(DISCARD_TIMEOUT):
+            try:
+                if self.stream is not None:
+                    await self.stream.abort(reason=self.abort_reason or self.error or "migration failed on the source")
+                await call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": False})
+            except (DaemonError, TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the destination discards it anyway when the connection goes
+
+    async def _perform_only(self, process: QemuProcess) -> None:
+        """The perform phase of a client-driven migration; the guest stays paused until confirm."""
+        qmp = process.qmp
+        self.was_running = await run_state(qmp) == "running"
+        self.phase = "transfer"
+        try:
+            if not self.live and self.was_running:
+                await qmp.execute("stop")
+            assert self.direct_uri is not None
+            await self._transfer(None, qmp, {"uri": self.direct_uri, "tls": self.direct_tls})
+            self.transfer_ended = time.monotonic()
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await cancel_and_resume(qmp, was_running=self.was_running, note=self._note_cancelled)
+            self._settle_state(exc)
+            self.resolved.set()
+            raise
+        self.phase = "finish"
+        self.state = "performed"
+
+    async def confirm(self, ok: bool) -> None:
+        """End a client-driven migration: stop the source guest, or resume it as it was."""
+        if self.state != "performed":
+            raise DaemonError(f"the migration of {self.domain.name!r} is {self.state}, not waiting for confirmation")
+        process = self.domain.process
+        if ok:
+            self.state = "completed"
+            await self.daemon.migrated_away(self.domain, destination=self.dest, migration_id=self.migration_id.hex(),
+                                            undefine=self.undefine_source)
+        else:
+            self.state, self.error = "failed", "the destination did not finish"
+            if isinstance(process, QemuProcess):
+                await cancel_and_resume(process.qmp, was_running=self.was_running)
+        self.daemon.log(f"migration of {self.domain.name} to {self.dest}: {self.state}")
+
+    async def _transfer_image(self, peer: TunnelConnection, guest: ImageGuest) -> None:
+        """Pre-copy of a memory image: passes while the guest dirties pages, then stop-and-copy."""
+        self.state = "active"
+        self.transfer_started = time.monotonic()
+        reader = MemoryImageReader(guest.path, tracker=guest.tracker, guest=guest.sim, policy=PrecopyPolicy())
+        self.reader = reader
+        stream = await peer.open_stream(
+            kind=StreamKind.MEMORY,
+            digest=DigestAlgorithm.CRC32,
+            migration_id=self.migration_id,
+            label="memory",
+            bandwidth=self.bandwidth_mib * MiB,
+        )
+        self.stream = stream
+        try:
+            await send_from(reader, stream)
+        except EndpointError as exc:
+            raise DaemonError(str(exc)) from None
+        self._note_progress(reader.progress())
+
+    async def _transfer(self, peer: TunnelConnection | None, qmp: Any, prepared: dict[str, Any]) -> None:
+        self.state = "active"
+        bandwidth = self._bandwidth_bytes()
+        self.transfer_started = time.monotonic()
+        if not self.tunnelled:
+            await self._set_tls(qmp, bool(prepared.get("tls")))
+            await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth)
+            self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
+            return
+        assert peer is not None
+        stream = await peer.open_stream(
+            kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label="qemu"
+        )
+        self.stream = stream
+        ours, theirs = socketpair()
+        try:
+            await start_outgoing_fd(qmp, theirs.fileno(), max_bandwidth=bandwidth, capabilities=RETURN_PATH)
+            theirs.close()  # QEMU holds its own copy now
+            # Errors are collected, not raised inside the nursery, so callers see
+            # one exception (never a group) whichever side failed first.
+            pump_errors: list[BaseException] = []
+            failures: list[BaseException] = []
+            pump_done = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def pump() -> None:
+                    try:
+                        await pump_socket(stream, ours)
+                    except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        pump_errors.append(exc)
+                        nursery.cancel_scope.cancel()
+                    finally:
+                        pump_done.set()
+
+                nursery.start_soon(pump)
+                try:
+                    self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
+                    # QEMU closes its end once done, which ends the pump; bound the wait.
+                    with trio.move_on_after(FINISH_TIMEOUT):
+                        await pump_done.wait()
+                    if not pump_done.is_set():
+                        failures.append(DaemonError("the migration stream did not end after QEMU completed"))
+                except QemuError as exc:
+                    failures.append(exc)
+                nursery.cancel_scope.cancel()
+            if failures:
+                raise failures[0]
+            if pump_errors:
+                raise pump_errors[0]
+        finally:
+            theirs.close()
+            ours.close()
+
+    async def _set_tls(self, qmp: Any, tls: bool) -> None:
+        """QEMU's own TLS for a native channel the destination secured, with this daemon's certificate."""
+        if not tls:
+            await set_tls(qmp, None)
+            return
+        files = self.daemon.tls
+        if files is None:
+            raise DaemonError("the destination wants TLS for the migration data, and this daemon has no TLS identity (--tls-cert)")
+        domain = self.domain
+        owner = self.daemon.qemu_uid
+        creds = await trio.to_thread.run_sync(lambda: files.write_qemu_dir(os.path.join(domain.guest_dir, "tls"), "client", owner=owner))
+        await set_tls(qmp, creds, endpoint="client", hostname=self.daemon.parse_peer_uri(self.dest).host)
+
