@@ -159,9 +159,9 @@ class Client:
     async def jobinfo(self, name: str) -> JSON:
         return await self._call(Procedure.JOBINFO, {"name": name})
 
-    async def abort(self, name: str) -> str:
-        status: str = (await self._call(Procedure.ABORT, {"name": name}))["status"]
-        return status
+    async def abort(self, name: str) -> JSON:
+        """Cancel the migration job of *name*; returns ``status`` and ``where`` the guest runs, once the source guest runs again."""
+        return await self._call(Procedure.ABORT, {"name": name})
 
     async def set_speed(self, name: str, mib_per_s: int) -> None:
         await self._call(Procedure.SET_SPEED, {"name": name, "bandwidth_mib": mib_per_s})

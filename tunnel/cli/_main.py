@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -100,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("start", help="start a defined domain")
     st.add_argument("name", metavar="NAME")
     st.add_argument("--paused", action="store_true", help="start with the CPUs stopped")
+    st.add_argument("--force", action="store_true",
+                    help="start a guest that was migrated away (it must no longer run on the destination)")
     ls = sub.add_parser("list", help="list domains and their states")
     ls.add_argument("--json", action="store_true", help="print JSON")
 
@@ -114,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--tunnelled", "--tunneled", action="store_true", help="carry the data over the daemons' RPC connection")
     m.add_argument("--bandwidth", metavar="MIB_PER_S", type=int, default=0, help="limit in MiB/s (default: none)")
     m.add_argument("--dname", metavar="NEW", help="name of the domain on the destination")
+    m.add_argument("--persistent", action="store_true",
+                   help="keep the definition on the destination (default: transient there, gone when the guest stops)")
+    m.add_argument("--undefinesource", action="store_true",
+                   help="forget the definition on the source (default: kept, marked as migrated away: start refuses it)")
+    m.add_argument("--detach", "--async", action="store_true",
+                   help="return once the migration started and leave it running (needs --p2p); follow it with jobinfo")
     m.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
     m.add_argument("name", metavar="NAME")
     m.add_argument("dest", metavar="DEST_URI")
@@ -208,10 +217,19 @@ async def _run_daemon(args: argparse.Namespace) -> int:
 
 
 async def _migrate(client: Client, args: argparse.Namespace) -> int:
+    if args.detach:
+        reply = await client.migrate(
+            args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled, bandwidth_mib=args.bandwidth,
+            dname=args.dname, persistent=args.persistent, undefine_source=args.undefinesource, detach=True,
+        )
+        print(json.dumps(reply, sort_keys=True) if args.json else
+              f"Migration of {args.name} to {args.dest} started; follow it with: tunnel jobinfo {args.name}")
+        return 0
     show_bar = not args.json and sys.stderr.isatty()
     bar = ProgressBar() if show_bar else None
     result: dict[str, Any] = {}
     started = time.monotonic()
+    interrupted: list[str] = []
 
     async def poll() -> None:
         try:
@@ -223,22 +241,41 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
         except DaemonError:
             return  # the migrate call reports what went wrong
 
+    async def cancel_on_ctrl_c(signals: AsyncIterator[int]) -> None:
+        """Ctrl-C cancels the migration this command started (the daemon's job goes on otherwise)."""
+        async for _ in signals:
+            if interrupted:
+                continue
+            try:
+                reply = await client.abort(args.name)
+                interrupted.append(reply.get("where") or "")
+            except DaemonError as exc:
+                interrupted.append("")
+                print(f"cannot cancel: {exc.message}", file=sys.stderr)
+
     error: DaemonError | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            if bar is not None:
-                nursery.start_soon(poll)
-            try:
-                result = await client.migrate(
-                    args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled,
-                    bandwidth_mib=args.bandwidth, dname=args.dname,
-                )
-            except DaemonError as exc:
-                error = exc
-            nursery.cancel_scope.cancel()
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_on_ctrl_c, signals)
+                if bar is not None:
+                    nursery.start_soon(poll)
+                try:
+                    result = await client.migrate(
+                        args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled,
+                        bandwidth_mib=args.bandwidth, dname=args.dname, persistent=args.persistent,
+                        undefine_source=args.undefinesource,
+                    )
+                except DaemonError as exc:
+                    error = exc
+                nursery.cancel_scope.cancel()
     finally:
         if bar is not None:
             bar.close()
+    if interrupted and error is not None:
+        where = interrupted[0] or "the guest stays on the source"
+        print(f"error: migration of {args.name} to {args.dest} cancelled (Ctrl-C); {where}", file=sys.stderr)
+        return 130
     if error is not None:
         raise error
     result["client_seconds"] = round(time.monotonic() - started, 3)
@@ -287,7 +324,7 @@ async def _client_command(args: argparse.Namespace) -> int:
             await client.undefine(args.name)
             print(f"Domain '{args.name}' has been undefined")
         elif args.command == "start":
-            state = await client.start(args.name, paused=args.paused)
+            state = await client.start(args.name, paused=args.paused, force=args.force)
             print(f"Domain '{args.name}' started ({state})")
         elif args.command == "destroy":
             await client.destroy(args.name)
@@ -307,8 +344,8 @@ async def _client_command(args: argparse.Namespace) -> int:
             info = await client.jobinfo(args.name)
             print(json.dumps(info, sort_keys=True) if args.json else format_jobinfo(info))
         elif args.command == "abort":
-            status = await client.abort(args.name)
-            print(f"Migration job of '{args.name}' {status}")
+            reply = await client.abort(args.name)
+            print(f"Migration job of '{args.name}' {reply['status']}; {reply.get('where', '')}".rstrip("; "))
         elif args.command == "set-speed":
             await client.set_speed(args.name, args.mib)
             print(f"Bandwidth of the migration of '{args.name}' set to {args.mib or 'unlimited'}{' MiB/s' if args.mib else ''}")
