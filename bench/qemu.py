@@ -294,6 +294,8 @@ class Daemons:
         ]  # fmt: skip
         for peer in allow:
             command += ["--allow-peer", peer]
+        # the bench's client certificate drives both; the guest's RAM file lives in the bench's directory
+        command += ["--allow-admin", "cn:client", "--allow-path", self.root, "--shutdown-guests-on-exit"]
         proc = _spawn_daemon(command, log_path)
         daemon = DaemonProc(name=name, proc=proc, unix_uri=f"unix://{sock}", tls_uri=tls_uri, log_path=log_path)
         self.procs[name] = daemon
@@ -340,14 +342,15 @@ async def daemon_run(setup: Setup, daemons: Daemons, mode: str, index: int, chec
             await src.start(GUEST)
             cpu_before = (source.cpu_s(), destination.cpu_s())
             started = now()
-            result = await src.migrate(GUEST, dst_uri, live=True, p2p=True, tunnelled=mode != "p2p")
+            result = await src.migrate(GUEST, dst_uri, live=True, p2p=True, tunnelled=mode != "p2p", undefine_source=True)
             wall = now() - started
             cpu_after = (source.cpu_s(), destination.cpu_s())
             if result.get("destination_state") != "running":
                 raise SystemExit(f"{mode} run {index}: the destination reports {result.get('destination_state')!r}, not running")
             if check:
-                dump = os.path.join(setup.root, f"{mode}.dump")
-                reply = await dst.monitor(GUEST, pmemsave(setup, dump))
+                # pmemsave writes into the guest's own directory on the destination
+                dump = os.path.join(daemons.root, "destination", "run", GUEST, f"{mode}.dump")
+                reply = await dst.monitor(GUEST, pmemsave(setup, f"{mode}.dump"))
                 if "error" in reply:
                     raise SystemExit(f"{mode} run {index}: pmemsave on the destination failed: {reply['error']}")
                 await verify(setup, dump, f"{mode} run {index}")
