@@ -115,5 +115,12 @@ async def test_detach_and_one_live_copy_after_the_migration(run_dir: str, random
             async with connect(f"unix://{dst}") as dest:
                 rows = await dest.list()
                 assert rows[0]["state"] == "running" and rows[0]["persistent"] is False  # transient without --persistent
-                await dest.destroy("vm1")
-                assert await dest.list() == []  # a transient guest goes with its QEMU
+                # and back, --persistent --undefinesource: the destination keeps it, the source forgets it
+                result = await dest.migrate("vm1", f"unix://{src}", live=True, p2p=True, tunnelled=True, persistent=True,
+                                            undefine_source=True)
+                assert result["status"] == "completed"
+                assert await dest.list() == []  # a transient guest goes with its QEMU; nothing marks it here
+            async with connect(f"unix://{src}") as client:
+                rows = await client.list()
+                assert (rows[0]["state"], rows[0]["persistent"], "migrated_to" in rows[0]) == ("running", True, False)
+                await client.destroy("vm1")

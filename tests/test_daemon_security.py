@@ -112,8 +112,11 @@ async def test_tls_clients_without_the_admin_role_run_nothing(run_dir: str) -> N
                 await client.define({"name": "vm1", "qemu": base_args()})
                 await client.start("vm1")
             # Signed by the CA, but on no allow list; a peer; a read-only client.
+            rss_before = daemon.rss_kib()
             for name in ("mallory", "source", "monitoring"):
-                await every_admin_call_is_refused(uri, certs.files(name), marker)
+                for _ in range(3):
+                    await every_admin_call_is_refused(uri, certs.files(name), marker)
+            assert daemon.rss_kib() - rss_before < 16 * 1024  # refusals cost nothing that stays
             async with connect(uri, tls=certs.files("monitoring")) as client:
                 assert [d["name"] for d in await client.list()] == ["vm1"]
                 await client.jobinfo("vm1")
@@ -122,7 +125,7 @@ async def test_tls_clients_without_the_admin_role_run_nothing(run_dir: str) -> N
                     await client.list()
             # Certificates that do not even get a connection: another CA, expired, none.
             stranger = certs.files("stranger", ca=trustme.CA())
-            expired = certs.files("expired", not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc))
+            expired = certs.files("expired", not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
             for tls in (stranger, expired):
                 with pytest.raises(DaemonError, match="TLS handshake|lost the connection"):
                     async with connect(uri, tls=tls) as client:
@@ -258,6 +261,23 @@ async def test_unix_socket_mode_group_and_uid_roles(run_dir: str) -> None:
                     await client.define({"name": "vm1", "qemu": base_args()})
             async with connect(f"unix://{rw}") as client:
                 await client.define({"name": "vm1", "qemu": base_args()})
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to switch QEMU to another user")
+async def test_qemu_user_runs_guests_unprivileged(run_dir: str) -> None:
+    os.chmod(run_dir, 0o711)  # QEMU, as nobody, must reach its guest directory below it
+    sock = f"{run_dir}/d.sock"
+    with trio.fail_after(60):
+        async with daemon_process(run_dir, "d", "--listen", f"unix://{sock}", "--qemu-user", "nobody"):
+            async with connect(f"unix://{sock}") as client:
+                await client.define({"name": "vm1", "qemu": base_args()})
+                await client.start("vm1")
+                pid = (await client.list())[0]["pid"]
+                with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                    status = dict(line.split(":", 1) for line in f)
+                assert status["Uid"].split() == ["65534"] * 4 and status["Seccomp"].strip() == "2"
+                assert (await client.monitor("vm1", {"execute": "query-status"}))["return"]["status"] == "running"
+                await client.destroy("vm1")
 
 
 async def test_concurrent_starts_give_one_qemu(run_dir: str) -> None:
