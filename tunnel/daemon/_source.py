@@ -370,6 +370,7 @@ class SourceJob:
         with trio.CancelScope(shield=True):
             await self.daemon.migrated_away(self.domain, destination=self.dest, migration_id=self.migration_id.hex(),
                                             undefine=self.undefine_source)
+        self.resolved.set()  # the client has its answer before the connection to the destination closes
 
     async def _recover(self, peer: TunnelConnection, process: QemuProcess | ImageGuest, exc: BaseException) -> None:
         """The migration failed or was cancelled: the guest must run on exactly one host.
