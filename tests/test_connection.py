@@ -1450,20 +1450,31 @@ def test_pending_control_bytes_counts_answers_to_the_peer_only() -> None:
     b.send_call(7, 1, 1, b"c" * 5000)
     b.ping(b"12345678")
     assert b.pending_control_bytes == 0
-    # Answers do: RPC errors and replies, PONGs, window updates.
+    # Answers do: PONGs, window updates, RPC answers past max_concurrent_calls.
     a.send_call(7, 1, 1, b"call")
     a.send_call(7, 1, 2, b"call")
     a.send_data(sid, b"d" * 3000)
+    a.ping(b"pingping")
     events = pump(a, b)
     calls = [e for e in events if isinstance(e, CallReceived)]
     b.send_error(calls[0].serial, ErrorCode.UNKNOWN_PROCEDURE, "nope")
     b.send_reply(calls[1].serial, b"r" * 100)
     ack_all(b, events)
+    # Answers to calls count only once the peer has more than
+    # max_concurrent_calls of them waiting: up to there it is owed them.
     owed = b.pending_control_bytes
-    assert owed > 100
+    assert owed == 20 and b.pending_rpc_answers == 2  # the PONG
     assert b.pending_output > owed + 5000
     b.data_to_send()
-    assert b.pending_control_bytes == 0
+    assert b.pending_control_bytes == 0 and b.pending_rpc_answers == 0
+    limit = b.local_settings.max_concurrent_calls
+    for _ in range(limit + 1):
+        a.send_call(7, 1, 3)
+    for event in pump(a, b):
+        assert isinstance(event, CallReceived)
+        b.send_error(event.serial, ErrorCode.UNKNOWN_PROCEDURE, "nope")
+    assert b.pending_rpc_answers == limit + 1
+    assert b.pending_control_bytes == b.pending_output
 
 
 def test_frames_received_and_receiving_frame() -> None:

@@ -165,8 +165,11 @@ class Connection:
         self._reader = FrameReader(self.local_settings.max_frame_size)
         self._got_preface = False
         self._out: list[Buffer] = [PREFACE.pack(MAGIC, min_version, max_version)]
-        #: Bytes of answers to the peer in _out (see pending_control_bytes).
+        #: Answers to the peer in _out (see pending_control_bytes): bytes of
+        #: PONG, WINDOW_UPDATE and STREAM_ABORT; bytes and number of RPC answers.
         self._owed = 0
+        self._owed_rpc = 0
+        self._rpc_answers = 0
         #: Index in _out of a PONG not yet taken by data_to_send, which a newer PING overwrites.
         self._pong_at: int | None = None
         self._queue(self.local_settings.to_frame())
@@ -189,7 +192,11 @@ class Connection:
     def _answer_peer(self, frame: Frame) -> None:
         """Queue a frame the peer's input called for: it counts towards pending_control_bytes."""
         parts = encode_parts(frame)
-        self._owed += sum(len(p) for p in parts)
+        if isinstance(frame, RpcReply | RpcError):
+            self._owed_rpc += sum(len(p) for p in parts)
+            self._rpc_answers += 1
+        else:
+            self._owed += sum(len(p) for p in parts)
         self._out.extend(parts)
 
     def _pong(self, opaque: bytes) -> None:
@@ -210,7 +217,7 @@ class Connection:
         them before the application reuses them.
         """
         out, self._out = self._out, []
-        self._owed = 0
+        self._owed = self._owed_rpc = self._rpc_answers = 0
         self._pong_at = None
         return out
 
@@ -224,15 +231,26 @@ class Connection:
 
     @property
     def pending_control_bytes(self) -> int:
-        """Bytes queued in answer to the peer (PONG, RPC_REPLY, RPC_ERROR,
-        WINDOW_UPDATE, STREAM_ABORT) that :meth:`data_to_send` has not taken yet.
+        """Bytes queued in answer to the peer that :meth:`data_to_send` has not
+        taken yet and that count against the driver's bound: PONG, WINDOW_UPDATE,
+        STREAM_ABORT, and RPC answers once more than the local
+        ``max_concurrent_calls`` of them are queued.
 
         Only the peer's reading drains them, so a driver stops feeding input
-        while this is above its bound.  The application's own output (calls,
-        streams, data) is not counted: it does not grow with what the peer
-        sends, and pausing input for it could deadlock two busy peers.
+        while this is above its bound.  A peer that keeps to
+        MAX_CONCURRENT_CALLS is owed the answers to its calls, however large
+        (they are not counted until it exceeds it), and the application's own
+        output (calls, streams, data) never counts: pausing input for either
+        could deadlock two peers that call each other with large bodies.
         """
+        if self._rpc_answers > self.local_settings.max_concurrent_calls:
+            return self._owed + self._owed_rpc
         return self._owed
+
+    @property
+    def pending_rpc_answers(self) -> int:
+        """RPC_REPLY and RPC_ERROR frames queued and not yet taken by :meth:`data_to_send`."""
+        return self._rpc_answers
 
     @property
     def receiving_frame(self) -> bool:
