@@ -22,6 +22,7 @@ from ..qemu import QemuError, QemuProcess, QMPError, run_state
 from ..transport import Handler, TunnelConnection, TunnelStream, open_connection
 from ._domains import DomainStore, validate_definition, validate_name
 from ._imageguest import ImageGuest
+from ._limits import ConnectionLimits, Slot
 from ._migration import Incoming, SourceJob, domain_state
 from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
 from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler
@@ -100,6 +101,8 @@ class Daemon:
         allow: list[str] = (),  # type: ignore[assignment]
         insecure: bool = False,
         log: Callable[[str], None] | None = None,
+        max_clients: int = 5000,
+        max_anonymous_clients: int = 20,
     ) -> None:
         self.store = DomainStore(state_dir)
         self.listen_uris = [parse_uri(u) for u in listen]
@@ -114,6 +117,7 @@ class Daemon:
         self.allow = [parse_allow(a) for a in allow] + [("uid", str(os.getuid()))]
         self.insecure = insecure
         self._log = log or (lambda line: None)
+        self.limits = ConnectionLimits(max_clients=max_clients, max_anonymous_clients=max_anonymous_clients)
         self.domains: dict[str, Domain] = {
             name: Domain(definition, self.store.run_dir) for name, definition in self.store.load_all().items()
         }
@@ -167,17 +171,25 @@ class Daemon:
                     self.log(f"{uri}: accept failed: {exc}")
                     await trio.sleep(0.5)
                     continue
+                slot = self.limits.admit()
+                if slot is None:
+                    line = self.limits.refusal_message(trio.current_time())
+                    if line is not None:
+                        self.log(f"{uri}: {line}")
+                    await trio.aclose_forcefully(stream)
+                    continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._serve, stream, uri)
+                self._nursery.start_soon(self._serve, stream, uri, slot)
 
-    async def _serve(self, raw: trio.SocketStream, uri: URI) -> None:
+    async def _serve(self, raw: trio.SocketStream, uri: URI, slot: Slot) -> None:
         try:
-            await self._serve_connection(raw, uri)
+            with slot:
+                await self._serve_connection(raw, uri, slot)
         except Exception as exc:  # noqa: BLE001 - a bug: drop this connection, keep the daemon serving
             self.log(f"internal error on a connection from {uri}: " + "".join(traceback.format_exception(exc)).rstrip())
             await trio.aclose_forcefully(raw)
 
-    async def _serve_connection(self, raw: trio.SocketStream, uri: URI) -> None:
+    async def _serve_connection(self, raw: trio.SocketStream, uri: URI, slot: Slot) -> None:
         stream: trio.abc.Stream = raw
         if uri.scheme == "tls":
             assert self._server_context is not None
@@ -191,6 +203,7 @@ class Daemon:
         try:
             async with open_connection(stream, client=False, handlers=session.handlers()) as conn:
                 session.conn = conn
+                slot.authenticated()
                 while True:
                     incoming = await conn.accept_stream()
                     await session.on_stream(incoming)

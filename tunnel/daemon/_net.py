@@ -25,6 +25,8 @@ from ._uri import URI
 __all__ = ["Identity", "TLSFiles", "connect", "listen", "peer_identity"]
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Connections the kernel queues before accept (it caps this at net.core.somaxconn).
+BACKLOG = 512
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,7 +126,7 @@ def _unix_socket(path: str) -> trio.socket.SocketType:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(64)
+    sock.listen(BACKLOG)
     return trio.socket.from_stdlib_socket(sock)
 
 
@@ -136,7 +138,7 @@ async def listen(uri: URI) -> list[trio.SocketListener]:
         except OSError as exc:
             raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
     try:
-        return await trio.open_tcp_listeners(uri.port, host=uri.host)
+        return await trio.open_tcp_listeners(uri.port, host=uri.host, backlog=BACKLOG)
     except OSError as exc:
         raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
 
