@@ -1424,6 +1424,78 @@ def test_ping_is_answered_automatically() -> None:
         a.ping(b"short")
 
 
+def test_pings_arriving_while_a_pong_is_unsent_get_one_pong() -> None:
+    """A flood of PINGs from a peer that does not read costs one queued PONG,
+    which echoes the newest PING (protocol.md 8.1)."""
+    a, b = make_pair()
+    for i in range(1000):
+        b.receive_data(encode(Ping(opaque=i.to_bytes(8, "big"))))
+    assert b.pending_control_bytes == len(encode(Pong(opaque=b"\0" * 8)))
+    assert parse(b.bytes_to_send()) == [Pong(opaque=(999).to_bytes(8, "big"))]
+    assert b.pending_control_bytes == 0
+    # Once taken, the next PING gets a PONG of its own, behind other output.
+    b.receive_data(encode(Ping(opaque=b"one.....")))
+    b.send_call(1, 1, 1, b"x")
+    b.receive_data(encode(Ping(opaque=b"two.....")))
+    frames = parse(b.bytes_to_send())
+    assert [f for f in frames if isinstance(f, Pong)] == [Pong(opaque=b"two.....")]
+    assert len(frames) == 2
+
+
+def test_pending_control_bytes_counts_answers_to_the_peer_only() -> None:
+    a, b = make_pair()
+    sid = a.open_stream(digest=DigestAlgorithm.NONE)
+    pump(a, b)
+    # The application's own output does not count.
+    b.send_call(7, 1, 1, b"c" * 5000)
+    b.ping(b"12345678")
+    assert b.pending_control_bytes == 0
+    # Answers do: PONGs, window updates, RPC answers past max_concurrent_calls.
+    a.send_call(7, 1, 1, b"call")
+    a.send_call(7, 1, 2, b"call")
+    a.send_data(sid, b"d" * 3000)
+    a.ping(b"pingping")
+    events = pump(a, b)
+    calls = [e for e in events if isinstance(e, CallReceived)]
+    b.send_error(calls[0].serial, ErrorCode.UNKNOWN_PROCEDURE, "nope")
+    b.send_reply(calls[1].serial, b"r" * 100)
+    ack_all(b, events)
+    # Answers to calls count only once the peer has more than
+    # max_concurrent_calls of them waiting: up to there it is owed them.
+    owed = b.pending_control_bytes
+    assert owed == 20 and b.pending_rpc_answers == 2  # the PONG
+    assert b.pending_output > owed + 5000
+    b.data_to_send()
+    assert b.pending_control_bytes == 0 and b.pending_rpc_answers == 0
+    limit = b.local_settings.max_concurrent_calls
+    for _ in range(limit + 1):
+        a.send_call(7, 1, 3)
+    for event in pump(a, b):
+        assert isinstance(event, CallReceived)
+        b.send_error(event.serial, ErrorCode.UNKNOWN_PROCEDURE, "nope")
+    assert b.pending_rpc_answers == limit + 1
+    assert b.pending_control_bytes == b.pending_output
+
+
+def test_frames_received_and_receiving_frame() -> None:
+    a = Connection(client=True)
+    b = Connection(client=False)
+    blob = a.bytes_to_send()  # preface and SETTINGS
+    assert not b.receiving_frame and b.frames_received == 0
+    b.receive_data(blob[:3])
+    assert b.receiving_frame and b.frames_received == 0
+    b.receive_data(blob[3:])
+    assert not b.receiving_frame and b.frames_received == 2
+    a.receive_data(b.bytes_to_send())
+    sid = a.open_stream(digest=DigestAlgorithm.NONE)
+    a.send_data(sid, b"x" * 100)
+    blob = a.bytes_to_send()
+    b.receive_data(blob[:-1])
+    assert b.receiving_frame and b.frames_received == 3  # STREAM_OPEN; DATA under way
+    b.receive_data(blob[-1:])
+    assert not b.receiving_frame and b.frames_received == 4
+
+
 def test_goodbye_terminates_and_later_input_is_ignored() -> None:
     a, b = make_pair()
     sid = a.open_stream()

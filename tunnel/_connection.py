@@ -20,6 +20,14 @@ place on one stream, a digest mismatch) aborts that stream, queues
 carries on.  A *connection error* (malformed framing, a window overrun, an
 unknown stream) queues ``GOODBYE`` and raises :class:`RemoteProtocolError`;
 the connection is then dead and later input is ignored.
+
+Answers are bounded by the driver, not here.  Frames queued in answer to
+the peer (PONG, RPC answers, WINDOW_UPDATE, STREAM_ABORT) are counted in
+:attr:`Connection.pending_control_bytes` until :meth:`data_to_send` takes
+them; a driver stops feeding input while that count is above its bound,
+so a peer that sends without reading cannot grow the queue without end.
+A PING that arrives while the PONG for an earlier one is still queued
+replaces that PONG's payload instead of queueing another (protocol.md 8.1).
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ from ._frames import (
     WindowUpdate,
     ZeroPages,
     ZstdPages,
+    encode,
     encode_parts,
     frame_type,
     header,
@@ -156,6 +165,13 @@ class Connection:
         self._reader = FrameReader(self.local_settings.max_frame_size)
         self._got_preface = False
         self._out: list[Buffer] = [PREFACE.pack(MAGIC, min_version, max_version)]
+        #: Answers to the peer in _out (see pending_control_bytes): bytes of
+        #: PONG, WINDOW_UPDATE and STREAM_ABORT; bytes and number of RPC answers.
+        self._owed = 0
+        self._owed_rpc = 0
+        self._rpc_answers = 0
+        #: Index in _out of a PONG not yet taken by data_to_send, which a newer PING overwrites.
+        self._pong_at: int | None = None
         self._queue(self.local_settings.to_frame())
         self._streams: dict[int, _Stream] = {}
         self._next_stream_id = 1 if client else 2
@@ -173,6 +189,27 @@ class Connection:
     def _queue(self, frame: Frame) -> None:
         self._out.extend(encode_parts(frame))
 
+    def _answer_peer(self, frame: Frame) -> None:
+        """Queue a frame the peer's input called for: it counts towards pending_control_bytes."""
+        parts = encode_parts(frame)
+        if isinstance(frame, RpcReply | RpcError):
+            self._owed_rpc += sum(len(p) for p in parts)
+            self._rpc_answers += 1
+        else:
+            self._owed += sum(len(p) for p in parts)
+        self._out.extend(parts)
+
+    def _pong(self, opaque: bytes) -> None:
+        pong = encode(Pong(opaque=opaque))
+        if self._pong_at is not None:
+            # Still unsent: answer the newest PING only, so a flood of PINGs
+            # costs one queued PONG, not one each.
+            self._out[self._pong_at] = pong
+            return
+        self._pong_at = len(self._out)
+        self._out.append(pong)
+        self._owed += len(pong)
+
     def data_to_send(self) -> list[Buffer]:
         """Buffers to write to the transport, in order; the queue is emptied.
 
@@ -180,6 +217,8 @@ class Connection:
         them before the application reuses them.
         """
         out, self._out = self._out, []
+        self._owed = self._owed_rpc = self._rpc_answers = 0
+        self._pong_at = None
         return out
 
     def bytes_to_send(self) -> bytes:
@@ -189,6 +228,40 @@ class Connection:
     @property
     def pending_output(self) -> int:
         return sum(len(b) for b in self._out)
+
+    @property
+    def pending_control_bytes(self) -> int:
+        """Bytes queued in answer to the peer that :meth:`data_to_send` has not
+        taken yet and that count against the driver's bound: PONG, WINDOW_UPDATE,
+        STREAM_ABORT, and RPC answers once more than the local
+        ``max_concurrent_calls`` of them are queued.
+
+        Only the peer's reading drains them, so a driver stops feeding input
+        while this is above its bound.  A peer that keeps to
+        MAX_CONCURRENT_CALLS is owed the answers to its calls, however large
+        (they are not counted until it exceeds it), and the application's own
+        output (calls, streams, data) never counts: pausing input for either
+        could deadlock two peers that call each other with large bodies.
+        """
+        if self._rpc_answers > self.local_settings.max_concurrent_calls:
+            return self._owed + self._owed_rpc
+        return self._owed
+
+    @property
+    def pending_rpc_answers(self) -> int:
+        """RPC_REPLY and RPC_ERROR frames queued and not yet taken by :meth:`data_to_send`."""
+        return self._rpc_answers
+
+    @property
+    def receiving_frame(self) -> bool:
+        """Whether part of a frame (or of the preface) has arrived and the rest has not."""
+        return self._reader.partial
+
+    @property
+    def frames_received(self) -> int:
+        """Frames completed so far (the preface counts as one): a driver that times out
+        incomplete frames restarts its clock when this changes."""
+        return self._reader.frames
 
     # ------------------------------------------------------------------
     # Queries
@@ -346,11 +419,11 @@ class Connection:
     def _give_back_connection(self, size: int) -> None:
         increment = self._conn_window.acknowledge(size)
         if increment:
-            self._queue(WindowUpdate(stream_id=0, increment=increment))
+            self._answer_peer(WindowUpdate(stream_id=0, increment=increment))
 
     def _stream_error(self, s: _Stream, code: ErrorCode, reason: str) -> StreamReset:
         self._close_stream(s)
-        self._queue(StreamAbort(stream_id=s.stream_id, error_code=code, reason=reason))
+        self._answer_peer(StreamAbort(stream_id=s.stream_id, error_code=code, reason=reason))
         return StreamReset(stream_id=s.stream_id, error_code=code, reason=reason, remote=False)
 
     def _close_stream(self, s: _Stream) -> None:
@@ -394,7 +467,7 @@ class Connection:
         elif isinstance(item, WindowUpdate):
             self._on_window(item, events)
         elif isinstance(item, Ping):
-            self._queue(Pong(opaque=item.opaque))
+            self._pong(item.opaque)
         elif isinstance(item, Pong):
             events.append(PongReceived(opaque=item.opaque))
         elif isinstance(item, Goodbye):
@@ -525,7 +598,7 @@ class Connection:
         elif len(self._calls_in) >= self.local_settings.max_concurrent_calls:
             refusal = (ErrorCode.BUSY, f"{len(self._calls_in)} calls already in progress")
         if refusal is not None:
-            self._queue(
+            self._answer_peer(
                 RpcError(program=call.program, version=call.version, procedure=call.procedure, serial=call.serial, error_code=refusal[0], message=refusal[1])
             )
             return
@@ -561,10 +634,10 @@ class Connection:
         self._highest_peer_stream = sid
         peer_open = sum(1 for s in self._streams.values() if not s.local)
         if frame.digest == DigestAlgorithm.SHA256 and not self._sha256_agreed():
-            self._queue(StreamAbort(stream_id=sid, error_code=ErrorCode.REFUSED_STREAM, reason="SHA-256 digests were not negotiated"))
+            self._answer_peer(StreamAbort(stream_id=sid, error_code=ErrorCode.REFUSED_STREAM, reason="SHA-256 digests were not negotiated"))
             return
         if peer_open >= self.local_settings.max_concurrent_streams:
-            self._queue(
+            self._answer_peer(
                 StreamAbort(
                     stream_id=sid,
                     error_code=ErrorCode.REFUSED_STREAM,
@@ -785,7 +858,7 @@ class Connection:
         if s is not None and (s.state, StreamInput.SEND_WINDOW) in TRANSITIONS:
             increment = s.window.acknowledge(min(size, s.window.buffered))
             if increment:
-                self._queue(WindowUpdate(stream_id=stream_id, increment=increment))
+                self._answer_peer(WindowUpdate(stream_id=stream_id, increment=increment))
 
     # RPC
 
@@ -819,13 +892,13 @@ class Connection:
         if serial in self._calls_in and len(body) + _RPC_HEADER > peer.max_frame_size:
             raise FrameTooLargeError(f"reply of {len(body)} bytes exceeds the peer's maximum frame size")
         program, version, procedure = self._answer(serial)
-        self._queue(RpcReply(program=program, version=version, procedure=procedure, serial=serial, body=body))
+        self._answer_peer(RpcReply(program=program, version=version, procedure=procedure, serial=serial, body=body))
 
     def send_error(self, serial: int, error_code: int, message: str) -> None:
         peer = self._check_open()
         encoded = message.encode("utf-8", "replace")[: peer.max_frame_size - 64]
         program, version, procedure = self._answer(serial)
-        self._queue(
+        self._answer_peer(
             RpcError(
                 program=program,
                 version=version,

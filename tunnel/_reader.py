@@ -66,6 +66,8 @@ class FrameReader:
         self._data_stream = 0
         #: Payload bytes of the current DATA frame not yet seen.
         self.data_remaining = 0
+        #: Frames completed so far, the preface included.
+        self.frames = 0
 
     @property
     def data_stream(self) -> int:
@@ -76,11 +78,18 @@ class FrameReader:
         """Bytes held for an incomplete header or frame."""
         return len(self._preface) * (not self._preface_done) + len(self._header) + self._frame_filled
 
+    @property
+    def partial(self) -> bool:
+        """Whether part of the preface or of a frame has arrived and the rest has not."""
+        return bool(self.data_remaining or self._header or self._frame is not None or (self._preface and not self._preface_done))
+
     def skip_data(self, size: int) -> None:
         """*size* bytes of the current DATA payload were moved outside the reader."""
         if not 0 < size <= self.data_remaining:
             raise ValueError(f"cannot skip {size} bytes, {self.data_remaining} remain in the DATA frame")
         self.data_remaining -= size
+        if not self.data_remaining:
+            self.frames += 1
 
     def feed(self, data: Buffer, out: list[Item] | None = None) -> list[Item]:
         """Items completed by *data*, appended to *out* if given.
@@ -108,6 +117,7 @@ class FrameReader:
             _, low, high = PREFACE.unpack(self._preface)
             self._preface_done = True
             self._preface = bytearray()
+            self.frames += 1
             out.append(Preface(low, high))
         while pos < end:
             if self.data_remaining:
@@ -115,6 +125,8 @@ class FrameReader:
                 out.append(DataChunk(self._data_stream, view[pos : pos + take]))
                 self.data_remaining -= take
                 pos += take
+                if not self.data_remaining:
+                    self.frames += 1
                 continue
             if self._frame is not None:
                 take = min(len(self._frame) - self._frame_filled, end - pos)
@@ -126,6 +138,7 @@ class FrameReader:
                 pos += take
                 if self._frame_filled == len(self._frame):
                     payload, self._frame, self._frame_filled = memoryview(self._frame), None, 0
+                    self.frames += 1
                     out.append(self._decode(self._frame_type, self._frame_stream, payload))
                 continue
             if self._header or end - pos < HEADER_SIZE:
@@ -144,10 +157,12 @@ class FrameReader:
             if ftype is FrameType.DATA:
                 self._data_stream = stream_id
                 self.data_remaining = length
+                self.frames += not length
                 out.append(DataStart(stream_id, length))
             elif end - pos >= length:
                 out.append(self._decode(ftype, stream_id, view[pos : pos + length]))
                 pos += length
+                self.frames += 1
             else:
                 self._frame = bytearray(length)
                 self._frame_type = ftype

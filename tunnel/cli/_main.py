@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -90,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
                         "reattaches to them)")
     d.add_argument("--max-image-mib", metavar="MIB", type=int,
                    help="largest memory-image guest accepted from a client or a peer (default: the host's memory)")
+    d.add_argument("--max-clients", metavar="N", type=int, default=5000,
+                   help="most connections at once; more are closed at once (default 5000, as libvirt)")
+    d.add_argument("--max-anonymous-clients", metavar="N", type=int, default=20,
+                   help="most connections still in their TLS or tunnel handshake (default 20, as libvirt)")
     d.add_argument("--insecure", action="store_true",
                    help="allow tcp:// listeners without TLS and migrations to tcp:// peers (logged as a warning)")
 
@@ -170,6 +175,10 @@ def _log(line: str) -> None:
 
 async def _run_daemon(args: argparse.Namespace) -> int:
     tls = _tls(args.d_tls_cert, args.d_tls_key, args.d_tls_ca, "daemon")
+    # Each connection is an fd: let --max-clients, not a 1024 default, be the limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         mode = int(args.socket_mode, 8)
     except ValueError:
@@ -199,6 +208,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         allow_unsafe_monitor=args.allow_unsafe_monitor,
         qemu_user=args.qemu_user,
         shutdown_guests_on_exit=args.shutdown_guests_on_exit,
+        max_clients=args.max_clients,
+        max_anonymous_clients=args.max_anonymous_clients,
         insecure=args.insecure,
         log=_log,
     )

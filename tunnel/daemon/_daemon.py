@@ -36,6 +36,7 @@ from ._access import AccessPolicy, Listener, Role, parse_entry
 from ._domains import DomainStore, validate_definition, validate_name
 from ._imageguest import ImageGuest
 from ._incoming import Incoming
+from ._limits import ConnectionLimits, Slot
 from ._migration import domain_state
 from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
 from ._qemuargs import check_qemu_args
@@ -150,6 +151,8 @@ class Daemon:
         shutdown_guests_on_exit: bool = False,
         insecure: bool = False,
         log: Callable[[str], None] | None = None,
+        max_clients: int = 5000,
+        max_anonymous_clients: int = 20,
     ) -> None:
         self.store = DomainStore(state_dir)
         self.listen_uris = [parse_uri(u) for u in listen]
@@ -192,6 +195,7 @@ class Daemon:
             # QEMU, as that user, must reach its own guest directory (which it owns) below these.
             for path in (self.store.state_dir, self.store.run_dir):
                 os.chmod(path, 0o711)
+        self.limits = ConnectionLimits(max_clients=max_clients, max_anonymous_clients=max_anonymous_clients)
         self.domains: dict[str, Domain] = {name: Domain(definition, self.store) for name, definition in self.store.load_all().items()}
         self.incoming: dict[bytes, Incoming] = {}
         self._nursery: trio.Nursery | None = None
@@ -276,17 +280,25 @@ class Daemon:
                     self.log(f"{uri}: accept failed: {exc}")
                     await trio.sleep(0.5)
                     continue
+                slot = self.limits.admit()
+                if slot is None:
+                    line = self.limits.refusal_message(trio.current_time())
+                    if line is not None:
+                        self.log(f"{uri}: {line}")
+                    await trio.aclose_forcefully(stream)
+                    continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._serve, stream, uri, place)
+                self._nursery.start_soon(self._serve, stream, uri, place, slot)
 
-    async def _serve(self, raw: trio.SocketStream, uri: URI, place: Listener) -> None:
+    async def _serve(self, raw: trio.SocketStream, uri: URI, place: Listener, slot: Slot) -> None:
         try:
-            await self._serve_connection(raw, uri, place)
+            with slot:
+                await self._serve_connection(raw, uri, place, slot)
         except Exception as exc:  # noqa: BLE001 - a bug: drop this connection, keep the daemon serving
             self.log(f"internal error on a connection from {uri}: " + "".join(traceback.format_exception(exc)).rstrip())
             await trio.aclose_forcefully(raw)
 
-    async def _serve_connection(self, raw: trio.SocketStream, uri: URI, place: Listener) -> None:
+    async def _serve_connection(self, raw: trio.SocketStream, uri: URI, place: Listener, slot: Slot) -> None:
         stream: trio.abc.Stream = raw
         if uri.scheme == "tls":
             assert self._server_context is not None
@@ -300,6 +312,7 @@ class Daemon:
         try:
             async with open_connection(stream, client=False, handlers=session.handlers()) as conn:
                 session.conn = conn
+                slot.authenticated()
                 while True:
                     incoming = await conn.accept_stream()
                     await session.on_stream(incoming)

@@ -26,6 +26,8 @@ from ._uri import URI
 __all__ = ["Identity", "TLSFiles", "connect", "listen", "peer_identity"]
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Connections the kernel queues before accept (it caps this at net.core.somaxconn).
+BACKLOG = 512
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,7 +152,7 @@ def _unix_socket(path: str, *, mode: int, group: int | None) -> trio.socket.Sock
     except BaseException:
         sock.close()
         raise
-    sock.listen(512)
+    sock.listen(BACKLOG)
     return trio.socket.from_stdlib_socket(sock)
 
 
@@ -162,7 +164,7 @@ async def listen(uri: URI, *, mode: int = 0o600, group: int | None = None) -> li
         except OSError as exc:
             raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
     try:
-        return await trio.open_tcp_listeners(uri.port, host=uri.host)
+        return await trio.open_tcp_listeners(uri.port, host=uri.host, backlog=BACKLOG)
     except OSError as exc:
         raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
 

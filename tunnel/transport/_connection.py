@@ -10,8 +10,17 @@ only task that writes: each round it first drains what the core has queued
 (RPC, window updates, pongs, opens, ends, aborts) and only then writes one
 data frame, taken round-robin from the streams that have data, credit and
 bandwidth budget.  So control traffic waits behind at most one data frame,
-and N busy streams get equal shares.  The *keepalive* task pings an idle
-peer and declares it dead after the timeout.
+and N busy streams get equal shares.  The *watchdog* task pings an idle
+peer and declares it dead after the keepalive timeout, and drops a peer
+whose frame stays incomplete for ``frame_timeout``.
+
+What one connection costs is bounded whatever the peer does.  The reader
+starts with a small buffer and takes large pooled ones only once the
+handshake is done and reads fill the small one (:mod:`._reading`).  It
+stops reading while the answers it owes the peer and has not yet written
+exceed ``max_control_backlog`` (counted by the core,
+``Connection.pending_control_bytes``), so a peer that sends without
+reading is throttled by its own socket, not buffered for.
 
 Every failure (transport error, protocol error, keepalive timeout, GOODBYE)
 goes through :meth:`TunnelConnection._fail`, which fails every stream and
@@ -57,7 +66,7 @@ from .._state import StreamState
 from ._buffers import BufferPool, ReadBuffer
 from ._compress import CompressedPages, zstd_available
 from ._io import BufferWriter, raw_socket, tune_socket
-from ._reading import READ_SIZE, Reading
+from ._reading import SMALL_READ_SIZE, Reading
 from ._splice import SinkQueue, can_splice
 from ._stats import ConnectionStatistics
 from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, TunnelStream, ZeroPagesRecord, _Outgoing, record_size
@@ -91,6 +100,8 @@ class TunnelConnection(Reading):
         keepalive_interval: float | None,
         keepalive_timeout: float,
         chunk_size: int,
+        frame_timeout: float | None = None,
+        max_control_backlog: int = 4 * 1024 * 1024,
     ) -> None:
         self._transport = transport
         self._core = core
@@ -98,8 +109,23 @@ class TunnelConnection(Reading):
         self._sock = raw_socket(transport)
         if self._sock is not None:
             tune_socket(self._sock)
-        self._pool = BufferPool(READ_SIZE)
+        #: Large read buffers, made once the connection carries bulk data.
+        self._pool: BufferPool | None = None
+        #: Small read buffers: the handshake and RPC need no more.
+        self._small_pool = BufferPool(SMALL_READ_SIZE, max_buffers=8, keep=1)
+        #: Reads fill small buffers: take large ones from now on.
+        self._grow = False
         self._buffer: ReadBuffer | None = None
+        self.frame_timeout = frame_timeout
+        self.max_control_backlog = max_control_backlog
+        #: When the frame now arriving began (None between frames), and
+        #: core.frames_received when it was last looked at.
+        self._partial_since: float | None = None
+        self._frames_seen = 0
+        #: Answers to the peer in the batch the writer is writing now.
+        self._writing_control = 0
+        #: Set when the writer finishes a write, for a reader paused on the backlog.
+        self._drained: trio.Event | None = None
         #: Streams whose payload the reader splices into a file descriptor.
         self._sinks: dict[int, SinkQueue] = {}
         #: Streams whose sink got payload since the reader last flushed: it
@@ -119,7 +145,9 @@ class TunnelConnection(Reading):
         self._incoming: deque[TunnelStream] = deque()
         self._incoming_signal = Signal()
         self._calls: dict[int, _Call] = {}
-        self._handlers: dict[tuple[int, int], Handler] = {}
+        self._handlers: dict[tuple[int, int, int], Handler] = {}
+        #: The versions registered for each program, for UNKNOWN_PROCEDURE messages.
+        self._versions: dict[int, set[int]] = {}
         self._handshake = trio.Event()
         self._error: BaseException | None = None
         self._internal_error: BaseException | None = None
@@ -130,7 +158,8 @@ class TunnelConnection(Reading):
         self._frames_sent = 0
         self._calls_served = 0
         self._pings = 0
-        self._pong_waiters: dict[bytes, trio.Event] = {}
+        #: ping() calls waiting, by sequence number (their opaque bytes).
+        self._pong_waiters: dict[int, trio.Event] = {}
 
     # ------------------------------------------------------------------
     # Public API
@@ -153,13 +182,16 @@ class TunnelConnection(Reading):
     def is_closed(self) -> bool:
         return self._error is not None
 
-    def register(self, program: int, procedure: int, handler: Handler) -> None:
-        """Serve calls to (*program*, *procedure*) with ``await handler(body) -> reply body``.
+    def register(self, program: int, procedure: int, handler: Handler, *, version: int = 1) -> None:
+        """Serve calls to (*program*, *version*, *procedure*) with ``await handler(body) -> reply body``.
 
         A handler that raises :class:`tunnel.RPCError` sends its code and
         message back; any other exception becomes ``APPLICATION_ERROR``.
+        Calls to a version with no handler are answered ``UNKNOWN_PROCEDURE``
+        with the versions that are served.
         """
-        self._handlers[(program, procedure)] = handler
+        self._handlers[(program, version, procedure)] = handler
+        self._versions.setdefault(program, set()).add(version)
 
     async def call(self, program: int, procedure: int, body: Buffer = b"", *, version: int = 1) -> bytes:
         """Call a procedure on the peer and return its reply body.
@@ -227,17 +259,14 @@ class TunnelConnection(Reading):
     async def ping(self) -> float:
         """Round-trip time of one PING, in seconds."""
         self._check_alive()
-        self._pings += 1
-        opaque = self._pings.to_bytes(8, "big")
         waiter = trio.Event()
-        self._pong_waiters[opaque] = waiter
+        seq = self._send_ping()
+        self._pong_waiters[seq] = waiter
         start = trio.current_time()
-        self._core.ping(opaque)
-        self._kick()
         try:
             await waiter.wait()
         finally:
-            self._pong_waiters.pop(opaque, None)
+            self._pong_waiters.pop(seq, None)
         self._check_alive()
         return trio.current_time() - start
 
@@ -270,6 +299,17 @@ class TunnelConnection(Reading):
 
     # ------------------------------------------------------------------
     # Used by streams
+
+    def _send_ping(self) -> int:
+        """Queue a PING; returns its sequence number, which is also its payload.
+
+        The peer may answer only the newest of several PINGs (protocol.md
+        8.1), so a PONG answers every PING up to the one it echoes.
+        """
+        self._pings += 1
+        self._core.ping(self._pings.to_bytes(8, "big"))
+        self._kick()
+        return self._pings
 
     def _check_alive(self) -> None:
         if self._error is not None:
@@ -342,6 +382,8 @@ class TunnelConnection(Reading):
         self._calls.clear()
         for waiter in self._pong_waiters.values():
             waiter.set()
+        if self._drained is not None:
+            self._drained.set()
         self._incoming_signal.fire()
         self._handshake.set()
         self._kick()
@@ -354,8 +396,8 @@ class TunnelConnection(Reading):
             self._nursery = nursery
             nursery.start_soon(self._guard, self._reader)
             nursery.start_soon(self._guard, self._writer)
-            if self.keepalive_interval is not None:
-                nursery.start_soon(self._guard, self._keepalive)
+            if self.keepalive_interval is not None or self.frame_timeout is not None:
+                nursery.start_soon(self._guard, self._watchdog)
             task_status.started()
 
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
@@ -445,9 +487,9 @@ class TunnelConnection(Reading):
                     call.error = RPCError(event.error_code, event.message)
                 call.done.set()
         elif isinstance(event, PongReceived):
-            waiter = self._pong_waiters.get(event.opaque)
-            if waiter is not None:
-                waiter.set()
+            seq = int.from_bytes(event.opaque, "big")
+            for answered in [n for n in self._pong_waiters if n <= seq]:
+                self._pong_waiters.pop(answered).set()
         elif isinstance(event, ConnectionTerminated):
             reason = event.reason or "no reason given"
             self._fail(BrokenConnection(f"the peer closed the connection ({ErrorCode.name_of(event.error_code)}: {reason})"))
@@ -455,17 +497,23 @@ class TunnelConnection(Reading):
             self._handshake.set()
 
     def _start_handler(self, event: CallReceived) -> None:
-        handler = self._handlers.get((event.program, event.procedure))
+        handler = self._handlers.get((event.program, event.version, event.procedure))
         if handler is None:
-            self._core.send_error(
-                event.serial,
-                ErrorCode.UNKNOWN_PROCEDURE,
-                f"no handler for program {event.program} procedure {event.procedure}",
-            )
+            self._core.send_error(event.serial, ErrorCode.UNKNOWN_PROCEDURE, self._unknown(event))
             self._kick()
             return
         assert self._nursery is not None
         self._nursery.start_soon(self._serve, handler, event.serial, bytes(event.body))
+
+    def _unknown(self, call: CallReceived) -> str:
+        program = f"program 0x{call.program:08x}"
+        versions = self._versions.get(call.program)
+        if not versions:
+            return f"{program} is not served here"
+        if call.version not in versions:
+            supported = ", ".join(str(v) for v in sorted(versions))
+            return f"{program} version {call.version} is not supported (supported: {supported})"
+        return f"{program} version {call.version} has no procedure {call.procedure}"
 
     async def _serve(self, handler: Handler, serial: int, body: bytes) -> None:
         try:
@@ -505,7 +553,7 @@ class TunnelConnection(Reading):
             # Flush what the core queued last (a GOODBYE), then close.
             with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
                 scope.shield = True
-                buffers = self._core.data_to_send()
+                buffers = self._take_output()
                 if buffers:
                     await self._out.write(buffers)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -520,10 +568,11 @@ class TunnelConnection(Reading):
     async def _write_round(self) -> float | None:
         """Write one batch; returns None if it did, else when to look again."""
         core = self._core
-        buffers = core.data_to_send()
+        buffers = self._take_output()
         if buffers:
             self._frames_sent += 1
             await self._out.write(buffers)
+            self._wrote()
             return None
         now = trio.current_time()
         deadline = math.inf
@@ -574,12 +623,24 @@ class TunnelConnection(Reading):
                 stream._outgoing = None
                 self._senders.remove(stream)
             self._frames_sent += 1
-            await self._out.write(core.data_to_send())
+            await self._out.write(self._take_output())
+            self._wrote()
             if finished:
                 out.done.set()
             await trio.lowlevel.checkpoint()  # one per data frame, whatever the socket did
             return None
         return deadline
+
+    def _take_output(self) -> list[Buffer]:
+        """What the core queued; its answers to the peer count as being written until _wrote()."""
+        self._writing_control = self._core.pending_control_bytes
+        return self._core.data_to_send()
+
+    def _wrote(self) -> None:
+        self._writing_control = 0
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
 
     async def _write_spliced(self, stream: TunnelStream, out: _Outgoing, window: int, now: float) -> bool:
         """One DATA frame whose payload goes from the stream's pipe into the socket."""
@@ -614,32 +675,52 @@ class TunnelConnection(Reading):
             pipe.close()  # send_fd returned while we were splicing
         return True
 
-    async def _keepalive(self) -> None:
-        assert self.keepalive_interval is not None
-        # No pings before the handshake: open_connection bounds that wait itself.
+    async def _watchdog(self) -> None:
+        """Keepalive (ping an idle peer, drop a silent one) and the frame timeout."""
+        # Not before the handshake: open_connection bounds that wait itself.
         await self._handshake.wait()
+        interval = self.keepalive_interval
+        frame_timeout = self.frame_timeout
         pinged_at = -math.inf
         while self._error is None:
             now = trio.current_time()
-            idle = now - self._last_rx
-            if idle >= self.keepalive_timeout:
-                self._core.close(ErrorCode.KEEPALIVE_TIMEOUT, f"nothing received for {idle:.1f} s")
-                self._fail(
-                    BrokenConnection(
-                        f"keepalive timeout: nothing received from the peer for {idle:.1f} s "
-                        f"(timeout {self.keepalive_timeout} s)"
+            wake = math.inf
+            if interval is not None:
+                idle = now - self._last_rx
+                if idle >= self.keepalive_timeout:
+                    self._time_out(
+                        f"nothing received for {idle:.1f} s",
+                        f"keepalive timeout: nothing received from the peer for {idle:.1f} s (timeout {self.keepalive_timeout} s)",
                     )
-                )
-                return
-            # <=: a reply that arrives in the same clock tick as the ping still
-            # counts (else the loop below would spin, sleeping until a past time).
-            if idle >= self.keepalive_interval and pinged_at <= self._last_rx:
-                pinged_at = now
-                self._core.ping(b"keepaliv")
-                self._kick()
-                await trio.sleep_until(self._last_rx + self.keepalive_timeout)
-            else:
-                await trio.sleep_until(min(self._last_rx + self.keepalive_interval, self._last_rx + self.keepalive_timeout))
+                    return
+                # <=: a reply that arrives in the same clock tick as the ping still
+                # counts (else the loop would spin, sleeping until a past time).
+                if idle >= interval and pinged_at <= self._last_rx:
+                    pinged_at = now
+                    self._send_ping()
+                    wake = self._last_rx + self.keepalive_timeout
+                else:
+                    wake = self._last_rx + min(interval, self.keepalive_timeout)
+            if frame_timeout is not None:
+                since = self._partial_since
+                if since is None:
+                    # The reader does not wake this task when a frame begins (it
+                    # would cost every read): look again soon enough that a stalled
+                    # frame is dropped within 1.25 frame_timeout.
+                    wake = min(wake, now + frame_timeout / 4)
+                elif now - since >= frame_timeout:
+                    self._time_out(
+                        f"a frame stayed incomplete for {now - since:.1f} s",
+                        f"frame timeout: a frame from the peer stayed incomplete for {now - since:.1f} s (timeout {frame_timeout} s)",
+                    )
+                    return
+                else:
+                    wake = min(wake, since + frame_timeout)
+            await trio.sleep_until(wake)
+
+    def _time_out(self, reason: str, message: str) -> None:
+        self._core.close(ErrorCode.KEEPALIVE_TIMEOUT, reason)
+        self._fail(BrokenConnection(message))
 
 
 def _blocked(stream: TunnelStream, now: float) -> None:
@@ -698,6 +779,9 @@ async def open_connection(
     chunk_size: int = 1024 * 1024,
     handlers: Mapping[tuple[int, int], Handler] | None = None,
     compression: bool | None = None,
+    handshake_timeout: float = 10.0,
+    frame_timeout: float | None = 30.0,
+    max_control_backlog: int = 4 * 1024 * 1024,
 ) -> AsyncIterator[TunnelConnection]:
     """Run a tunnel connection over *transport* for the body of the ``async with``.
 
@@ -715,6 +799,25 @@ async def open_connection(
     importable, False never, True always (ImportError without ``zstandard``).
     It overrides the ZSTD bit of *settings*.  Compression is in effect only
     if the peer advertises it too (:attr:`TunnelConnection.compression`).
+
+    Limits on what the peer can cost (the defaults suit a daemon facing the
+    network, and a bulk link of at least ~35 KB/s):
+
+    * *handshake_timeout* (10 s): the peer's preface and SETTINGS must
+      arrive within it, else :class:`tunnel.ConnectionLost`.
+    * *frame_timeout* (30 s; None for no limit): a frame that has begun to
+      arrive must be complete within it, else the connection is closed
+      with ``KEEPALIVE_TIMEOUT``, as for a silent peer.  A stalled frame is
+      noticed within 1.25 times the timeout.
+    * *max_control_backlog* (4 MiB): while more bytes of answers to the peer
+      than this wait to be written (PONG, WINDOW_UPDATE, STREAM_ABORT, and
+      RPC answers once more than ``settings.max_concurrent_calls`` of them
+      wait), nothing more is read, so a peer that sends without reading is
+      throttled by its own socket; it is then silent and meets the keepalive
+      timeout.  A peer that keeps to the call limit is owed its answers
+      however large, and the application's own calls and stream data (flow
+      controlled) never count, so peers that call each other cannot
+      deadlock on it.  The overshoot is at most the answers to one 16 KiB read.
     """
     settings = _with_compression(settings, compression)
     core = Connection(client=client, settings=settings)
@@ -724,6 +827,8 @@ async def open_connection(
         keepalive_interval=keepalive_interval,
         keepalive_timeout=keepalive_timeout,
         chunk_size=min(chunk_size, (settings or Settings()).max_frame_size),
+        frame_timeout=frame_timeout,
+        max_control_backlog=max_control_backlog,
     )
     for (program, procedure), handler in (handlers or {}).items():
         conn.register(program, procedure, handler)
@@ -731,10 +836,11 @@ async def open_connection(
         async with trio.open_nursery() as nursery:
             await nursery.start(conn._run)
             try:
-                with trio.move_on_after(keepalive_timeout):
+                with trio.move_on_after(handshake_timeout):
                     await conn._handshake.wait()
                 if not conn._handshake.is_set():
-                    conn._fail(BrokenConnection(f"no handshake from the peer within {keepalive_timeout} s"))
+                    core.close(ErrorCode.KEEPALIVE_TIMEOUT, f"no handshake within {handshake_timeout} s")
+                    conn._fail(BrokenConnection(f"no handshake from the peer within {handshake_timeout} s"))
                 conn._check_alive()
                 conn.chunk_size = min(conn.chunk_size, core.max_send_frame)
                 yield conn

@@ -23,11 +23,19 @@ socket copy:
   empty.  The reader checkpoints once per batch it hands over unless it
   waited meanwhile, and always after dispatching events, so the tasks they
   woke run before the next read is dispatched.
+
+What a connection costs before it carries bulk data is small: the reader
+reads into small buffers (the handshake and RPC need no more) and switches
+to the large pooled ones only after the handshake, once a read fills a
+small buffer.  It does not read while more than ``max_control_backlog``
+bytes of answers to the peer wait to be written: a peer that does not read
+must not make this side buffer for it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import socket
 import sys
@@ -48,12 +56,15 @@ from ._util import BrokenConnection
 if TYPE_CHECKING:
     from ._stream import TunnelStream
 
-__all__ = ["READ_SIZE", "Reading"]
+__all__ = ["READ_SIZE", "SMALL_READ_SIZE", "Reading"]
 
 #: Pooled read buffers hold a whole default-size DATA frame (1 MiB payload and
 #: its header) with _MIN_READ to spare, so a frame read from offset 0 is
 #: collected into one piece.
 READ_SIZE = 1024 * 1024 + 256 * 1024
+#: Read buffers until the connection carries bulk data: a handshake, RPC
+#: calls and pings fit, and an idle connection costs little.
+SMALL_READ_SIZE = 16 * 1024
 #: A pooled buffer with less room than this left is retired or restarted.
 _MIN_READ = 128 * 1024
 #: Received slices smaller than this are copied rather than keeping a buffer alive.
@@ -74,8 +85,15 @@ class Reading:
     _core: Connection
     _transport: trio.abc.Stream
     _sock: trio.socket.SocketType | None
-    _pool: BufferPool
+    _pool: BufferPool | None
+    _small_pool: BufferPool
+    _grow: bool
     _buffer: ReadBuffer | None
+    _partial_since: float | None
+    _frames_seen: int
+    _writing_control: int
+    _drained: trio.Event | None
+    max_control_backlog: int
     _sinks: dict[int, SinkQueue]
     _dirty: list[TunnelStream]
     _at_boundary: bool
@@ -97,6 +115,42 @@ class Reading:
         async def _dispatch_all(self, events: list[Event] | tuple[()]) -> None: ...
 
     async def _reader(self) -> None:
+        try:
+            await self._read_loop()
+        finally:
+            # The reader owns its buffer and the pools: slices that streams
+            # still hold keep their buffers alive until released, nothing else does.
+            buf, self._buffer = self._buffer, None
+            if buf is not None:
+                buf.pool.retire(buf)
+            self._small_pool.close()
+            if self._pool is not None:
+                self._pool.close()
+
+    def _take_buffer(self) -> ReadBuffer:
+        if not self._grow:
+            return self._small_pool.get()
+        if self._pool is None:
+            self._pool = BufferPool(READ_SIZE)
+        return self._pool.get()
+
+    async def _wait_backlog(self) -> None:
+        """Wait until the writer has written some of what the core owes the peer."""
+        self._drained = trio.Event()
+        self._kick()
+        await self._drained.wait()
+
+    def _note_frames(self) -> None:
+        """After the core was fed: start or stop the frame timeout's clock."""
+        core = self._core
+        frames = core.frames_received
+        if not core.receiving_frame:
+            self._partial_since = None
+        elif self._partial_since is None or frames != self._frames_seen:
+            self._partial_since = self._last_rx  # a new frame began in the latest read
+        self._frames_seen = frames
+
+    async def _read_loop(self) -> None:
         core = self._core
         sock = self._sock
         # Bytes [fed, offset) of the current buffer were read but not yet given
@@ -111,6 +165,10 @@ class Reading:
         # handed bytes to the core; if not, it checkpoints after doing so.
         fresh = False
         while self._error is None:
+            if core.pending_control_bytes + self._writing_control > self.max_control_backlog:
+                await self._wait_backlog()
+                fresh = True
+                continue
             buf = self._buffer
             try:
                 feed_now = False
@@ -139,7 +197,7 @@ class Reading:
                 waited = False
                 if not feed_now:
                     if buf is None:
-                        buf = self._buffer = self._pool.get()
+                        buf = self._buffer = self._take_buffer()
                         offset = fed = 0
                     want = len(buf.data) - offset
                     if pending is not None:
@@ -148,6 +206,10 @@ class Reading:
                         # Not into the next payload: it may go to a sink.  Right behind
                         # a spliced payload the next frame starts: read just its header.
                         want = min(want, HEADER_SIZE if self._at_boundary else _HEAD_READ)
+                    if core.pending_control_bytes + self._writing_control > self.max_control_backlog // 2:
+                        # Close to the bound: small reads, so that the answers to one
+                        # read (an RPC_ERROR per 28-byte call) overshoot it by little.
+                        want = min(want, SMALL_READ_SIZE)
                     if self._dirty:
                         self._flush_sinks()
                     if sock is not None:
@@ -173,6 +235,8 @@ class Reading:
                         self._fail(BrokenConnection("the peer closed the connection without saying goodbye"))
                         return
                     offset += size
+                    if offset == len(buf.data) and not self._grow and core.peer_settings is not None:
+                        self._grow = True  # bulk traffic: large buffers from the next one on
                     self._at_boundary = False
                     self._last_rx = trio.current_time()
                     self._bytes_received += size
@@ -182,6 +246,7 @@ class Reading:
                         # knows the payload to collect.
                         events = core.receive_data(buf.view[fed : fed + HEADER_SIZE])
                         fed += HEADER_SIZE
+                        self._note_frames()
                         await self._dispatch_all(events)
                     if self._collecting(fed, offset, len(buf.data)):
                         continue
@@ -198,13 +263,17 @@ class Reading:
                 self._fail(BrokenConnection(f"protocol error from the peer: {exc}"))
                 return
             fed = offset
+            self._note_frames()
             await self._dispatch_all(events)
-            if buf.refs == 0:
+            if self._grow and buf.pool is self._small_pool:
+                self._small_pool.retire(buf)
+                self._buffer = None
+            elif buf.refs == 0:
                 offset = fed = 0  # nothing refers to it any more: fill it again from the start
             elif len(buf.data) - offset < len(buf.data) // 2:
                 # A stream holds a slice: go on in a fresh buffer (from the pool)
                 # while the next frame still fits in one piece.
-                self._pool.retire(buf)
+                buf.pool.retire(buf)
                 self._buffer = None
             if core.pending_output:
                 self._kick()
@@ -283,6 +352,7 @@ class Reading:
             return False
         self._at_boundary = not remaining
         self._last_rx = trio.current_time()
+        self._note_frames()
         return True
 
     def _sink_dirty(self, stream: TunnelStream) -> None:
@@ -304,13 +374,13 @@ class Reading:
         buf = self._buffer
         if buf is None or not isinstance(data, memoryview) or data.obj is not buf.data:
             return data, None
-        if len(data) < _MIN_PIN or not self._pool.may_pin:
+        if len(data) < _MIN_PIN or not buf.pool.may_pin:
             return bytes(data), None
         buf.refs += 1
         return data, buf
 
 
-def _data_continues(data: bytearray, start: int, end: int, sinks: Mapping[int, object]) -> bool:
+def _data_continues(data: bytearray | mmap.mmap, start: int, end: int, sinks: Mapping[int, object]) -> bool:
     """Whether *data* [start, end) begins with a DATA header whose payload runs past *end*
     (for a stream without a sink: a sink's payload is spliced, not collected).
 
