@@ -195,4 +195,5 @@ class Incoming:
             await daemon.store.set_outcome(self.migration_id.hex(), "finished")
             if self.running:
                 await process.qmp.execute("cont")
-            return domain_state(await run_state(process.qmp))
+            state = domain_state(await run_state(process.qmp))
+        return state
