@@ -67,7 +67,10 @@ async def campaign(cases: int, seed: int) -> dict[str, Any]:
                     totals["not_reached"] += not result.injected
                     print(f"[{done}/{cases}] {result.line()}", flush=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if all(totals[v] == 0 for v in ("lost", "doubled", "leaked", "errors")):
+            shutil.rmtree(root, ignore_errors=True)
+        else:  # the daemons' logs (pN/src.log, pN/dst.log) explain what went wrong
+            print(f"kept {root} for the logs", flush=True)
     totals["seconds"] = round(time.monotonic() - started, 1)
     return totals
 
