@@ -399,6 +399,10 @@ class Daemon:
                 return  # detached
             if domain.process is process:
                 domain.process = None
+                if domain.incoming is not None:
+                    # A dead incoming QEMU can load nothing: fail the stream now, so the source resumes at once
+                    # instead of pumping into a socket nobody reads (a spliced receive may never notice).
+                    await domain.incoming.discard()
                 await process.stop()  # closes our handles, removes the socket and pidfile
                 await self.store.clear_guest_dir(domain.name)
                 self.log(f"{domain.name}: QEMU exited" + (f" with status {code}" if code is not None else ""))

@@ -173,8 +173,9 @@ class Incoming:
                 raise DaemonError(f"the memory image of {self.domain.name!r} was not committed: {self.pump_error}")
             if self.verify:
                 self.image_sha256 = await trio.to_thread.run_sync(self.writer.digest)
-            await daemon.store.set_outcome(self.migration_id.hex(), "finished")
-            await daemon.start_incoming_image(self.domain, running=self.running)
+            with trio.CancelScope(shield=True):  # past the point of no return: see below
+                await daemon.store.set_outcome(self.migration_id.hex(), "finished")
+                await daemon.start_incoming_image(self.domain, running=self.running)
             return "running" if self.running else "paused"
         process = self.domain.process
         if not isinstance(process, QemuProcess):
@@ -188,7 +189,11 @@ class Incoming:
             raise DaemonError(f"the destination QEMU did not finish loading {self.domain.name!r} within {FINISH_TIMEOUT:.0f} s")
         if self.pump_error is not None:
             raise DaemonError(f"the migration stream failed on the destination: {self.pump_error}")
-        await daemon.store.set_outcome(self.migration_id.hex(), "finished")
-        if self.running:
-            await process.qmp.execute("cont")
-        return domain_state(await run_state(process.qmp))
+        # Once "finished" is recorded the guest is ours: a source that lost the connection (which cancels
+        # this handler) learns "finished" and stops its copy, so nothing from here may be undone.
+        with trio.CancelScope(shield=True):
+            await daemon.store.set_outcome(self.migration_id.hex(), "finished")
+            if self.running:
+                await process.qmp.execute("cont")
+            state = domain_state(await run_state(process.qmp))
+        return state

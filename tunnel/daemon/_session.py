@@ -383,12 +383,14 @@ class Session:
             raise
         domain.incoming = None
         daemon.incoming.pop(migration_id, None)
-        if incoming.persistent:
-            await daemon.store.save(domain.definition)
-        await daemon.store.set_migrated(domain.name, None)  # it came back here
-        if not domain.is_image:
-            await daemon.store.set_runtime(domain.name, "domain", {"definition": domain.definition, "persistent": domain.persistent})
-            await daemon.store.set_runtime(domain.name, "migration", None)
+        # The guest runs here now (the outcome is recorded): keep its books even if the source hung up meanwhile.
+        with trio.CancelScope(shield=True):
+            if incoming.persistent:
+                await daemon.store.save(domain.definition)
+            await daemon.store.set_migrated(domain.name, None)  # it came back here
+            if not domain.is_image:
+                await daemon.store.set_runtime(domain.name, "domain", {"definition": domain.definition, "persistent": domain.persistent})
+                await daemon.store.set_runtime(domain.name, "migration", None)
         daemon.log(f"incoming {domain.name} complete: {state}{'' if incoming.persistent else ' (transient)'}")
         reply: JSON = {"state": state}
         if incoming.image_sha256 is not None:

@@ -351,10 +351,14 @@ class SourceJob:
             )
 
     async def _finish(self, peer: TunnelConnection) -> dict[str, Any]:
-        """FINISH: past the point of no return, so neither an abort nor a shutdown interrupts it (it is bounded)."""
-        with trio.CancelScope(shield=True):
-            with trio.fail_after(FINISH_WAIT):
-                finished = await call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": True})
+        """FINISH: past the point of no return, so an abort cannot interrupt it (it is bounded).
+
+        A shutdown does: it cancels the connection's own tasks, so no answer
+        could arrive anyway.  :meth:`_recover` then asks on a new connection,
+        or leaves the record for the next daemon.
+        """
+        with trio.fail_after(FINISH_WAIT):
+            finished = await call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": True})
         self.transfer_ended = time.monotonic()
         return finished
 
