@@ -245,8 +245,8 @@ def _parsers() -> _Parsers:
     demo = ps.add("demo", "migrate a guest between two throw-away daemons and verify it",
                   "Start two daemons on unix sockets in a temporary directory, migrate a guest "
                   "PEER2PEER + TUNNELLED between them, verify the destination's memory and clean up.")
-    demo.add_argument("--memory-mib", type=int, default=64, metavar="MIB",
-                      help="MiB of random data in the guest's memory (default 64)")
+    demo.add_argument("--memory-mib", type=int, default=256, metavar="MIB",
+                      help="MiB of random data in the guest's memory (default 256)")
     demo.add_argument("--guest", choices=("auto", "qemu", "image"), default="auto",
                       help="a real QEMU guest, a memory-image guest, or (auto) QEMU when installed")
     demo.add_argument("--native", action="store_true", help="also run a native (untunnelled) PEER2PEER migration to compare")
