@@ -160,3 +160,18 @@ def test_an_internal_error_prints_one_line_and_the_log_with_its_traceback(tmp: s
     assert path.startswith(tmp)
     with open(path) as f:
         assert "Traceback" in f.read()
+
+
+def test_every_command_and_argument_has_help() -> None:
+    import argparse
+
+    from tunnel.cli._main import _parsers
+
+    parsers = _parsers()
+    for name, parser in parsers.commands.items():
+        assert parser.description, name
+        for action in parser._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, (name, action.dest)
+    for action in parsers.sub._choices_actions:
+        assert action.help, action.dest

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 import trio
 from daemon_proc import daemon_process
 from qemu_fixtures import RandomRam, base_args, loader_args, random_ram, requires_qemu, run_dir
@@ -51,17 +50,18 @@ def one_line_error(done: subprocess.CompletedProcess[bytes], needle: str) -> Non
 async def test_virsh_commands_on_a_qemu_guest(run_dir: str) -> None:
     sock = f"{run_dir}/d.sock"
     c = ("--connect", f"unix://{sock}")
-    with open(f"{run_dir}/vm1.json", "w") as f:
-        json.dump({"name": "vm1", "qemu": base_args(64), "description": "a test guest"}, f)
-    with open(f"{run_dir}/off.json", "w") as f:
-        json.dump({"name": "off", "image": {"size_mib": 16, "random_mib": 1}}, f)
+    await trio.Path(f"{run_dir}/vm1.json").write_text(json.dumps({"name": "vm1", "qemu": base_args(64), "description": "a test guest"}))
+    await trio.Path(f"{run_dir}/off.json").write_text(json.dumps({"name": "off", "image": {"size_mib": 16, "random_mib": 1}}))
     with trio.fail_after(90):
         async with daemon_process(run_dir, "d", "--listen", f"unix://{sock}"):
             await tunnel(*c, "define", f"{run_dir}/vm1.json")
             await tunnel(*c, "define", f"{run_dir}/off.json")
             await tunnel(*c, "start", "vm1")
             # list: running only; --all; --inactive
-            names = lambda done: [row["name"] for row in json.loads(done.stdout)]  # noqa: E731
+
+            def names(done: subprocess.CompletedProcess[bytes]) -> list[str]:
+                return [row["name"] for row in json.loads(done.stdout)]
+
             assert names(await tunnel(*c, "list", "--json")) == ["vm1"]
             assert names(await tunnel(*c, "list", "--all", "--json")) == ["off", "vm1"]
             assert names(await tunnel(*c, "list", "--inactive", "--json")) == ["off"]
