@@ -59,7 +59,7 @@ async def test_memory_image_guest_migrates_with_precopy_while_dirtying(run_dir: 
                 with pytest.raises(DaemonError, match="memory-image guest: it has no QEMU monitor"):
                     await dclient.monitor("img", {"execute": "query-status"})
             await client.start("img", force=True)  # the source's image is still there: --force runs it again
-            with pytest.raises(DaemonError, match="migrates only --tunnelled"):
+            with pytest.raises(DaemonError, match=r"memory-image guest: it migrates only tunnelled \(--p2p --tunnelled\)"):
                 await client.migrate("img", dst, p2p=True)
 
 

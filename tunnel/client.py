@@ -12,7 +12,7 @@ with a one-line message.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -80,6 +80,12 @@ class Client:
         persistent: bool = False,
         undefine_source: bool = False,
         detach: bool = False,
+        timeout_s: float = 0,
+        timeout_action: str = "suspend",
+        auto_converge: bool = False,
+        compressed: bool = False,
+        comp_methods: Sequence[str] | None = None,
+        abort_on_error: bool = False,
     ) -> JSON:
         """Run the migration to completion; returns the job's final statistics.
 
@@ -89,7 +95,15 @@ class Client:
         transient there, gone when the guest stops); *undefine_source*: the
         source forgets it (else it keeps it, marked as migrated away).
         *detach* (PEER2PEER only): return once the job started, as virsh's ``--async``.
+        virsh's other flags: *timeout_s* with *timeout_action* ``suspend`` (pause the guest once
+        the transfer ran that long), *auto_converge* (QEMU's capability), *compressed* with
+        *comp_methods* (``xbzrle`` for QEMU guests, ``zstd`` for memory-image guests) and
+        *abort_on_error* (cancel when the guest stops on an I/O error).
         """
+        options: JSON = {"timeout_s": timeout_s, "timeout_action": timeout_action, "auto_converge": auto_converge,
+                         "compressed": compressed, "abort_on_error": abort_on_error}
+        if comp_methods is not None:
+            options["comp_methods"] = list(comp_methods)
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
         if not p2p:
@@ -97,7 +111,7 @@ class Client:
                 raise DaemonError("--detach needs --p2p: without it this client drives the migration and must stay")
             return await self._migrate_managed(
                 name, destination, live=live, bandwidth_mib=bandwidth_mib, dname=dname, persistent=persistent,
-                undefine_source=undefine_source,
+                undefine_source=undefine_source, options=options,
             )
         request: JSON = {
             "name": name,
@@ -109,6 +123,7 @@ class Client:
             "persistent": persistent,
             "undefine_source": undefine_source,
             "detach": detach,
+            **options,
         }
         if dname is not None:
             request["dname"] = dname
@@ -117,7 +132,8 @@ class Client:
         return await self._call(Procedure.MIGRATE, request)
 
     async def _migrate_managed(
-        self, name: str, destination: str, *, live: bool, bandwidth_mib: int, dname: str | None, persistent: bool, undefine_source: bool
+        self, name: str, destination: str, *, live: bool, bandwidth_mib: int, dname: str | None, persistent: bool, undefine_source: bool,
+        options: JSON,
     ) -> JSON:
         """Without PEER2PEER the client drives: begin and perform on the source, prepare and finish on
         the destination (which authorizes the client's own identity), then confirm on the source."""
@@ -139,7 +155,7 @@ class Client:
                 result = await self._call(
                     Procedure.MIGRATE,
                     {"name": name, "destination": destination, "uri": prepared["uri"], "tls": bool(prepared.get("tls")),
-                     "live": live, "bandwidth_mib": bandwidth_mib, "p2p": False, "undefine_source": undefine_source},
+                     "live": live, "bandwidth_mib": bandwidth_mib, "p2p": False, "undefine_source": undefine_source, **options},
                 )
                 performed = True
                 finished = await dest._call(Procedure.FINISH, {"migration_id": migration_id, "ok": True})
@@ -156,8 +172,25 @@ class Client:
         result.update(status="completed", destination_state=finished.get("state"), destination_name=definition["name"])
         return result
 
-    async def jobinfo(self, name: str) -> JSON:
-        return await self._call(Procedure.JOBINFO, {"name": name})
+    async def jobinfo(self, name: str, *, completed: bool = False) -> JSON:
+        """The current (or last) migration job's statistics; *completed*: the last job that completed, kept after it."""
+        return await self._call(Procedure.JOBINFO, {"name": name, "completed": completed})
+
+    async def suspend(self, name: str) -> str:
+        state: str = (await self._call(Procedure.SUSPEND, {"name": name}))["state"]
+        return state
+
+    async def resume(self, name: str) -> str:
+        state: str = (await self._call(Procedure.RESUME, {"name": name}))["state"]
+        return state
+
+    async def shutdown(self, name: str, *, timeout_s: float = 60.0) -> str:
+        """ACPI power-down, destroyed if still running after *timeout_s*; returns how it ended (``powered off``, ``destroyed``, ``stopped``)."""
+        how: str = (await self._call(Procedure.SHUTDOWN, {"name": name, "timeout_s": timeout_s}))["how"]
+        return how
+
+    async def reboot(self, name: str) -> None:
+        await self._call(Procedure.REBOOT, {"name": name})
 
     async def abort(self, name: str) -> JSON:
         """Cancel the migration job of *name*; returns ``status`` and ``where`` the guest runs, once the source guest runs again."""

@@ -42,6 +42,25 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, flush=True)
 
 
+class Clock:
+    """Where the demo's time goes, so that every second of it is accounted for at the end."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.monotonic()
+        self.phases: list[tuple[str, float]] = []
+
+    def lap(self, what: str) -> float:
+        now = time.monotonic()
+        self.phases.append((what, now - self.mark))
+        self.mark = now
+        return now - self.phases[-1][1]
+
+    def summary(self) -> str:
+        total = time.monotonic() - self.start
+        parts = ", ".join(f"{what} {seconds:.2f} s" for what, seconds in self.phases)
+        return f"Time: {total:.2f} s in all: {parts}."
+
+
 def _random_file(path: str, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "wb") as f:
@@ -143,11 +162,12 @@ async def _migrate_with_progress(
     return result
 
 
-async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> dict[str, Any]:
+async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clock: Clock) -> dict[str, Any]:
     size = args.memory_mib * MiB
     rand = os.path.join(root, "guest-ram.bin")
-    _say(args, f"Writing {args.memory_mib} MiB of random data for the guest's RAM ...")
+    _say(args, f"Writing {args.memory_mib} MiB of random data for the guest's RAM (the bytes the destination must end up with) ...")
     expected = await trio.to_thread.run_sync(_random_file, rand, size)
+    clock.lap("writing random data")
     ram_mib = args.memory_mib + 64
     definition = {
         "name": "demo-vm",
@@ -157,19 +177,22 @@ async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> 
             "-device", f"loader,file={rand},addr={LOAD_ADDRESS:#x},force-raw=on",
         ],
     }
-    _say(args, "Starting two daemons on unix sockets ...")
+    _say(args, "Starting two daemons (source and destination) on unix sockets ...")
     src = await daemons.start("source")
     dst = await daemons.start("destination")
+    clock.lap("starting the daemons")
     summary: dict[str, Any] = {"guest": "qemu", "guest_ram_mib": ram_mib, "random_mib": args.memory_mib}
     runs = [("tunnelled", True)] + ([("native", False)] if args.native else [])
     for label, tunnelled in runs:
         async with connect(src) as source, connect(dst) as destination:
             await source.define(definition)
             await source.start("demo-vm")
+            clock.lap(f"starting QEMU ({label})")
             _say(args, f"Migrating demo-vm ({ram_mib} MiB RAM) PEER2PEER{' + TUNNELLED' if tunnelled else ''}: {src} -> {dst}")
             started = time.monotonic()
             result = await _migrate_with_progress(source, "demo-vm", dst, tunnelled=tunnelled, show=not args.json)
             seconds = time.monotonic() - started
+            clock.lap(f"migrating ({label})")
             # pmemsave writes into the guest's own directory on the destination
             dump = os.path.join(root, "destination", "run", "demo-vm", "dump.bin")
             reply = await destination.monitor(
@@ -181,50 +204,72 @@ async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> 
             os.unlink(dump)
             state = (await destination.domain_info("demo-vm"))["state"]
             await destination.destroy("demo-vm")  # transient there: it goes with its QEMU
+            clock.lap(f"verifying the destination's memory ({label})")
         if got != expected:
             raise DaemonError(f"{label} migration: the destination's memory differs from the source's (sha256 {got} != {expected})")
         summary[label] = {
             "seconds": round(seconds, 3),
             "ram_bytes_sent": result.get("data_processed"),
-            "bytes_on_wire": result.get("tunnel_bytes_sent", result.get("data_processed")),
+            "bytes_on_wire": result.get("tunnel_bytes_sent") or result.get("data_processed"),
             "return_path_bytes": result.get("tunnel_bytes_received"),
             "MBps": round((result.get("data_processed") or 0) / seconds / 1e6, 1),
             "destination_state": state,
             "memory_verified": True,
         }
-        _say(
-            args,
-            f"  done in {seconds:.2f} s: {format_bytes(result.get('data_processed'))} of RAM"
-            f" at {format_bytes((result.get('data_processed') or 0) / seconds)}/s"
-            + (f", {format_bytes(result['tunnel_bytes_sent'])} on the wire, "
-               f"{result.get('tunnel_bytes_received', 0)} bytes of QEMU's return path back through the same stream"
-               if tunnelled else "")
-            + f"; destination {state}; {args.memory_mib} MiB of guest memory verified (sha256 equal)",
-        )
+        processed = result.get("data_processed") or 0
+        _say(args, f"  Done in {seconds:.2f} s: QEMU sent {format_bytes(processed)} of guest RAM at {format_bytes(processed / seconds)}/s"
+                   " (pages that were all zeros cost a few bytes each, so this is about the random data).")
+        if tunnelled:
+            _say(args, f"  The tunnel stream carried {format_bytes(result.get('tunnel_bytes_sent'))} forward (RAM plus QEMU's device state"
+                       f" and framing) and {result.get('tunnel_bytes_received') or 0} bytes back: QEMU's return path, the destination's"
+                       " acknowledgements, which need a two-way stream.")
+        _say(args, f"  The destination guest is {state}; its memory holds the {args.memory_mib} MiB of random data it never saw"
+                   " except through the migration (sha256 equal).")
     return summary
 
 
 async def run_demo(args: argparse.Namespace) -> int:
     if args.memory_mib < 1:
         raise DaemonError("--memory-mib must be at least 1")
+    clock = Clock()
     root = tempfile.mkdtemp(prefix="tunnel-demo-")
     os.chmod(root, 0o700)
     daemons = _Daemons(root)
-    try:
-        if args.guest == "image" or (args.guest == "auto" and qemu_binary() is None):
-            from ._image_demo import image_demo
+    interrupted: list[bool] = []
+    summary: dict[str, Any] = {}
+    # Ctrl-C cancels the demo; more of them while it cleans up are ignored, so the clean-up always finishes.
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            summary = await image_demo(args, root, daemons)
-        elif qemu_binary() is None:
-            raise DaemonError("--guest qemu: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
-        else:
-            summary = await _qemu_demo(args, root, daemons)
-    finally:
-        with trio.CancelScope(shield=True):
-            await daemons.stop()
-            shutil.rmtree(root, ignore_errors=True)
+                async def cancel_on_ctrl_c() -> None:
+                    async for _ in signals:
+                        if not interrupted:
+                            interrupted.append(True)
+                            print("Interrupted: stopping the daemons and removing the temporary files ...", file=sys.stderr, flush=True)
+                            nursery.cancel_scope.cancel()
+
+                nursery.start_soon(cancel_on_ctrl_c)
+                if args.guest == "image" or (args.guest == "auto" and qemu_binary() is None):
+                    from ._image_demo import image_demo
+
+                    summary = await image_demo(args, root, daemons, clock)
+                elif qemu_binary() is None:
+                    raise DaemonError("--guest qemu: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
+                else:
+                    summary = await _qemu_demo(args, root, daemons, clock)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await daemons.stop()
+                await trio.to_thread.run_sync(shutil.rmtree, root, True)
+            clock.lap("stopping the daemons and cleaning up")
+    if interrupted:
+        return 130
     if args.json:
+        summary["seconds"] = {what: round(seconds, 3) for what, seconds in clock.phases}
         print(json.dumps(summary, sort_keys=True))
     else:
+        print(clock.summary())
         print("Demo complete; daemons stopped and temporary files removed.")
     return 0

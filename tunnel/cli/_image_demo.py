@@ -18,12 +18,12 @@ from ..daemon import DaemonError
 from ._progress import format_bytes
 
 if TYPE_CHECKING:
-    from ._demo import _Daemons
+    from ._demo import Clock, _Daemons
 
 __all__ = ["image_demo"]
 
 
-async def image_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> dict[str, Any]:
+async def image_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clock: Clock) -> dict[str, Any]:
     from ._demo import _migrate_with_progress, _say
 
     size_mib = max(2 * args.memory_mib, 16)
@@ -34,28 +34,34 @@ async def image_demo(args: argparse.Namespace, root: str, daemons: _Daemons) -> 
     }
     why = "as asked" if args.guest == "image" else "QEMU is not installed"
     _say(args, f"Using a memory-image guest ({why}): a sparse image with random data, dirtied by a simulated guest.")
-    _say(args, "Starting two daemons on unix sockets ...")
+    _say(args, "Starting two daemons (source and destination) on unix sockets ...")
     src = await daemons.start("source")
     dst = await daemons.start("destination")
+    clock.lap("starting the daemons")
     async with connect(src) as source, connect(dst) as destination:
         await source.define(definition)
+        _say(args, f"Creating the guest's {size_mib} MiB image with {args.memory_mib} MiB of random data and starting it ...")
         await source.start("demo-vm")
+        clock.lap("creating the image and starting the guest")
         _say(args, f"Migrating demo-vm ({size_mib} MiB image, {args.memory_mib} MiB of it data) PEER2PEER + TUNNELLED: {src} -> {dst}")
         started = time.monotonic()
         result = await _migrate_with_progress(source, "demo-vm", dst, tunnelled=True, show=not args.json, verify=True)
         seconds = time.monotonic() - started
+        clock.lap("migrating (both daemons also took the image's sha256 at the switch-over)")
         state = (await destination.domain_info("demo-vm"))["state"]
         await destination.destroy("demo-vm")
     # Digests taken by the daemons at the switch-over: the destination guest runs (and dirties pages) after it.
     want, got = result.get("source_image_sha256"), result.get("destination_image_sha256")
     if not want or got != want:
         raise DaemonError(f"the destination's memory image differs from the source's ({got} != {want})")
-    _say(
-        args,
-        f"  done in {seconds:.2f} s: {format_bytes(result.get('data_processed'))} of pages in {result.get('iteration')} passes"
-        f" at {format_bytes((result.get('data_processed') or 0) / seconds)}/s, {format_bytes(result.get('tunnel_bytes_sent'))} on the wire"
-        f" ({result.get('zero_pages', 0)} zero pages sent as runs); destination {state}; image digests equal",
-    )
+    processed = result.get("data_processed") or 0
+    passes = result.get("iteration") or 0
+    _say(args, f"  Done in {seconds:.2f} s: {format_bytes(processed)} of pages at {format_bytes(processed / seconds)}/s in {passes} passes"
+               " (the first sends every page that holds data; each later one sends what the guest dirtied meanwhile;"
+               " the last runs with the guest paused).")
+    _say(args, f"  {format_bytes(result.get('tunnel_bytes_sent'))} went through the tunnel: the pages plus their addresses and framing;"
+               f" {result.get('constant_pages') or 0} pages that were all zeros went as short runs instead of 4 KiB each.")
+    _say(args, f"  The destination guest is {state}; its image has the same sha256 as the source's at the switch-over.")
     return {
         "guest": "memory-image",
         "image_mib": size_mib,

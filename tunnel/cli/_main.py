@@ -1,7 +1,9 @@
 """``tunnel``: the daemon, the demo and a virsh-style client in one command.
 
-Exit status: 0 on success, 1 when the daemon refuses or fails a request (one
-line on stderr says why), 2 for bad command-line usage.
+Exit status: 0 on success, 1 when the daemon refuses or fails a request or
+anything else goes wrong (one line on stderr says why; an internal error's
+traceback goes to a log file the line names), 2 for bad command-line usage
+(the subcommand's usage is shown), 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -9,18 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import signal
 import sys
-import time
-from collections.abc import AsyncIterator
+from importlib import metadata
 from typing import Any
 
 import trio
 
-from ..client import Client, connect
-from ..daemon import Daemon, DaemonError, TLSFiles
-from ._progress import ProgressBar, format_bytes, format_duration, format_jobinfo
+from ..client import connect
+from ..daemon import DaemonError
+from ._daemoncmd import check_tls, run_daemon
+from ._errors import crash_log, is_broken_pipe, silence_stdout, user_message
+from ._migrate import migrate
+from ._progress import format_bytes, format_jobinfo
 
 __all__ = ["main"]
 
@@ -36,31 +38,89 @@ examples:
 
 The client's connection defaults to $TUNNEL_URI, else {DEFAULT_URI}.
 TLS files for tls:// URIs default to $TUNNEL_TLS_CERT, $TUNNEL_TLS_KEY and $TUNNEL_TLS_CA.
+$TUNNEL_QEMU names the QEMU binary the daemon runs (default: qemu-system-x86_64 on $PATH).
+virsh's names work too: domjobinfo, domjobabort, migrate-setspeed, qemu-monitor-command.
+"""
+
+DEFINE_HELP = """\
+FILE is a JSON object in one of two forms.
+
+A QEMU guest: QEMU's arguments without the binary, -qmp, -incoming, -S,
+-pidfile or -sandbox (the daemon adds those):
+
+  {"name": "vm1", "qemu": ["-machine", "q35", "-accel", "tcg", "-m", "512",
+                           "-nodefaults", "-display", "none"]}
+
+A memory-image guest (a simulation for machines without QEMU: a sparse
+image with RANDOM_MIB of random data that a simulated guest dirties; it
+migrates --p2p --tunnelled only):
+
+  {"name": "vm1", "image": {"size_mib": 256, "random_mib": 64, "dirty_pages_per_s": 500}}
+
+Both take an optional "description". Defining an existing name replaces
+its definition (not while it runs).
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tunnel",
-        description="Migrate QEMU guests between daemons, with the migration data tunnelled over the daemons' RPC connection.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _version() -> str:
+    try:
+        return metadata.version("tunnel")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Parsers:
+    """The top-level parser and one per command, so that usage errors show the command's own usage."""
+
+    def __init__(self) -> None:
+        self.top = argparse.ArgumentParser(
+            prog="tunnel",
+            description="Migrate QEMU guests between daemons, with the migration data tunnelled over the daemons' RPC connection.",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        self.sub = self.top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def add(self, name: str, text: str, description: str | None = None, aliases: tuple[str, ...] = (), *,
+            raw: bool = False) -> argparse.ArgumentParser:
+        parser = self.sub.add_parser(
+            name, aliases=list(aliases), help=text, description=description or text[:1].upper() + text[1:] + ".",
+            formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter,
+        )
+        parser.set_defaults(cmd=name)
+        for key in (name, *aliases):
+            self.commands[key] = parser
+        return parser
+
+
+def _name(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="the domain's name, as in its definition")
+
+
+def _json(parser: argparse.ArgumentParser, what: str = "print JSON instead of aligned text") -> None:
+    parser.add_argument("--json", action="store_true", help=what)
+
+
+def _parsers() -> _Parsers:
+    ps = _Parsers()
+    p = ps.top
+    p.add_argument("--version", action="version", version=f"tunnel {_version()}", help="print the version and exit")
     p.add_argument("-c", "--connect", metavar="URI", default=os.environ.get("TUNNEL_URI", DEFAULT_URI),
                    help="daemon to talk to: unix:///abs/path.sock, tls://host:port or tcp://host:port")
     p.add_argument("--tls-cert", metavar="FILE", default=os.environ.get("TUNNEL_TLS_CERT"), help="client certificate (PEM) for tls://")
     p.add_argument("--tls-key", metavar="FILE", default=os.environ.get("TUNNEL_TLS_KEY"), help="its private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("TUNNEL_TLS_CA"), help="CA certificate that signed the daemon's")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    d = sub.add_parser("daemon", help="run a migration daemon",
-                       description="Run a migration daemon until SIGTERM or SIGINT. Guests outlive it: a stopped daemon "
-                                   "leaves its QEMUs running, and the next one started on the same --state-dir reattaches "
-                                   "to them. A migration still transferring when the daemon stops is cancelled and its "
-                                   "guest resumes on this host.")
+    d = ps.add("daemon", "run a migration daemon",
+               "Run a migration daemon until SIGTERM or SIGINT. Guests outlive it: a stopped daemon "
+               "leaves its QEMUs running, and the next one started on the same --state-dir reattaches "
+               "to them. A migration still transferring when the daemon stops is cancelled and its "
+               "guest resumes on this host. The log goes to stderr.")
     d.add_argument("--listen", metavar="URI", action="append", default=[],
                    help="unix:///abs/path.sock (mode 0600), tls://host:port (mutual TLS) or tcp://host:port (needs --insecure); repeatable")
-    d.add_argument("--state-dir", metavar="DIR", required=True, help="where definitions, QMP sockets and QEMU logs live")
+    d.add_argument("--state-dir", metavar="DIR", required=True,
+                   help="where definitions, guest directories and QEMU logs live (created if missing)")
     d.add_argument("--tls-cert", dest="d_tls_cert", metavar="FILE", help="this daemon's certificate (PEM), also its identity as a migration source")
     d.add_argument("--tls-key", dest="d_tls_key", metavar="FILE", help="its private key (PEM)")
     d.add_argument("--tls-ca", dest="d_tls_ca", metavar="FILE", help="CA whose signature peers' and clients' certificates must carry")
@@ -97,24 +157,46 @@ def _parser() -> argparse.ArgumentParser:
                    help="most connections still in their TLS or tunnel handshake (default 20, as libvirt)")
     d.add_argument("--insecure", action="store_true",
                    help="allow tcp:// listeners without TLS and migrations to tcp:// peers (logged as a warning)")
+    d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="least severe log lines written (default info; debug adds connection ends)")
+    d.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines, or one JSON object per line for log collectors (time, level, pid, message and fields)")
 
-    df = sub.add_parser("define", help="define (or redefine) a domain from a JSON file")
-    df.add_argument("file", metavar="FILE", help='JSON: {"name": "vm1", "qemu": ["-machine", "q35", "-m", "512", ...]}')
-    for name, text in (("undefine", "forget a stopped domain"), ("destroy", "stop a running domain's QEMU at once")):
-        sp = sub.add_parser(name, help=text)
-        sp.add_argument("name", metavar="NAME")
-    st = sub.add_parser("start", help="start a defined domain")
-    st.add_argument("name", metavar="NAME")
-    st.add_argument("--paused", action="store_true", help="start with the CPUs stopped")
+    df = ps.add("define", "define (or redefine) a domain from a JSON file", DEFINE_HELP, raw=True)
+    df.add_argument("file", metavar="FILE", help="the definition (JSON; see above)")
+    _name(ps.add("undefine", "forget a stopped domain's definition"))
+    st = ps.add("start", "start a defined domain")
+    _name(st)
+    st.add_argument("--paused", action="store_true", help="start with the CPUs stopped (resume starts them)")
     st.add_argument("--force", action="store_true",
                     help="start a guest that was migrated away (it must no longer run on the destination)")
-    ls = sub.add_parser("list", help="list domains and their states")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    _name(ps.add("destroy", "stop a running domain's QEMU at once (no guest shutdown)"))
+    _name(ps.add("suspend", "pause a running domain's CPUs"))
+    _name(ps.add("resume", "run a paused domain's CPUs again"))
+    sh = ps.add("shutdown", "power a domain down (ACPI), destroying it if it does not stop in time",
+                "Ask the guest to power down (an ACPI power button press, as virsh shutdown). A guest that still runs "
+                "after --timeout seconds (a guest without an OS never reacts) is destroyed. A memory-image guest "
+                "stops at once.")
+    _name(sh)
+    sh.add_argument("--timeout", metavar="SECONDS", type=float, default=60.0,
+                    help="how long the guest may take to power down before it is destroyed (default 60)")
+    _name(ps.add("reboot", "reset a running QEMU guest (as a reset button)"))
 
-    m = sub.add_parser("migrate", help="migrate a domain to another daemon",
-                       description="Migrate NAME to the daemon at DEST_URI. With --p2p the source daemon drives the migration "
-                                   "(without it, this client does); "
-                                   "with --tunnelled (which needs --p2p) QEMU's migration data travels inside the daemons' connection.")
+    ls = ps.add("list", "list running domains (as virsh list)")
+    which = ls.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="list every defined or running domain")
+    which.add_argument("--inactive", action="store_true", help="list only domains that are not running")
+    _json(ls)
+    info = ps.add("dominfo", "a domain's state, kind, memory, pid and where it was migrated")
+    _name(info)
+    _json(info)
+    _name(ps.add("domstate", "a domain's state in one word or two (running, paused, shut off, ...)"))
+    _name(ps.add("dumpdef", "print a domain's definition as JSON (as virsh dumpxml)"))
+
+    m = ps.add("migrate", "migrate a domain to another daemon",
+               "Migrate NAME to the daemon at DEST_URI. With --p2p the source daemon drives the migration "
+               "(without it, this client does); with --tunnelled (which needs --p2p) QEMU's migration data "
+               "travels inside the daemons' connection. Ctrl-C cancels the migration (exit 130).")
     m.add_argument("--live", action="store_true", help="keep the guest running while its memory is copied")
     m.add_argument("--p2p", action="store_true",
                    help="peer to peer: the source daemon talks to the destination itself (without it, this client drives "
@@ -126,196 +208,83 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep the definition on the destination (default: transient there, gone when the guest stops)")
     m.add_argument("--undefinesource", action="store_true",
                    help="forget the definition on the source (default: kept, marked as migrated away: start refuses it)")
+    m.add_argument("--timeout", metavar="SECONDS", type=float, default=0,
+                   help="suspend the guest once the transfer ran this long, so that a live migration that does not "
+                        "converge completes (the guest resumes on the destination)")
+    m.add_argument("--timeout-suspend", action="store_true", help="what --timeout does (the default)")
+    m.add_argument("--timeout-postcopy", action="store_true", help="switch to post-copy at --timeout: not supported yet")
+    m.add_argument("--auto-converge", action="store_true",
+                   help="QEMU's auto-converge: throttle the guest's vCPUs while it dirties memory faster than it migrates")
+    m.add_argument("--compressed", action="store_true",
+                   help="compress the memory: QEMU's XBZRLE for QEMU guests, the tunnel's zstd for memory-image guests")
+    m.add_argument("--comp-methods", metavar="LIST",
+                   help="comma-separated methods for --compressed: xbzrle (QEMU guests) or zstd (memory-image guests)")
+    m.add_argument("--abort-on-error", action="store_true",
+                   help="cancel the migration if the guest stops on an I/O error meanwhile")
     m.add_argument("--detach", "--async", action="store_true",
                    help="return once the migration started and leave it running (needs --p2p); follow it with jobinfo")
-    m.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
-    m.add_argument("name", metavar="NAME")
-    m.add_argument("dest", metavar="DEST_URI")
+    m.add_argument("--verbose", action="store_true",
+                   help="show progress even when stderr is not a terminal (a bar on a terminal, one line a second otherwise)")
+    _json(m, "print one JSON summary instead of progress")
+    _name(m)
+    m.add_argument("dest", metavar="DEST_URI", help="the destination daemon: unix:///abs/path.sock, tls://host:port or tcp://host:port")
 
-    j = sub.add_parser("jobinfo", help="statistics of the domain's current (or last) migration job")
-    j.add_argument("name", metavar="NAME")
-    j.add_argument("--json", action="store_true", help="print JSON")
-    a = sub.add_parser("abort", help="abort the domain's migration job; the source guest stays as it was")
-    a.add_argument("name", metavar="NAME")
-    s = sub.add_parser("set-speed", help="change the bandwidth limit of a running migration")
-    s.add_argument("name", metavar="NAME")
+    j = ps.add("jobinfo", "statistics of the domain's current (or last) migration job, either direction", aliases=("domjobinfo",))
+    _name(j)
+    j.add_argument("--completed", action="store_true", help="the last job that completed (kept after the guest left)")
+    _json(j, "print JSON: every key always present, null when unknown; bytes, milliseconds, bytes per second")
+    _name(ps.add("abort", "abort the domain's migration job; the source guest stays as it was", aliases=("domjobabort",)))
+    s = ps.add("set-speed", "change the bandwidth limit of a running migration", aliases=("migrate-setspeed",))
+    _name(s)
     s.add_argument("mib", metavar="MIB_PER_S", type=int, help="new limit in MiB/s, 0 for none")
-    mo = sub.add_parser("monitor", help="pass one QMP command to the domain's QEMU and print the reply")
-    mo.add_argument("name", metavar="NAME")
-    mo.add_argument("qmp", metavar="JSON", help='e.g. \'{"execute": "query-status"}\'')
+    _name(ps.add("migrate-getspeed", "print the bandwidth limit of the domain's migration in MiB/s (0: none)"))
+    mo = ps.add("monitor", "pass one QMP command to the domain's QEMU and print the reply", aliases=("qemu-monitor-command",))
+    _name(mo)
+    mo.add_argument("qmp", metavar="JSON", help='the QMP command, e.g. \'{"execute": "query-status"}\'')
 
-    demo = sub.add_parser("demo", help="migrate a guest between two throw-away daemons and verify it",
-                          description="Start two daemons on unix sockets in a temporary directory, migrate a guest "
-                                      "PEER2PEER + TUNNELLED between them, verify the destination's memory and clean up.")
-    demo.add_argument("--memory-mib", type=int, default=256, help="MiB of random data in the guest's RAM (default 256)")
+    demo = ps.add("demo", "migrate a guest between two throw-away daemons and verify it",
+                  "Start two daemons on unix sockets in a temporary directory, migrate a guest "
+                  "PEER2PEER + TUNNELLED between them, verify the destination's memory and clean up.")
+    demo.add_argument("--memory-mib", type=int, default=256, metavar="MIB",
+                      help="MiB of random data in the guest's memory (default 256)")
     demo.add_argument("--guest", choices=("auto", "qemu", "image"), default="auto",
                       help="a real QEMU guest, a memory-image guest, or (auto) QEMU when installed")
     demo.add_argument("--native", action="store_true", help="also run a native (untunnelled) PEER2PEER migration to compare")
-    demo.add_argument("--json", action="store_true", help="print one JSON summary")
-    return p
+    _json(demo, "print one JSON summary")
+    return ps
 
 
-def _tls(cert: str | None, key: str | None, ca: str | None, what: str) -> TLSFiles | None:
-    given = [x for x in (cert, key, ca) if x]
-    if not given:
-        return None
-    if len(given) != 3:
-        raise DaemonError(f"{what}: --tls-cert, --tls-key and --tls-ca go together")
-    for path in (cert, key, ca):
-        assert path is not None
-        if not os.path.isfile(path):
-            raise DaemonError(f"{what}: no such file: {path}")
-    return TLSFiles(cert=cert, key=key, ca=ca)  # type: ignore[arg-type]
-
-
-def _log(line: str) -> None:
-    sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tunnel[{os.getpid()}]: {line}\n")
-    sys.stderr.flush()
-
-
-async def _run_daemon(args: argparse.Namespace) -> int:
-    tls = _tls(args.d_tls_cert, args.d_tls_key, args.d_tls_ca, "daemon")
-    # Each connection is an fd: let --max-clients, not a 1024 default, be the limit.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        mode = int(args.socket_mode, 8)
-    except ValueError:
-        raise DaemonError(f"bad --socket-mode {args.socket_mode!r}: use octal permission bits such as 600 or 660") from None
-    group = None
-    if args.socket_group is not None:
-        import grp
-
-        try:
-            group = grp.getgrnam(args.socket_group).gr_gid
-        except KeyError:
-            if not args.socket_group.isdigit():
-                raise DaemonError(f"bad --socket-group {args.socket_group!r}: no such group") from None
-            group = int(args.socket_group)
-    daemon = Daemon(
-        state_dir=args.state_dir,
-        listen=args.listen,
-        listen_ro=args.listen_ro,
-        tls=tls,
-        allow=args.allow_peer,
-        allow_admin=args.allow_admin,
-        allow_ro=args.allow_ro,
-        socket_mode=mode,
-        socket_group=group,
-        max_image_mib=args.max_image_mib,
-        allow_paths=args.allow_path,
-        allow_unsafe_monitor=args.allow_unsafe_monitor,
-        qemu_user=args.qemu_user,
-        shutdown_guests_on_exit=args.shutdown_guests_on_exit,
-        max_clients=args.max_clients,
-        max_anonymous_clients=args.max_anonymous_clients,
-        insecure=args.insecure,
-        log=_log,
-    )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-
-            async def stop_on_signal() -> None:
-                async for signum in signals:
-                    _log(f"{signal.Signals(signum).name}: shutting down")
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(stop_on_signal)
-    return 0
-
-
-async def _migrate(client: Client, args: argparse.Namespace) -> int:
-    if args.detach:
-        reply = await client.migrate(
-            args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled, bandwidth_mib=args.bandwidth,
-            dname=args.dname, persistent=args.persistent, undefine_source=args.undefinesource, detach=True,
-        )
-        print(json.dumps(reply, sort_keys=True) if args.json else
-              f"Migration of {args.name} to {args.dest} started; follow it with: tunnel jobinfo {args.name}")
-        return 0
-    show_bar = not args.json and sys.stderr.isatty()
-    bar = ProgressBar() if show_bar else None
-    result: dict[str, Any] = {}
-    started = time.monotonic()
-    interrupted: list[str] = []
-
-    async def poll() -> None:
-        try:
-            while True:
-                await trio.sleep(0.5)
-                info = await client.jobinfo(args.name)
-                if bar is not None and info.get("status") == "active":
-                    bar.update(info)
-        except DaemonError:
-            return  # the migrate call reports what went wrong
-
-    async def cancel_on_ctrl_c(signals: AsyncIterator[int]) -> None:
-        """Ctrl-C cancels the migration this command started (the daemon's job goes on otherwise)."""
-        async for _ in signals:
-            if interrupted:
-                continue
-            try:
-                reply = await client.abort(args.name)
-                interrupted.append(reply.get("where") or "")
-            except DaemonError as exc:
-                interrupted.append("")
-                print(f"cannot cancel: {exc.message}", file=sys.stderr)
-
-    error: DaemonError | None = None
-    try:
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_on_ctrl_c, signals)
-                if bar is not None:
-                    nursery.start_soon(poll)
-                try:
-                    result = await client.migrate(
-                        args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled,
-                        bandwidth_mib=args.bandwidth, dname=args.dname, persistent=args.persistent,
-                        undefine_source=args.undefinesource,
-                    )
-                except DaemonError as exc:
-                    error = exc
-                nursery.cancel_scope.cancel()
-    finally:
-        if bar is not None:
-            bar.close()
-    if interrupted and error is not None:
-        where = interrupted[0] or "the guest stays on the source"
-        print(f"error: migration of {args.name} to {args.dest} cancelled (Ctrl-C); {where}", file=sys.stderr)
-        return 130
-    if error is not None:
-        raise error
-    result["client_seconds"] = round(time.monotonic() - started, 3)
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        rate = (result.get("data_processed") or 0) / max(result.get("time_elapsed_ms", 0) / 1000, 1e-9)
-        print(
-            f"Migration of {args.name} to {args.dest} completed in {format_duration(result.get('time_elapsed_ms'))}: "
-            f"{format_bytes(result.get('data_processed'))} at {format_bytes(rate)}/s"
-            + (f", {format_bytes(result['tunnel_bytes_sent'])} through the tunnel" if "tunnel_bytes_sent" in result else "")
-        )
-    return 0
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ps = _parsers()
+    args, extra = ps.top.parse_known_args(argv)
+    if extra:
+        ps.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _read_inputs(args: argparse.Namespace) -> None:
     """Read and check the files and JSON a command needs, before any connection."""
     args.definition = args.qmp_command = None
-    if args.command == "migrate" and args.tunnelled and not args.p2p:
-        raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
-    if args.command == "define":
+    if args.cmd == "migrate":
+        if args.tunnelled and not args.p2p:
+            raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
+        if args.timeout_postcopy:
+            raise DaemonError("--timeout-postcopy is not supported yet (post-copy migration is not implemented); use --timeout-suspend")
+        if (args.timeout_suspend) and not args.timeout:
+            raise DaemonError("--timeout-suspend needs --timeout SECONDS")
+        if args.timeout < 0:
+            raise DaemonError("--timeout must be >= 0 seconds")
+        if args.comp_methods is not None and not args.compressed:
+            raise DaemonError("--comp-methods needs --compressed")
+    if args.cmd == "define":
         try:
             with open(args.file, encoding="utf-8") as f:
                 args.definition = json.load(f)
         except OSError as exc:
             raise DaemonError(f"cannot read {args.file}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DaemonError(f"{args.file} is not valid JSON: {exc}") from None
-    if args.command == "monitor":
+    if args.cmd == "monitor":
         try:
             args.qmp_command = json.loads(args.qmp)
         except json.JSONDecodeError as exc:
@@ -324,51 +293,114 @@ def _read_inputs(args: argparse.Namespace) -> None:
             raise DaemonError('the QMP command must be a JSON object, as in {"execute": "query-status"}')
 
 
+def _memory_mib(definition: dict[str, Any]) -> int | None:
+    if "image" in definition:
+        return int(definition["image"]["size_mib"])
+    args = definition.get("qemu") or []
+    for i, arg in enumerate(args[:-1]):
+        if arg == "-m":
+            value = args[i + 1].split(",")[0].removeprefix("size=")
+            try:
+                if value[-1:].upper() == "G":
+                    return int(float(value[:-1]) * 1024)
+                return int(float(value.rstrip("Mm")))
+            except ValueError:
+                return None
+    return 128  # QEMU's default
+
+
+def _print_dominfo(info: dict[str, Any]) -> None:
+    definition = info.get("definition") or {}
+    memory = _memory_mib(definition)
+    rows = [
+        ("Name", info["name"]),
+        ("State", info["state"]),
+        ("Kind", "memory-image guest" if info.get("kind") == "image" else "QEMU guest"),
+        ("PID", info.get("pid") if info.get("pid") is not None else "-"),
+        ("Memory", format_bytes(memory * 1024 * 1024) if memory is not None else "-"),
+        ("Persistent", "yes" if info.get("persistent") else "no"),
+    ]
+    if info.get("migrated_to"):
+        rows.append(("Migrated to", info["migrated_to"]))
+    if definition.get("description"):
+        rows.append(("Description", definition["description"]))
+    print("\n".join(f"{key + ':':<16}{value}" for key, value in rows))
+
+
 async def _client_command(args: argparse.Namespace) -> int:
-    tls = _tls(args.tls_cert, args.tls_key, args.tls_ca, "client")
-    definition, command = args.definition, args.qmp_command
+    tls = check_tls(args.tls_cert, args.tls_key, args.tls_ca, "client", server=False)
+    cmd = args.cmd
     async with connect(args.connect, tls=tls) as client:
-        if args.command == "define":
-            reply = await client.define(definition)
+        if cmd == "define":
+            reply = await client.define(args.definition)
             print(f"Domain '{reply['name']}' {'redefined' if reply['replaced'] else 'defined'} from {args.file}")
-        elif args.command == "undefine":
+        elif cmd == "undefine":
             await client.undefine(args.name)
             print(f"Domain '{args.name}' has been undefined")
-        elif args.command == "start":
+        elif cmd == "start":
             state = await client.start(args.name, paused=args.paused, force=args.force)
             print(f"Domain '{args.name}' started ({state})")
-        elif args.command == "destroy":
+        elif cmd == "destroy":
             await client.destroy(args.name)
             print(f"Domain '{args.name}' destroyed")
-        elif args.command == "list":
+        elif cmd == "suspend":
+            await client.suspend(args.name)
+            print(f"Domain '{args.name}' suspended")
+        elif cmd == "resume":
+            await client.resume(args.name)
+            print(f"Domain '{args.name}' resumed")
+        elif cmd == "shutdown":
+            how = await client.shutdown(args.name, timeout_s=args.timeout)
+            print(f"Domain '{args.name}' {'is shut off' if how != 'destroyed' else f'did not power down within {args.timeout:g} s: destroyed'}")
+        elif cmd == "reboot":
+            await client.reboot(args.name)
+            print(f"Domain '{args.name}' is being rebooted")
+        elif cmd == "list":
             domains = await client.list()
+            if args.inactive:
+                domains = [d for d in domains if d["state"] == "shut off"]
+            elif not args.all:
+                domains = [d for d in domains if d["state"] != "shut off"]
             if args.json:
                 print(json.dumps(domains))
             else:
-                print(f"{'Name':<24} {'State':<12} PID")
-                print("-" * 44)
-                for d in domains:
-                    print(f"{d['name']:<24} {d['state']:<12} {d['pid'] if d['pid'] is not None else '-'}")
-        elif args.command == "migrate":
-            return await _migrate(client, args)
-        elif args.command == "jobinfo":
-            info = await client.jobinfo(args.name)
+                lines = [f"{'Name':<24} {'State':<12} PID", "-" * 44]
+                lines += [f"{d['name']:<24} {d['state']:<12} {d['pid'] if d['pid'] is not None else '-'}" for d in domains]
+                print("\n".join(lines))
+        elif cmd == "dominfo":
+            info = await client.domain_info(args.name)
+            if args.json:
+                print(json.dumps(info, sort_keys=True))
+            else:
+                _print_dominfo(info)
+        elif cmd == "domstate":
+            print((await client.domain_info(args.name))["state"])
+        elif cmd == "dumpdef":
+            print(json.dumps((await client.domain_info(args.name))["definition"], indent=2))
+        elif cmd == "migrate":
+            return await migrate(client, args)
+        elif cmd == "jobinfo":
+            info = await client.jobinfo(args.name, completed=args.completed)
             print(json.dumps(info, sort_keys=True) if args.json else format_jobinfo(info))
-        elif args.command == "abort":
+        elif cmd == "abort":
             reply = await client.abort(args.name)
             print(f"Migration job of '{args.name}' {reply['status']}; {reply.get('where', '')}".rstrip("; "))
-        elif args.command == "set-speed":
+        elif cmd == "set-speed":
             await client.set_speed(args.name, args.mib)
             print(f"Bandwidth of the migration of '{args.name}' set to {args.mib or 'unlimited'}{' MiB/s' if args.mib else ''}")
-        elif args.command == "monitor":
-            print(json.dumps(await client.monitor(args.name, command), indent=2))
+        elif cmd == "migrate-getspeed":
+            info = await client.jobinfo(args.name)
+            limit = info.get("bandwidth_limit_bytes_per_s") if info.get("status") != "none" else None
+            print(int(limit) // (1024 * 1024) if limit else 0)
+        elif cmd == "monitor":
+            print(json.dumps(await client.monitor(args.name, args.qmp_command), indent=2))
     return 0
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    if args.command == "daemon":
-        return await _run_daemon(args)
-    if args.command == "demo":
+    if args.cmd == "daemon":
+        return await run_daemon(args)
+    if args.cmd == "demo":
         from ._demo import run_demo
 
         return await run_demo(args)
@@ -376,12 +408,27 @@ async def _amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         _read_inputs(args)
-        return trio.run(_amain, args)
-    except DaemonError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+        code = trio.run(_amain, args)
+        sys.stdout.flush()  # a closed pipe shows here, while we can still say so quietly
+        return code
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:  # every failure ends as one line (G in the style guide)
+        if isinstance(exc, SystemExit):
+            raise
+        if is_broken_pipe(exc):
+            # The reader went away (``tunnel list | head -1``): nothing to tell it, and nothing wrong here.
+            silence_stdout()
+            return 1
+        message = user_message(exc)
+        if message is None:
+            try:
+                where = f"the traceback is in {crash_log(exc)}"
+            except OSError as log_error:
+                where = f"and its traceback could not be written ({log_error.strerror})"
+            message = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); {where}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, TextIO
 
-__all__ = ["ProgressBar", "format_bytes", "format_duration", "format_jobinfo"]
+__all__ = ["ProgressBar", "ProgressLines", "format_bytes", "format_duration", "format_jobinfo"]
 
 
 def format_bytes(n: float | None) -> str:
@@ -28,30 +29,87 @@ def format_duration(ms: float | None) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
+def _rate(n: float | None) -> str:
+    return f"{format_bytes(n)}/s" if n else "-"
+
+
+def _yes(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "no"
+
+
 def format_jobinfo(info: dict[str, Any]) -> str:
-    """The job statistics as aligned lines, in the spirit of ``virsh domjobinfo``."""
+    """The job statistics as aligned lines, in the spirit of ``virsh domjobinfo``; "-" where a figure is unknown."""
+    status = info.get("status", "none")
+    if status == "none":
+        return f"{'Job status:':<24}none"
+    incoming = info.get("operation") == "incoming"
     rows = [
-        ("Job status", info.get("status", "none")),
-        ("Destination", info.get("destination", "-")),
+        ("Job status", status),
+        ("Operation", "incoming migration" if incoming else "outgoing migration"),
+        ("Source" if incoming else "Destination", info.get("source" if incoming else "destination") or "-"),
         ("Mode", ("tunnelled" if info.get("tunnelled") else "native") + (", live" if info.get("live") else "")),
         ("Time elapsed", format_duration(info.get("time_elapsed_ms"))),
         ("Time remaining", format_duration(info.get("time_remaining_ms"))),
+        ("Setup time", format_duration(info.get("setup_time_ms"))),
         ("Data total", format_bytes(info.get("data_total"))),
         ("Data processed", format_bytes(info.get("data_processed"))),
         ("Data remaining", format_bytes(info.get("data_remaining"))),
-        ("Rate", format_bytes(info.get("rate_bytes_per_s")) + "/s" if info.get("rate_bytes_per_s") else "-"),
-        ("Iteration", str(info.get("iteration", "-"))),
+        ("Memory total", format_bytes(info.get("memory_total"))),
+        ("Memory processed", format_bytes(info.get("memory_processed"))),
+        ("Memory remaining", format_bytes(info.get("memory_remaining"))),
+        ("Memory bandwidth", _rate(info.get("rate_bytes_per_s"))),
+        ("Dirty rate", _rate(info.get("dirty_rate_bytes_per_s"))),
+        ("Page size", format_bytes(info.get("page_size"))),
+        ("Constant pages", str(info["constant_pages"]) if info.get("constant_pages") is not None else "-"),
+        ("Normal pages", str(info["normal_pages"]) if info.get("normal_pages") is not None else "-"),
+        ("Normal data", format_bytes(info.get("normal_bytes"))),
+        ("Iteration", str(info.get("iteration") or "-")),
         ("Expected downtime", format_duration(info.get("expected_downtime_ms"))),
-        ("Bandwidth limit", f"{info['bandwidth_mib']} MiB/s" if info.get("bandwidth_mib") else "none"),
+        ("Total downtime", format_duration(info.get("downtime_ms"))),
+        ("Bandwidth limit", _rate(info.get("bandwidth_limit_bytes_per_s")) if info.get("bandwidth_limit_bytes_per_s") else "none"),
+        ("Auto-converge", _yes(info.get("auto_converge")) + (f" (vCPUs throttled {info['cpu_throttle_percent']}%)"
+                                                             if info.get("cpu_throttle_percent") else "")),
+        ("Compression", ", ".join(info.get("compression") or []) or "none"),
     ]
-    if "tunnel_bytes_sent" in info:
+    if info.get("compression_saved_bytes") is not None:
+        rows.append(("Compression saved", format_bytes(info["compression_saved_bytes"])))
+    if info.get("timeout_suspended"):
+        rows.append(("Suspended by timeout", "yes"))
+    if info.get("tunnel_bytes_sent") is not None:
         rows.append(("Tunnel bytes sent", format_bytes(info["tunnel_bytes_sent"])))
-        rows.append(("Tunnel bytes received", format_bytes(info["tunnel_bytes_received"])))
+        rows.append(("Tunnel bytes received", format_bytes(info.get("tunnel_bytes_received"))))
     if info.get("error"):
         rows.append(("Error", info["error"]))
-    if info.get("status") == "none":
-        rows = rows[:1]
-    return "\n".join(f"{key + ':':<22} {value}" for key, value in rows)
+    return "\n".join(f"{key + ':':<24}{value}" for key, value in rows)
+
+
+def _fraction(info: dict[str, Any]) -> float:
+    total = info.get("data_total") or 0
+    remaining = info.get("data_remaining")
+    if total and remaining is not None:
+        return min(1.0, max(0.0, 1 - float(remaining) / total))
+    return 0.0
+
+
+class ProgressLines:
+    """``--verbose`` without a terminal: one plain line per update, at most one a second (virsh's "Migration: [ 45 %]")."""
+
+    def __init__(self, out: TextIO = sys.stderr, interval: float = 1.0) -> None:
+        self.out = out
+        self.interval = interval
+        self.last = 0.0
+
+    def update(self, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        self.out.write(f"Migration: [{_fraction(info) * 100:3.0f} %] {format_bytes(info.get('data_processed'))} sent, "
+                       f"{_rate(info.get('rate_bytes_per_s'))}, iteration {info.get('iteration') or 1}\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        pass
 
 
 class ProgressBar:
@@ -63,13 +121,8 @@ class ProgressBar:
         self.shown = False
 
     def update(self, info: dict[str, Any]) -> None:
-        total = info.get("data_total") or 0
         processed = info.get("data_processed") or 0
-        remaining = info.get("data_remaining")
-        if total and remaining is not None:
-            fraction = min(1.0, max(0.0, 1 - remaining / total))
-        else:
-            fraction = 0.0
+        fraction = _fraction(info)
         filled = int(fraction * self.width)
         bar = "#" * filled + "." * (self.width - filled)
         rate = info.get("rate_bytes_per_s") or 0

@@ -32,11 +32,12 @@ import trio
 from .._errors import TunnelError
 from ..qemu import QemuError, QemuGone, QemuProcess, QMPError, query_migration, run_state
 from ..transport import open_connection
-from ._access import AccessPolicy, Listener, Role, parse_entry
+from ._access import AccessPolicy, Listener, Role, describe, parse_entry
 from ._domains import DomainStore, validate_definition, validate_name
 from ._imageguest import ImageGuest
 from ._incoming import Incoming
 from ._limits import ConnectionLimits, Slot
+from ._log import LogSink, emit
 from ._migration import domain_state
 from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
 from ._qemuargs import check_qemu_args
@@ -51,6 +52,17 @@ __all__ = ["Daemon", "Domain", "parse_allow"]
 JSON = dict[str, Any]
 #: How often a source asks a destination that has not confirmed a migration.
 SETTLE_INTERVAL = 2.0
+
+
+def _address(raw: trio.SocketStream) -> str:
+    """The peer's address for the log: host:port, or the socket path of a unix peer (usually empty)."""
+    try:
+        name = raw.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return str(name) or "unix"
 
 
 def parse_allow(entry: str) -> tuple[str, str]:
@@ -82,6 +94,8 @@ class Domain:
         self.job: SourceJob | None = None
         self.last_job: SourceJob | None = None
         self.incoming: Incoming | None = None
+        #: The incoming migration that brought this guest here (JOBINFO on the destination).
+        self.last_incoming: Incoming | None = None
         #: A transient domain (arrived by migration without --persistent) is forgotten when it stops.
         self.persistent = persistent
         #: Set while a start is under way, so a concurrent start cannot launch a second QEMU.
@@ -150,7 +164,7 @@ class Daemon:
         qemu_user: str | None = None,
         shutdown_guests_on_exit: bool = False,
         insecure: bool = False,
-        log: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | LogSink | None = None,
         max_clients: int = 5000,
         max_anonymous_clients: int = 20,
     ) -> None:
@@ -190,7 +204,7 @@ class Daemon:
         self.tls = tls
         self.access = AccessPolicy(admins=allow_admin, peers=allow, read_only=allow_ro)
         self.insecure = insecure
-        self._log = log or (lambda line: None)
+        self._log: Callable[[str], None] | LogSink = log or (lambda line: None)
         if self.qemu_uid is not None:
             # QEMU, as that user, must reach its own guest directory (which it owns) below these.
             for path in (self.store.state_dir, self.store.run_dir):
@@ -198,12 +212,16 @@ class Daemon:
         self.limits = ConnectionLimits(max_clients=max_clients, max_anonymous_clients=max_anonymous_clients)
         self.domains: dict[str, Domain] = {name: Domain(definition, self.store) for name, definition in self.store.load_all().items()}
         self.incoming: dict[bytes, Incoming] = {}
+        #: Statistics of each domain's last completed migration job, either direction (JOBINFO ``completed``).
+        self.completed_jobs: dict[str, JSON] = {}
         self._nursery: trio.Nursery | None = None
         self._server_context = tls.server_context() if tls is not None else None
         self._unix_paths: list[str] = []
+        self._serving = False
 
-    def log(self, line: str) -> None:
-        self._log(line)
+    def log(self, line: str, level: str = "info", **fields: Any) -> None:
+        """One log line at *level* (debug, info, warning, error); *fields* go to structured sinks."""
+        emit(self._log, level, line, fields)
 
     def public(self, exc: BaseException) -> str:
         """*exc* as a client may read it (see :func:`public_message`)."""
@@ -245,11 +263,12 @@ class Daemon:
                     if uri.scheme == "unix":
                         self._unix_paths.append(uri.path)
                     if uri.scheme == "tcp":
-                        self.log(f"WARNING: listening on {uri} without TLS (--insecure): anyone who can reach it can migrate into this daemon")
+                        self.log(f"listening on {uri} without TLS (--insecure): anyone who can reach it can migrate into this daemon", "warning")
                     place = Listener(scheme=uri.scheme, read_only=read_only)
                     for listener in listeners:
                         nursery.start_soon(self._accept_loop, listener, uri, place)
                     self.log(f"listening on {uri}{' (read-only)' if read_only else ''}")
+                self._serving = True
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -269,7 +288,8 @@ class Daemon:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        self.log("stopped")
+        if self._serving:  # a daemon that never served says only why it could not start (its caller's error)
+            self.log("stopped")
 
     async def _accept_loop(self, listener: trio.SocketListener, uri: URI, place: Listener) -> None:
         async with listener:
@@ -302,13 +322,19 @@ class Daemon:
         stream: trio.abc.Stream = raw
         if uri.scheme == "tls":
             assert self._server_context is not None
-            tls_stream = await accept_tls(raw, self._server_context)
+            failure: list[str] = []
+            peer = _address(raw)  # now: a failed handshake closes the socket
+            tls_stream = await accept_tls(raw, self._server_context, failure=failure)
             if tls_stream is None:
-                self.log(f"{uri}: a client failed the TLS handshake")
+                self.log(f"{uri}: TLS handshake with {peer} failed: {failure[0] if failure else 'unknown reason'}", "warning",
+                         peer_address=peer, reason=failure[0] if failure else None)
                 return
             stream = tls_stream
         identity = peer_identity(stream)
-        session = Session(self, identity, raw.socket.getsockname(), self.roles_of(identity, place), scheme=uri.scheme)
+        roles = self.roles_of(identity, place)
+        session = Session(self, identity, raw.socket.getsockname(), roles, scheme=uri.scheme)
+        self.log(f"connection from {identity} on {uri}: {describe(roles)}", peer=str(identity), address=_address(raw),
+                 roles=describe(roles))
         try:
             async with open_connection(stream, client=False, handlers=session.handlers()) as conn:
                 session.conn = conn
@@ -321,6 +347,7 @@ class Daemon:
         finally:
             with trio.CancelScope(shield=True):
                 await session.close()
+            self.log(f"connection from {identity} closed", "debug", peer=str(identity))
 
     # ------------------------------------------------------------------
     # Guests
@@ -367,7 +394,7 @@ class Daemon:
                 args, guest_dir=domain.guest_dir, name=domain.name, incoming=incoming, paused=paused, user=self.qemu_user
             )
         except (OSError, QemuError) as exc:
-            self.log(f"cannot start {domain.name}: {exc}")
+            self.log(f"cannot start {domain.name}: {' '.join(str(exc).split())}", "error", domain=domain.name)
             await self.store.clear_guest_dir(domain.name)
             raise DaemonError(f"cannot start domain {domain.name!r}: {self.public(exc)}") from None
         self._adopt(domain, process)
@@ -403,9 +430,13 @@ class Daemon:
                     # A dead incoming QEMU can load nothing: fail the stream now, so the source resumes at once
                     # instead of pumping into a socket nobody reads (a spliced receive may never notice).
                     await domain.incoming.discard()
+                lines = [line for line in process.log_tail().splitlines() if line.strip()]
                 await process.stop()  # closes our handles, removes the socket and pidfile
                 await self.store.clear_guest_dir(domain.name)
-                self.log(f"{domain.name}: QEMU exited" + (f" with status {code}" if code is not None else ""))
+                failed = code not in (0, None)
+                self.log(f"{domain.name}: QEMU exited" + (f" with status {code}" if code is not None else "")
+                         + (f": {lines[-1].strip()}" if failed and lines else ""),
+                         "warning" if failed else "info", domain=domain.name, exit_status=code)
                 self._forget_if_transient(domain)
 
     async def _unwatch(self, domain: Domain) -> None:
@@ -423,7 +454,7 @@ class Daemon:
         await process.stop()
         if isinstance(process, QemuProcess):
             await self.store.clear_guest_dir(domain.name)
-        self.log(f"stopped {domain.name} ({reason})")
+        self.log(f"stopped {domain.name} ({reason})", domain=domain.name)
         self._forget_if_transient(domain)
 
     async def _detach(self, domain: Domain) -> None:

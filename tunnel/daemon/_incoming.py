@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -21,6 +22,7 @@ from ..endpoints import EndpointError, MemoryImageWriter, receive_into
 from ..qemu import MigrationError, QemuProcess, run_state, set_tls, start_incoming_fd, start_incoming_uri, wait_migration
 from ..transport import TunnelStream
 from ._imageguest import PAGE as PAGE_SIZE
+from ._jobstats import complete_jobinfo
 from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, pump_socket, socketpair
 from ._net import TLSFiles
 from ._rpc import DaemonError, public_message
@@ -57,6 +59,45 @@ class Incoming:
         self.previous: Domain | None = None
         #: The image writer of a memory-image guest's migration.
         self.writer: MemoryImageWriter | None = None
+        #: For JOBINFO on the destination: who sent it, since when, and how it is going.
+        self.source: str | None = None
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.state = "setup"
+        self.error: str | None = None
+        self.live = False
+
+    async def info(self) -> dict[str, Any]:
+        """The incoming job's statistics, with the keys of the outgoing side's (what the destination cannot know is None)."""
+        await trio.lowlevel.checkpoint()
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        end = self.ended if self.ended is not None else time.monotonic()
+        info: dict[str, Any] = {
+            "domain": self.domain.name,
+            "operation": "incoming",
+            "status": self.state,
+            "source": self.source,
+            "tunnelled": self.tunnelled,
+            "live": self.live,
+            "time_elapsed_ms": int((end - self.started) * 1000),
+            "error": self.error,
+        }
+        if self.stream is not None:
+            stats = self.stream.statistics()
+            info["tunnel_bytes_sent"] = stats.bytes_sent
+            info["tunnel_bytes_received"] = stats.bytes_received
+            if self.domain.is_image:
+                info["memory_processed"] = info["data_processed"] = stats.bytes_received
+        if self.domain.is_image:
+            total = self.domain.definition["image"]["size_mib"] * MiB
+            info.update(memory_total=total, data_total=total, page_size=PAGE_SIZE)
+        return complete_jobinfo(info)
+
+    def end(self, state: str, error: str | None = None) -> None:
+        if self.ended is None:
+            self.state, self.error, self.ended = state, error, time.monotonic()
 
     async def prepare(
         self, peer_sockname: Any, *, images_dir: str, tls: TLSFiles | None = None, owner: int | None = None
@@ -116,6 +157,7 @@ class Incoming:
 
     async def pump(self, stream: TunnelStream) -> None:
         self.stream = stream
+        self.state = "active"
         self.stream_seen.set()
         hide = (self.domain.store.state_dir,)
         if self.writer is not None:

@@ -169,13 +169,31 @@ async def listen(uri: URI, *, mode: int = 0o600, group: int | None = None) -> li
         raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
 
 
-async def accept_tls(stream: trio.SocketStream, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream] | None:
-    """Server side TLS handshake; None (connection dropped) if the peer fails it."""
+async def accept_tls(
+    stream: trio.SocketStream, context: ssl.SSLContext, *, failure: list[str] | None = None
+) -> trio.SSLStream[trio.SocketStream] | None:
+    """Server side TLS handshake; None (connection dropped) if the peer fails it, the reason appended to *failure*."""
     ssl_stream = trio.SSLStream(stream, context, server_side=True, https_compatible=False)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await ssl_stream.do_handshake()
-    except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
+    except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
+        if failure is not None:
+            failure.append(_handshake_failure(exc))
         await trio.aclose_forcefully(ssl_stream)
         return None
     return ssl_stream
+
+
+def _handshake_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, in OpenSSL's words where it gave any."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"no handshake within {HANDSHAKE_TIMEOUT:.0f} s"
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLError):
+        if cause.reason == "UNEXPECTED_EOF_WHILE_READING":
+            return "the peer closed the connection during the handshake"
+        verify = getattr(cause, "verify_message", None)
+        reason = (cause.reason or "").replace("_", " ").lower()  # TLSV1_ALERT_UNKNOWN_CA: "tlsv1 alert unknown ca"
+        return f"{reason}: {verify}" if verify else reason or str(cause)
+    return f"the connection broke ({cause})" if str(cause) else "the connection broke"

@@ -40,6 +40,10 @@ class Procedure(IntEnum):
     MONITOR = 10
     DOMAIN_INFO = 11
     CONFIRM = 12
+    SUSPEND = 13
+    RESUME = 14
+    SHUTDOWN = 15
+    REBOOT = 16
     # source daemon -> destination daemon (or the client, when it drives a migration without PEER2PEER)
     PREPARE = 32
     FINISH = 33

@@ -20,7 +20,9 @@ from ..qemu import QMPError
 from ..transport import Handler, TunnelConnection, TunnelStream
 from ._access import GRANTED_BY, PROCEDURE_ROLES, Role, describe
 from ._domains import validate_name
+from ._imageguest import ImageGuest
 from ._incoming import Incoming
+from ._jobstats import complete_jobinfo
 from ._net import Identity
 from ._qmpallow import check_qmp
 from ._recovery import outcome_reply
@@ -28,13 +30,34 @@ from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler, public_m
 from ._source import SourceJob
 
 if TYPE_CHECKING:
-    from ._daemon import Daemon
+    from ._daemon import Daemon, Domain
 
 __all__ = ["Session"]
 
 JSON = dict[str, Any]
 #: QMP commands that change whether the guest runs: not while a migration decides where it runs.
 RUN_STATE_COMMANDS = frozenset({"cont", "stop", "system_reset", "system_powerdown", "system_wakeup"})
+
+
+#: Compression each guest kind can use: QEMU's XBZRLE (multifd needs several channels, which the tunnel's one stream is not),
+#: the tunnel's zstd on page batches for memory images.
+COMPRESSION = {"qemu": ("xbzrle",), "image": ("zstd",)}
+
+
+def _compression(domain: Domain, compressed: bool, methods: list[Any] | None) -> tuple[str, ...]:
+    """virsh --compressed [--comp-methods LIST]: the methods to use, checked against the guest kind."""
+    kind = "image" if domain.is_image else "qemu"
+    if methods is None:
+        return COMPRESSION[kind][:1] if compressed else ()
+    if not all(isinstance(m, str) for m in methods):
+        raise DaemonError("malformed request: 'comp_methods' must be a list of strings")
+    for method in methods:
+        if method not in COMPRESSION[kind]:
+            other = "image" if kind == "qemu" else "qemu"
+            extra = f" ({method} is for {'memory-image' if other == 'image' else 'QEMU'} guests)" if method in COMPRESSION[other] else ""
+            raise DaemonError(f"compression method {method!r} is not supported for domain {domain.name!r}{extra}; "
+                              f"use {', '.join(COMPRESSION[kind])}")
+    return tuple(dict.fromkeys(methods))
 
 
 def _migration_id(request: JSON) -> bytes:
@@ -77,6 +100,10 @@ class Session:
             Procedure.PREPARE: self.prepare,
             Procedure.FINISH: self.finish,
             Procedure.MIGRATION_OUTCOME: self.migration_outcome,
+            Procedure.SUSPEND: self.suspend,
+            Procedure.RESUME: self.resume,
+            Procedure.SHUTDOWN: self.shutdown,
+            Procedure.REBOOT: self.reboot,
         }
         return {(PROGRAM, int(proc)): self._guarded(proc, json_handler(fn)) for proc, fn in table.items()}
 
@@ -86,7 +113,8 @@ class Session:
 
         async def guarded(body: bytes) -> Buffer:
             if needed not in self.roles:
-                self.daemon.log(f"refused {procedure.name} from {self.identity} ({describe(self.roles)}): needs {needed.value}")
+                self.daemon.log(f"refused {procedure.name} from {self.identity} ({describe(self.roles)}): needs {needed.value}",
+                                "warning", peer=str(self.identity), roles=describe(self.roles), procedure=procedure.name)
                 raise RPCError(
                     ErrorCode.PERMISSION_DENIED,
                     f"{procedure.name} needs the {needed.value} role (granted by the daemon's {GRANTED_BY[needed]}); "
@@ -97,7 +125,8 @@ class Session:
             except RPCError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug: log it, tell the client no more than that
-                self.daemon.log(f"internal error in {procedure.name} from {self.identity}: " + "".join(traceback.format_exception(exc)).rstrip())
+                self.daemon.log(f"internal error in {procedure.name} from {self.identity}: " + "".join(traceback.format_exception(exc)).rstrip(),
+                                "error", peer=str(self.identity), procedure=procedure.name)
                 raise RPCError(ErrorCode.INTERNAL_ERROR, f"{procedure.name} failed: {public_message(exc)}") from None
 
         return guarded
@@ -178,7 +207,86 @@ class Session:
 
     async def domain_info(self, request: JSON) -> JSON:
         domain = self.daemon.domain(request.get("name"))
-        return {"name": domain.name, "state": await domain.state(), "definition": domain.definition}
+        reply = {
+            "name": domain.name,
+            "state": await domain.state(),
+            "definition": domain.definition,
+            "kind": "image" if domain.is_image else "qemu",
+            "pid": domain.process.pid if domain.process is not None else None,
+            "persistent": domain.persistent,
+            "migrated_to": None,
+        }
+        if domain.process is None and (marker := self.daemon.store.migrated(domain.name)) is not None:
+            reply["migrated_to"] = marker.get("destination")
+        return reply
+
+    # ------------------------------------------------------------------
+    # Run state: suspend, resume, shutdown, reboot
+
+    def _settled(self, request: JSON, what: str) -> Domain:
+        """The running domain of *request*, refused while a migration decides where it runs (as MONITOR refuses)."""
+        domain = self.daemon.domain(request.get("name"))
+        if domain.process is None:
+            raise DaemonError(f"domain {domain.name!r} is not running")
+        if domain.job is not None or domain.unconfirmed is not None or domain.incoming is not None:
+            raise DaemonError(f"domain {domain.name!r} is migrating: {what} would decide where it runs; wait, or abort the job")
+        return domain
+
+    async def suspend(self, request: JSON) -> JSON:
+        domain = self._settled(request, "suspending it")
+        if isinstance(domain.process, ImageGuest):
+            await domain.process.pause()
+        else:
+            await self._qmp(domain, "stop")
+        self.daemon.log(f"suspended {domain.name}", domain=domain.name, peer=str(self.identity))
+        return {"state": await domain.state()}
+
+    async def resume(self, request: JSON) -> JSON:
+        domain = self._settled(request, "resuming it")
+        if isinstance(domain.process, ImageGuest):
+            domain.process.resume()
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._qmp(domain, "cont")
+        self.daemon.log(f"resumed {domain.name}", domain=domain.name, peer=str(self.identity))
+        return {"state": await domain.state()}
+
+    async def reboot(self, request: JSON) -> JSON:
+        domain = self._settled(request, "rebooting it")
+        if isinstance(domain.process, ImageGuest):
+            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it has no firmware to reboot")
+        await self._qmp(domain, "system_reset")
+        self.daemon.log(f"rebooted {domain.name} (reset)", domain=domain.name, peer=str(self.identity))
+        return {"state": await domain.state()}
+
+    async def shutdown(self, request: JSON) -> JSON:
+        """ACPI power-down; if the guest is still running after ``timeout_s``, destroy it."""
+        domain = self._settled(request, "shutting it down")
+        timeout = field(request, "timeout_s", float, 60.0)
+        if timeout < 0:
+            raise DaemonError("the shutdown timeout must be >= 0 seconds")
+        process = domain.process
+        if isinstance(process, ImageGuest):  # no ACPI in a simulation: it stops at once
+            await self.daemon.stop_guest(domain, reason=f"shut down by {self.identity}")
+            return {"how": "stopped"}
+        await self._qmp(domain, "system_powerdown")
+        self.daemon.log(f"asked {domain.name} to power down (ACPI); destroying it if it still runs after {timeout:g} s",
+                        domain=domain.name, peer=str(self.identity))
+        with trio.move_on_after(timeout):
+            while domain.process is process:
+                await trio.sleep(0.1)
+        if domain.process is not process:
+            return {"how": "powered off"}
+        if domain.job is not None or domain.incoming is not None:
+            raise DaemonError(f"domain {domain.name!r} started migrating while it was asked to power down; it was not destroyed")
+        await self.daemon.stop_guest(domain, reason=f"did not power down within {timeout:g} s; destroyed")
+        return {"how": "destroyed"}
+
+    async def _qmp(self, domain: Domain, command: str) -> None:
+        try:
+            await domain.qemu().qmp.execute(command)
+        except QMPError as exc:
+            raise DaemonError(f"QEMU refused {command} for {domain.name!r}: {getattr(exc, 'desc', exc)}") from None
 
     async def monitor(self, request: JSON) -> JSON:
         domain = self.daemon.domain(request.get("name"))
@@ -228,7 +336,16 @@ class Session:
         if domain.process is None:
             raise DaemonError(f"domain {domain.name!r} is not running")
         if domain.is_image and not tunnelled:
-            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it migrates only --tunnelled")
+            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it migrates only tunnelled (--p2p --tunnelled)")
+        timeout = field(request, "timeout_s", float, 0.0)
+        if timeout < 0:
+            raise DaemonError("the migration timeout must be >= 0 seconds (0 for none)")
+        if field(request, "timeout_action", str, "suspend") != "suspend":
+            raise DaemonError("--timeout-postcopy is not supported yet (post-copy migration is not implemented); use --timeout-suspend")
+        auto_converge = field(request, "auto_converge", bool, False)
+        if auto_converge and domain.is_image:
+            raise DaemonError(f"domain {domain.name!r} is a memory-image guest: --auto-converge throttles QEMU's vCPUs and applies to QEMU guests only")
+        compression = _compression(domain, field(request, "compressed", bool, False), field(request, "comp_methods", list, None))
         if domain.job is not None and domain.job.resolved.is_set():
             with trio.move_on_after(10):  # the last job is telling its destination to clean up
                 await domain.job.done.wait()
@@ -249,12 +366,17 @@ class Session:
             direct_tls=direct_tls,
             persistent=field(request, "persistent", bool, False),
             undefine_source=field(request, "undefine_source", bool, False),
+            timeout_s=timeout,
+            auto_converge=auto_converge,
+            compression=compression,
+            abort_on_error=field(request, "abort_on_error", bool, False),
         )
         domain.job = domain.last_job = job
         assert daemon._nursery is not None
         daemon._nursery.start_soon(job.run)
         mode = "tunnelled p2p" if tunnelled else "native p2p" if p2p else "native, driven by the client"
-        daemon.log(f"migrating {domain.name} to {dest} ({mode})")
+        daemon.log(f"migrating {domain.name} to {dest} ({mode}) for {self.identity}", domain=domain.name, destination=dest,
+                   peer=str(self.identity))
         if field(request, "detach", bool, False):
             await trio.lowlevel.checkpoint()
             return {"domain": domain.name, "status": "started", "destination": dest}
@@ -281,10 +403,22 @@ class Session:
         return domain.job
 
     async def jobinfo(self, request: JSON) -> JSON:
-        domain = self.daemon.domain(request.get("name"))
-        job = domain.job or domain.last_job
-        if job is None:
-            return {"domain": domain.name, "status": "none"}
+        """The current job (outgoing or incoming), else the last; with ``completed``, the last that completed."""
+        name = request.get("name")
+        if field(request, "completed", bool, False):
+            validate_name(name)
+            assert isinstance(name, str)
+            await trio.lowlevel.checkpoint()
+            if name in self.daemon.completed_jobs:
+                return self.daemon.completed_jobs[name]
+            self.daemon.domain(name)  # an undefined name is an error; a defined one has no completed job
+            return complete_jobinfo({"domain": name, "status": "none"})
+        domain = self.daemon.domain(name)
+        candidates = [j for j in (domain.incoming, domain.job, domain.last_job, domain.last_incoming) if j is not None]
+        if not candidates:
+            return complete_jobinfo({"domain": domain.name, "status": "none"})
+        # the one under way, else the most recent
+        job = candidates[0] if domain.incoming is not None or domain.job is not None else max(candidates, key=lambda j: j.started)
         return await job.info()
 
     async def abort(self, request: JSON) -> JSON:
@@ -323,7 +457,7 @@ class Session:
         domain = daemon.new_domain(definition, persistent=persistent)
         tunnelled = field(request, "tunnelled", bool, False)
         if domain.is_image and not tunnelled:
-            raise DaemonError("a memory-image guest migrates only tunnelled")
+            raise DaemonError(f"domain {name!r} is a memory-image guest: it migrates only tunnelled (--p2p --tunnelled)")
         incoming = Incoming(
             domain,
             migration_id,
@@ -333,6 +467,8 @@ class Session:
             persistent=persistent,
         )
         incoming.previous = existing
+        incoming.source = str(self.identity)
+        incoming.live = field(request, "live", bool, False)
         domain.incoming = incoming
         daemon.domains[name] = domain
         daemon.incoming[migration_id] = incoming
@@ -354,7 +490,7 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._discard(incoming)
             raise
-        daemon.log(f"prepared incoming {name} from {self.identity}")
+        daemon.log(f"prepared incoming {name} from {self.identity}", domain=name, peer=str(self.identity))
         return reply
 
     async def on_stream(self, stream: TunnelStream) -> None:
@@ -382,6 +518,9 @@ class Session:
                 await self._discard(incoming)
             raise
         domain.incoming = None
+        domain.last_incoming = incoming
+        incoming.end("completed")
+        daemon.completed_jobs[domain.name] = incoming.snapshot()
         daemon.incoming.pop(migration_id, None)
         # The guest runs here now (the outcome is recorded): keep its books even if the source hung up meanwhile.
         with trio.CancelScope(shield=True):
@@ -391,7 +530,8 @@ class Session:
             if not domain.is_image:
                 await daemon.store.set_runtime(domain.name, "domain", {"definition": domain.definition, "persistent": domain.persistent})
                 await daemon.store.set_runtime(domain.name, "migration", None)
-        daemon.log(f"incoming {domain.name} complete: {state}{'' if incoming.persistent else ' (transient)'}")
+        daemon.log(f"incoming {domain.name} from {incoming.source} complete: {state}{'' if incoming.persistent else ' (transient)'}",
+                   domain=domain.name, peer=incoming.source, outcome="completed")
         reply: JSON = {"state": state}
         if incoming.image_sha256 is not None:
             reply["image_sha256"] = incoming.image_sha256
@@ -412,6 +552,7 @@ class Session:
         daemon = self.daemon
         domain = incoming.domain
         self.prepared.pop(incoming.migration_id, None)
+        incoming.end("cancelled", incoming.pump_error or "discarded: the source cancelled it, failed, or went away")
         await incoming.discard()
         await daemon.stop_guest(domain, reason="incoming migration discarded")
         domain.incoming = None
@@ -424,7 +565,8 @@ class Session:
         daemon.incoming.pop(incoming.migration_id, None)
         if not domain.is_image:
             await daemon.store.clear_guest_dir(domain.name)
-        daemon.log(f"discarded incoming {domain.name}")
+        daemon.log(f"discarded incoming {domain.name} from {incoming.source}", "warning", domain=domain.name, peer=incoming.source,
+                   outcome="discarded")
 
     async def close(self) -> None:
         for incoming in list(self.prepared.values()):

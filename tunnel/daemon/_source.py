@@ -19,6 +19,7 @@ guest's directory (``migration.json``) lets a restarted daemon do the same.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -46,7 +47,9 @@ from ..qemu import (
     wait_migration,
 )
 from ..transport import TunnelConnection, TunnelStream, open_connection
+from ._imageguest import PAGE as IMAGE_PAGE
 from ._imageguest import ImageGuest
+from ._jobstats import complete_jobinfo
 from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, UNLIMITED_BANDWIDTH, pump_socket, socketpair
 from ._net import connect
 from ._recovery import cancel_and_resume, settle_source
@@ -114,8 +117,22 @@ class SourceJob:
         direct_tls: bool = False,
         persistent: bool = False,
         undefine_source: bool = False,
+        timeout_s: float = 0.0,
+        auto_converge: bool = False,
+        compression: tuple[str, ...] = (),
+        abort_on_error: bool = False,
     ) -> None:
         self.daemon = daemon
+        #: virsh --timeout with --timeout-suspend: pause the guest once the transfer ran this long (0: never).
+        self.timeout_s = timeout_s
+        self.timeout_suspended = False
+        #: QEMU's auto-converge capability (throttles the vCPUs of a guest that dirties memory faster than it goes).
+        self.auto_converge = auto_converge
+        #: ("xbzrle",) for QEMU guests, ("zstd",) for memory-image guests, or none.
+        self.compression = compression
+        #: virsh --abort-on-error: cancel the migration when the guest stops on an I/O error.
+        self.abort_on_error = abort_on_error
+        self._watch_scope = trio.CancelScope()
         #: Client-driven (not PEER2PEER) migration: only perform, to this QEMU endpoint the
         #: client got from the destination; the client then calls finish and confirm.
         self.direct_uri = direct_uri
@@ -178,7 +195,7 @@ class SourceJob:
         return self.bandwidth_mib * MiB if self.bandwidth_mib > 0 else UNLIMITED_BANDWIDTH
 
     async def info(self) -> dict[str, Any]:
-        """libvirt-style job statistics: times, data totals, rate, iteration."""
+        """libvirt-style job statistics (:data:`._jobstats.JOB_KEYS`): times, data totals, rates, pages, iteration."""
         if self.reader is not None:
             self._note_progress(self.reader.progress())
         elif not self.done.is_set() and isinstance(self.domain.process, QemuProcess) and self.state == "active":
@@ -187,19 +204,30 @@ class SourceJob:
                     self._note(await query_migration(self.domain.process.qmp))
             except QMPError:
                 pass
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The statistics as last noted, without asking QEMU."""
         end = self.ended if self.ended is not None else time.monotonic()
         info: dict[str, Any] = {
             "domain": self.domain.name,
+            "operation": "outgoing",
             "status": self.state,
             "destination": self.dest,
             "tunnelled": self.tunnelled,
             "live": self.live,
             "time_elapsed_ms": int((end - self.started) * 1000),
-            "bandwidth_mib": self.bandwidth_mib,
+            "bandwidth_limit_bytes_per_s": self.bandwidth_mib * MiB if self.bandwidth_mib > 0 else None,
+            "auto_converge": self.auto_converge,
+            "compression": list(self.compression) or None,
+            "timeout_suspended": self.timeout_suspended,
         }
         info.update(self.last)
-        if info.get("data_remaining") is not None and info.get("data_total") is not None:
-            info["data_remaining"] = min(info["data_remaining"], info["data_total"])
+        if info.get("memory_remaining") is not None and info.get("memory_total") is not None:
+            info["memory_remaining"] = min(info["memory_remaining"], info["memory_total"])
+        # No storage is migrated: the data figures are the memory figures.
+        info.update(data_total=info.get("memory_total"), data_processed=info.get("memory_processed"),
+                    data_remaining=info.get("memory_remaining"))
         rate = info.get("rate_bytes_per_s") or 0
         remaining = info.get("data_remaining")
         if self.state == "active" and rate and remaining is not None:
@@ -212,40 +240,65 @@ class SourceJob:
             stats = self.stream.statistics()
             info["tunnel_bytes_sent"] = stats.bytes_sent
             info["tunnel_bytes_received"] = stats.bytes_received
+            if "zstd" in self.compression:
+                info["compression_saved_bytes"] = stats.pages_raw_bytes - stats.pages_wire_bytes
         if self.error is not None:
             info["error"] = self.error
-        return info
+        return complete_jobinfo(info)
 
     def _note_progress(self, progress: Progress) -> None:
-        total = progress.total_bytes
+        rate = progress.rate_bytes_per_s
+        if not rate and self.transfer_started is not None:  # before pre-copy measured a pass: the average so far
+            elapsed = time.monotonic() - self.transfer_started
+            rate = progress.bytes_sent / elapsed if elapsed > 0.1 else None
         self.last = {
-            "data_total": total,
-            "data_processed": progress.bytes_sent,
-            "data_remaining": progress.remaining_bytes,
-            "rate_bytes_per_s": int(progress.rate_bytes_per_s or 0),
+            "memory_total": progress.total_bytes,
+            "memory_processed": progress.bytes_sent,
+            "memory_remaining": progress.remaining_bytes,
+            "rate_bytes_per_s": int(rate) if rate else None,
             "iteration": progress.iteration + 1,
             "expected_downtime_ms": int(progress.expected_downtime_s * 1000) if progress.expected_downtime_s is not None else None,
             "dirty_rate_bytes_per_s": int(progress.dirty_bytes_per_s),
-            "zero_pages": progress.zero_pages,
+            "page_size": IMAGE_PAGE,
+            "constant_pages": progress.zero_pages,
+            "normal_pages": progress.pages_sent,
+            "normal_bytes": progress.pages_sent * IMAGE_PAGE,
             "converged": progress.converged,
         }
+        if self.transfer_started is not None:
+            self.last["setup_time_ms"] = int((self.transfer_started - self.started) * 1000)
 
     def _note(self, status: Any) -> None:
+        ram = status.raw.get("ram") or {}
+        page = int(ram.get("page-size") or 4096)
         self.last = {
-            "qemu_status": status.status,
-            "data_total": status.total,
-            "data_processed": status.transferred,
-            "data_remaining": status.remaining,
+            "memory_total": status.total,
+            "memory_processed": status.transferred,
+            "memory_remaining": status.remaining,
             "rate_bytes_per_s": int((status.mbps or 0) * 1e6 / 8),
+            "dirty_rate_bytes_per_s": status.dirty_pages_rate * page,
             "iteration": status.dirty_sync_count,
             "expected_downtime_ms": status.expected_downtime_ms,
+            "downtime_ms": status.downtime_ms,
+            "setup_time_ms": status.setup_time_ms,
+            "page_size": page,
+            "constant_pages": status.duplicate,
+            "normal_pages": status.normal,
+            "normal_bytes": status.normal_bytes,
+            "cpu_throttle_percent": status.raw.get("cpu-throttle-percentage"),
         }
+        xbzrle = status.raw.get("xbzrle-cache")
+        if xbzrle and "xbzrle" in self.compression:
+            self.last["compression_saved_bytes"] = int(xbzrle.get("pages", 0)) * page - int(xbzrle.get("bytes", 0))
 
     # ------------------------------------------------------------------
     # The sequence
 
     async def run(self) -> None:
         domain = self.domain
+        if self.timeout_s > 0 or self.abort_on_error:
+            assert self.daemon._nursery is not None
+            self.daemon._nursery.start_soon(self._watch)
         try:
             with self.scope:
                 await self._perform()
@@ -255,16 +308,48 @@ class SourceJob:
                 raise  # cancelled by the daemon shutting down: the outcome is set below
         finally:
             self._settle_state(None)
+            self._watch_scope.cancel()
             self.ended = time.monotonic()
             self.resolved.set()
             self.done.set()
             if domain.job is self:
                 domain.job = None
+            if self.state == "completed":
+                self.daemon.completed_jobs[domain.name] = self.snapshot()
             self.daemon.log(
                 f"migration of {domain.name} to {self.dest}: {self.state}"
                 + (f" ({self.error})" if self.error else "")
-                + f"; {self.daemon.where_is(domain)}"
+                + f"; {self.daemon.where_is(domain)}",
+                "info" if self.state == "completed" else "warning",
+                domain=domain.name, destination=self.dest, outcome=self.state, error=self.error,
             )
+
+    async def _watch(self) -> None:
+        """--timeout: pause the guest once the transfer ran that long; --abort-on-error: cancel on an I/O error."""
+        with self._watch_scope:
+            while True:
+                await trio.sleep(0.2)
+                if self.phase != "transfer" or self.transfer_started is None:
+                    continue
+                process = self.domain.process
+                if self.timeout_s > 0 and not self.timeout_suspended and time.monotonic() - self.transfer_started >= self.timeout_s:
+                    self.timeout_suspended = True
+                    if isinstance(process, ImageGuest):
+                        await process.pause()
+                    elif isinstance(process, QemuProcess):
+                        with contextlib.suppress(QMPError):
+                            await process.qmp.execute("stop")
+                    self.daemon.log(f"migration of {self.domain.name}: still transferring after {self.timeout_s:g} s (--timeout); "
+                                    "guest suspended so that it completes", domain=self.domain.name)
+                if self.abort_on_error and isinstance(process, QemuProcess):
+                    try:
+                        state = await run_state(process.qmp)
+                    except QMPError:
+                        continue
+                    if state == "io-error" and self.phase == "transfer":
+                        with contextlib.suppress(DaemonError):
+                            self.abort("the guest stopped on an I/O error (--abort-on-error)")
+                        return
 
     def _settle_state(self, exc: BaseException | None) -> None:
         """The job's final state, once: ``failed`` with the reason, or ``cancelled`` (abort, shutdown)."""
@@ -470,12 +555,15 @@ class SourceJob:
         self.transfer_started = time.monotonic()
         reader = MemoryImageReader(guest.path, tracker=guest.tracker, guest=guest.sim, policy=PrecopyPolicy())
         self.reader = reader
+        if "zstd" in self.compression and not peer.compression:
+            raise DaemonError("the destination does not accept zstd-compressed pages (install tunnel[zstd] there), or migrate without --compressed")
         stream = await peer.open_stream(
             kind=StreamKind.MEMORY,
             digest=DigestAlgorithm.CRC32,
             migration_id=self.migration_id,
             label="memory",
             bandwidth=self.bandwidth_mib * MiB,
+            compress="zstd" in self.compression,
         )
         self.stream = stream
         try:
@@ -490,7 +578,7 @@ class SourceJob:
         self.transfer_started = time.monotonic()
         if not self.tunnelled:
             await self._set_tls(qmp, bool(prepared.get("tls")))
-            await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth)
+            await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth, capabilities=self._capabilities())
             self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
             return
         assert peer is not None
@@ -500,7 +588,7 @@ class SourceJob:
         self.stream = stream
         ours, theirs = socketpair()
         try:
-            await start_outgoing_fd(qmp, theirs.fileno(), max_bandwidth=bandwidth, capabilities=RETURN_PATH)
+            await start_outgoing_fd(qmp, theirs.fileno(), max_bandwidth=bandwidth, capabilities={**RETURN_PATH, **self._capabilities()})
             theirs.close()  # QEMU holds its own copy now
             # Errors are collected, not raised inside the nursery, so callers see
             # one exception (never a group) whichever side failed first.
@@ -536,6 +624,10 @@ class SourceJob:
         finally:
             theirs.close()
             ours.close()
+
+    def _capabilities(self) -> dict[str, bool]:
+        """Source-only QEMU capabilities, set both ways every time: a QEMU keeps them from its last migration."""
+        return {"auto-converge": self.auto_converge, "xbzrle": "xbzrle" in self.compression}
 
     async def _set_tls(self, qmp: Any, tls: bool) -> None:
         """QEMU's own TLS for a native channel the destination secured, with this daemon's certificate."""
