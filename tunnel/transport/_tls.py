@@ -6,9 +6,10 @@ small pieces, and goes round its retry loop (Python) once per TLS record.
 A daemon moving a migration stream through it spent most of its CPU there,
 single-threaded, and moved 100-250 MB/s where OpenSSL alone encrypts
 several GB/s.  Kernel TLS (kTLS) would take the record layer out of the
-process altogether, but it is not an option: the kernels we run on may not
-have the ``tls`` ULP, and Python 3.11's ``ssl`` module has no way to hand
-the session keys to the kernel (nor to pick TLS 1.3 cipher suites).
+process altogether, but it is not an option here: the kernels we run on
+lack the ``tls`` ULP (``setsockopt(TCP_ULP, "tls")`` fails with ENOENT),
+and Python 3.11's ``ssl`` module (OpenSSL 3.0) can neither enable kTLS nor
+hand the session keys to the kernel.
 
 Theory of operation.  The stream drives a sans-I/O ``ssl.SSLObject`` over
 two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
@@ -80,9 +81,10 @@ THREAD_MIN = 64 * 1024
 FIRST_BUFFER = 16 * 1024
 
 #: TLS 1.2 suites, AES-128-GCM first (AES-NI makes it the cheapest AEAD here).
-#: TLS 1.3 suites cannot be chosen from Python 3.11 (no ``set_ciphersuites``):
-#: OpenSSL then offers AES-256-GCM first, which costs about 10% more per byte
-#: in ``openssl speed`` and no measurable difference per ``SSLObject`` pass.
+#: TLS 1.3 suites cannot be ordered from Python 3.11 (no ``set_ciphersuites``),
+#: so TLS 1.3 runs OpenSSL's first choice, AES-256-GCM: about 10% more per byte
+#: than AES-128-GCM in ``openssl speed``, and no slower than TLS 1.2 with
+#: AES-128-GCM through ``SSLObject``; TLS 1.3 stays.
 TLS12_CIPHERS = "ECDHE+AES128+AESGCM:ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 
 
