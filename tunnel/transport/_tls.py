@@ -39,7 +39,10 @@ two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
   that lock and appended to ``_pending``, in the order OpenSSL produced it;
   whichever task holds ``_send_lock`` writes everything pending to the
   transport.  A read can produce ciphertext too (a TLS 1.3 KeyUpdate reply,
-  alerts), and it must not overtake records encrypted before it.
+  alerts), and it must not overtake records encrypted before it.  A read
+  writes only while no ``send_all`` is under way (that one writes it
+  along): a read blocked on writing the other direction's megabyte could
+  leave both peers writing and neither reading.
 
 TLS semantics are trio's (``https_compatible=False``): the peer's
 certificate is checked by the context (the daemons require client
@@ -149,11 +152,14 @@ class TLSStream(trio.abc.Stream):
         #: Held while writing to the transport (send_all, a read's reply, close_notify).
         self._send_lock = trio.Lock()
         self._send_guard = ConflictGuard("another task is sending on this TLS stream")
+        self._sending = False  # a send_all is under way: it writes whatever is pending
         self._recv_guard = ConflictGuard("another task is receiving on this TLS stream")
         # Decrypted bytes not yet returned: _plain[_plain_start:_plain_end].
         self._plain = memoryview(bytearray(0))
         self._plain_start = self._plain_end = 0
         self._eof = False  # close_notify received
+        #: Plaintext OpenSSL decrypted but did not return yet (as of the last pass).
+        self._held = 0
         sock = transport_stream.socket if isinstance(transport_stream, trio.SocketStream) else None
         self._sock = sock
         self._wire = memoryview(bytearray(0))  # what a plain socket is read into
@@ -309,23 +315,31 @@ class TLSStream(trio.abc.Stream):
         with self._send_guard:
             self._check_status()
             await self.do_handshake()
-            view = memoryview(data)
-            if view.ndim != 1 or view.format != "B":
-                view = view.cast("B")
-            if not len(view):
-                await trio.lowlevel.checkpoint()
-                return
-            for offset in range(0, len(view), WRITE_CHUNK):
-                chunk = view[offset : offset + WRITE_CHUNK]
-                self._check_status()  # aclose may have run while we waited
-                try:
-                    await self._run(len(chunk), self._encrypt, chunk)
-                except ssl.SSLError as exc:
-                    raise self._broken(exc)
-                except BaseException:
-                    self._state = _State.BROKEN if self._state is _State.OK else self._state
-                    raise
-                await self._flush()
+            self._sending = True
+            try:
+                await self._send(data)
+            finally:
+                self._sending = False
+
+    async def _send(self, data: Buffer) -> None:
+        """Encrypt and write *data*, WRITE_CHUNK at a time."""
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if not len(view):
+            await trio.lowlevel.checkpoint()
+            return
+        for offset in range(0, len(view), WRITE_CHUNK):
+            chunk = view[offset : offset + WRITE_CHUNK]
+            self._check_status()  # aclose may have run while we waited
+            try:
+                await self._run(len(chunk), self._encrypt, chunk)
+            except ssl.SSLError as exc:
+                raise self._broken(exc)
+            except BaseException:
+                self._state = _State.BROKEN if self._state is _State.OK else self._state
+                raise
+            await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
@@ -360,23 +374,27 @@ class TLSStream(trio.abc.Stream):
                 self._eof = True
                 break
             filled += got
+        # A read shorter than a record leaves the rest decrypted inside OpenSSL, not in the BIO.
+        self._held = self._ssl.pending()
         return filled
 
     async def _receive(self, view: memoryview) -> int:
         """Decrypt into *view* (not empty): bytes decrypted, 0 after close_notify."""
         await self.do_handshake()
         data: Buffer | None = None
-        if not self._incoming.pending and not self._incoming.eof:
+        if not self._incoming.pending and not self._held and not self._incoming.eof:
             data = await self._read_transport()
         while True:
-            size = self._incoming.pending + (len(data) if data is not None else 0)
+            size = self._incoming.pending + self._held + (len(data) if data is not None else 0)
             try:
                 got = await self._run(size, self._decrypt_into, view, data)
             except ssl.SSLError as exc:
                 raise self._broken(exc)
-            if self._pending and not self._send_lock.locked():
-                # A reply the read produced (TLS 1.3 KeyUpdate, an alert).  A task
-                # holding the lock writes it: it drains _pending before letting go.
+            if self._pending and not self._sending:
+                # A reply the read produced (a TLS 1.3 KeyUpdate, an alert).  While a
+                # send_all is under way, _pending may also hold its records: it writes
+                # them all, and a read must not block on writing them (if both peers'
+                # reads did, neither would read again).
                 await self._flush()
             if got or self._eof:
                 return got
@@ -438,7 +456,7 @@ class TLSStream(trio.abc.Stream):
         was_ok = self._state is _State.OK and self._handshook
         self._state = _State.CLOSED
         try:
-            if was_ok and not self._send_lock.locked():
+            if was_ok and not self._sending and not self._send_lock.locked():
                 try:
                     await self._run(0, self._unwrap)
                     async with self._send_lock:
