@@ -19,6 +19,11 @@ default) is migrated live, alternating in one invocation between:
   to QEMU over a unix socket the destination daemon opens, timed the same
   way; it separates the daemons' own overhead (job sequence, polling) from
   the tunnel's.
+* ``qemu_tls``: like ``native``, but QEMU's own migration TLS
+  (``tls-creds-x509``, ``verify-peer=on``, each QEMU with its daemon's
+  certificate) over TCP on 127.0.0.1: what ``tls`` is measured against;
+* ``p2p_tls``: ``p2p`` between the daemons on TLS, where the data channel
+  is QEMU's own TLS over TCP.
 
 Every mode uses the same guest definition, ``-mem-prealloc`` included (a
 daemon definition is the same on both sides), and QEMU's max-bandwidth is
@@ -35,10 +40,11 @@ The daemons' CPU (user + system, from /proc/PID/stat) is read just before
 and just after each daemon migration and reported per GiB that went
 through the tunnel (for ``p2p``: per GiB QEMU sent).
 
-Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p] [--verify-all]
+Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p,qemu_tls,p2p_tls] [--verify-all]
 The last line printed is one JSON object; times are in seconds, medians
-over the runs of a mode; ratios are tunnelled over native, from the same
-invocation.
+over the runs of a mode; ratios are tunnelled over native, and
+``tls_vs_qemu_tls`` the tunnel over TLS against QEMU's own TLS, from the
+same invocation.
 """
 
 from __future__ import annotations
@@ -72,13 +78,18 @@ from tunnel.qemu import (
     qemu_binary,
     query_migration,
     set_max_bandwidth,
+    set_tls,
     start_incoming_uri,
 )
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-MODES = ["native", "tunnelled", "tls", "p2p"]
+MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tls", "p2p_tls"]
 DEFAULT_MODES = ",".join(MODES)
+#: Modes that run QEMU to QEMU without the daemons.
+DIRECT_MODES = ("native", "qemu_tls")
+#: Modes that talk to the daemons over TLS.
+TLS_DAEMON_MODES = ("tls", "p2p_tls")
 #: Where the random bytes go in guest RAM: above what the firmware touches.
 LOAD_ADDRESS = 16 * MiB
 #: Guest RAM beyond the random bytes (firmware, page tables, the rest of the machine).
@@ -167,19 +178,28 @@ def proc_cpu_s(pid: int) -> float:
 # --------------------------------------------------------------------------- native
 
 
-async def native_run(setup: Setup, index: int, check: bool) -> dict[str, float]:
-    run_dir = os.path.join(setup.root, "native")
+async def native_run(setup: Setup, index: int, check: bool, certs: dict[str, TLSFiles] | None = None) -> dict[str, float]:
+    """QEMU to QEMU: over a unix socket, or with *certs* over TCP with QEMU's own TLS (``qemu_tls``)."""
+    label = "native" if certs is None else "qemu_tls"
+    run_dir = os.path.join(setup.root, label)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "migrate.sock")
+    uri = f"unix:{path}" if certs is None else f"tcp:127.0.0.1:{free_port()}"
     async with (
         await QemuProcess.start(setup.args, run_dir=run_dir, name="src", log_path=os.path.join(run_dir, "src.log")) as src,
         await QemuProcess.start(setup.args, run_dir=run_dir, name="dst", incoming=True, log_path=os.path.join(run_dir, "dst.log")) as dst,
     ):
-        await start_incoming_uri(dst.qmp, f"unix:{path}")
+        if certs is not None:
+            # Each QEMU with its daemon's certificate, in QEMU's layout; the server requires the client's.
+            server_dir = certs["destination"].write_qemu_dir(os.path.join(run_dir, "tls-server"), "server")
+            client_dir = certs["source"].write_qemu_dir(os.path.join(run_dir, "tls-client"), "client")
+            await set_tls(dst.qmp, server_dir, endpoint="server")
+            await set_tls(src.qmp, client_dir, endpoint="client", hostname="localhost")
+        await start_incoming_uri(dst.qmp, uri)
         await set_max_bandwidth(src.qmp, UNLIMITED_BANDWIDTH)
         cpu_before = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
         started = now()
-        await src.qmp.execute("migrate", {"uri": f"unix:{path}"})
+        await src.qmp.execute("migrate", {"uri": uri})
         while True:
             status = await query_migration(dst.qmp)
             if status.status == "completed":
@@ -195,9 +215,9 @@ async def native_run(setup: Setup, index: int, check: bool) -> dict[str, float]:
         if source.status != "completed":
             raise MigrationError(source)
         if check:
-            dump = os.path.join(setup.root, "native.dump")
+            dump = os.path.join(setup.root, f"{label}.dump")
             await dst.qmp.execute("pmemsave", pmemsave(setup, dump)["arguments"])
-            await verify(setup, dump, f"native run {index}")
+            await verify(setup, dump, f"{label} run {index}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return {"seconds": seconds, "qemu_total_s": (source.total_time_ms or 0) / 1000, "qemu_cpu_s": qemu_cpu, "bytes": source.transferred}
@@ -332,9 +352,10 @@ class Daemons:
 
 async def daemon_run(setup: Setup, daemons: Daemons, mode: str, index: int, check: bool) -> dict[str, float]:
     source, destination = daemons.procs["source"], daemons.procs["destination"]
-    tls = daemons.certs["client"] if mode == "tls" else None
-    src_uri = source.tls_uri if mode == "tls" else source.unix_uri
-    dst_uri = destination.tls_uri if mode == "tls" else destination.unix_uri
+    over_tls = mode in TLS_DAEMON_MODES
+    tls = daemons.certs["client"] if over_tls else None
+    src_uri = source.tls_uri if over_tls else source.unix_uri
+    dst_uri = destination.tls_uri if over_tls else destination.unix_uri
     definition = {"name": GUEST, "description": "bench/qemu.py: random bytes in RAM", "qemu": setup.args}
     async with connect(src_uri, tls=tls) as src, connect(dst_uri, tls=tls) as dst:
         try:
@@ -342,7 +363,7 @@ async def daemon_run(setup: Setup, daemons: Daemons, mode: str, index: int, chec
             await src.start(GUEST)
             cpu_before = (source.cpu_s(), destination.cpu_s())
             started = now()
-            result = await src.migrate(GUEST, dst_uri, live=True, p2p=True, tunnelled=mode != "p2p", undefine_source=True)
+            result = await src.migrate(GUEST, dst_uri, live=True, p2p=True, tunnelled=mode in ("tunnelled", "tls"), undefine_source=True)
             wall = now() - started
             cpu_after = (source.cpu_s(), destination.cpu_s())
             if result.get("destination_state") != "running":
@@ -387,28 +408,37 @@ def summarize(results: dict[str, list[dict[str, float]]], setup: Setup, repeat: 
         "repeat": repeat,
         "memory_verified": True,
     }
-    prefix = {"native": "native", "tunnelled": "tunnelled", "tls": "tls_tunnelled", "p2p": "p2p"}
+    prefix = {"native": "native", "tunnelled": "tunnelled", "tls": "tls_tunnelled", "p2p": "p2p", "qemu_tls": "qemu_tls", "p2p_tls": "p2p_tls"}
     for mode, runs in results.items():
         key = prefix[mode]
         out[f"{key}_s"] = round(median([r["seconds"] for r in runs]), 3)
         out[f"{key}_runs_s"] = [round(r["seconds"], 3) for r in runs]
-        if mode == "native":
-            out["native_qemu_total_s"] = round(median([r["qemu_total_s"] for r in runs]), 3)
+        if mode in DIRECT_MODES:
+            out[f"{key}_qemu_total_s"] = round(median([r["qemu_total_s"] for r in runs]), 3)
             # Both QEMUs' CPU while migrating: with the daemons' CPU, what a tunnelled run needs from the host's cores.
-            out["native_qemu_cpu_s"] = round(median([r["qemu_cpu_s"] for r in runs]), 3)
+            out[f"{key}_qemu_cpu_s"] = round(median([r["qemu_cpu_s"] for r in runs]), 3)
             continue
         out[f"{key}_wall_s"] = round(median([r["wall_s"] for r in runs]), 3)
         out[f"{key}_job_s"] = round(median([r["job_s"] for r in runs]), 3)
         per_gib = [(r["source_cpu_s"] + r["destination_cpu_s"]) / (r["bytes"] / GiB) for r in runs if r["bytes"]]
-        cpu_key = {"tunnelled": "daemon_cpu_s_per_GiB", "tls": "tls_daemon_cpu_s_per_GiB", "p2p": "p2p_daemon_cpu_s_per_GiB"}[mode]
+        cpu_key = {
+            "tunnelled": "daemon_cpu_s_per_GiB",
+            "tls": "tls_daemon_cpu_s_per_GiB",
+            "p2p": "p2p_daemon_cpu_s_per_GiB",
+            "p2p_tls": "p2p_tls_daemon_cpu_s_per_GiB",
+        }[mode]
         out[cpu_key] = round(median(per_gib), 3)
         out[f"{key}_source_cpu_s"] = round(median([r["source_cpu_s"] for r in runs]), 3)
         out[f"{key}_destination_cpu_s"] = round(median([r["destination_cpu_s"] for r in runs]), 3)
         out[f"{key}_bytes"] = int(median([r["bytes"] for r in runs]))
     if "native" in results:
-        for mode, ratio_key in (("tunnelled", "ratio"), ("tls", "tls_ratio"), ("p2p", "p2p_ratio")):
+        for mode, ratio_key in (("tunnelled", "ratio"), ("tls", "tls_ratio"), ("p2p", "p2p_ratio"), ("p2p_tls", "p2p_tls_ratio")):
             if mode in results:
                 out[ratio_key] = round(out[f"{prefix[mode]}_s"] / out["native_s"], 3)
+    if "qemu_tls" in results and "tls" in results:
+        out["tls_vs_qemu_tls"] = round(out["tls_tunnelled_s"] / out["qemu_tls_s"], 3)
+    if "qemu_tls" in results and "p2p_tls" in results:
+        out["p2p_tls_vs_qemu_tls"] = round(out["p2p_tls_s"] / out["qemu_tls_s"], 3)
     return out
 
 
@@ -423,10 +453,14 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         say(f"writing {random_mib} MiB of random guest RAM ...")
         expected = await trio.to_thread.run_sync(write_random, rand, random_mib * MiB)
         setup = Setup(root=root, rand=rand, random_bytes=random_mib * MiB, expected_sha256=expected, args=guest_args(rand, random_mib))
+        certs: dict[str, TLSFiles] | None = None
         if any(m != "native" for m in modes):
             certdir = os.path.join(root, "certs")
             os.mkdir(certdir)
-            daemons = Daemons(root, make_certs(certdir))
+            certs = make_certs(certdir)
+        if any(m not in DIRECT_MODES for m in modes):
+            assert certs is not None
+            daemons = Daemons(root, certs)
             await daemons.start("source", allow=[])
             await daemons.start("destination", allow=["cn:source"])
         results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
@@ -436,12 +470,14 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
                 with trio.fail_after(RUN_TIMEOUT):
                     if mode == "native":
                         r = await native_run(setup, index, check)
+                    elif mode == "qemu_tls":
+                        r = await native_run(setup, index, check, certs)
                     else:
                         assert daemons is not None
                         r = await daemon_run(setup, daemons, mode, index, check)
                 results[mode].append(r)
                 line = f"run {index} {mode:9s} {r['seconds']:7.3f} s  {r['bytes'] / r['seconds'] / 1e6:7.1f} MB/s"
-                if mode == "native":
+                if mode in DIRECT_MODES:
                     line += f"  qemu cpu {r['qemu_cpu_s']:.2f} s"
                 else:
                     line += f"  wall {r['wall_s']:.3f} s  daemon cpu {r['source_cpu_s']:.2f} + {r['destination_cpu_s']:.2f} s"

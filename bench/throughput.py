@@ -6,7 +6,13 @@ receiver process over loopback TCP, alternating in one invocation between:
 * ``raw``: trio TCP stream, ``send_all`` / ``receive_some`` of 1 MiB;
 * ``tunnel``: one tunnel stream over a tunnel connection on the same kind
   of socket (``send_all`` of 1 MiB, ``receive_view``);
-* the same two over TLS (``tls_raw``, ``tls_tunnel``);
+* the same two over mutual TLS (``tls_raw``, ``tls_tunnel``), with the
+  daemons' TLS stream (``tunnel.transport.TLSStream``);
+* ``tls_crypto``: no sockets, no second process: one core encrypts every
+  byte with ``ssl.SSLObject`` over memory BIOs and decrypts it again, with
+  the same contexts (so the same cipher) and the same 1 MiB writes (full
+  16 KiB records).  ``tls_tunnel_over_crypto`` is ``tls_tunnel`` over this:
+  how close the tunnel comes to what the cipher allows one core;
 * ``fd_raw``: data read from a pipe in the sender and written to a pipe in
   the receiver, copied through a 1 MiB buffer over TCP (a plain relay);
 * ``fd_tunnel``: the same pipes, through a tunnel stream using its splice
@@ -32,14 +38,64 @@ import trio
 from _common import child_result, cpu_seconds, emit, median, now, random_block, run_child
 
 CHUNK = int(os.environ.get("BENCH_CHUNK", 1024 * 1024))
-MODES = ["raw", "tunnel", "tls_raw", "tls_tunnel", "fd_raw", "fd_tunnel"]
+MODES = ["raw", "tunnel", "tls_raw", "tls_tunnel", "tls_crypto", "fd_raw", "fd_tunnel"]
 
 
 def _contexts(certdir: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(os.path.join(certdir, "cert.pem"), os.path.join(certdir, "key.pem"))
-    client = ssl.create_default_context(cafile=os.path.join(certdir, "ca.pem"))
-    return server, client
+    """Mutual TLS as between daemons (each side shows the one certificate), tuned as the daemons' contexts."""
+    from tunnel.transport import tune_context
+
+    cert, key, ca = (os.path.join(certdir, name) for name in ("cert.pem", "key.pem", "ca.pem"))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+    server.load_cert_chain(cert, key)
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(cafile=ca)
+    client.load_cert_chain(cert, key)
+    return tune_context(server), tune_context(client)
+
+
+def _tls_stream(stream: trio.abc.Stream, certdir: str, *, server: bool) -> trio.abc.Stream:
+    from tunnel.transport import TLSStream
+
+    server_ctx, client_ctx = _contexts(certdir)
+    if server:
+        return TLSStream(stream, server_ctx, server_side=True)
+    return TLSStream(stream, client_ctx, server_hostname="localhost")
+
+
+def crypto_once(total: int, certdir: str) -> dict[str, float | str]:
+    """One core encrypts *total* bytes in CHUNK writes and decrypts them again, over memory BIOs."""
+    from tunnel.transport._tls import WRITE_CHUNK
+
+    server_ctx, client_ctx = _contexts(certdir)
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    client = client_ctx.wrap_bio(bios[0], bios[1], server_hostname="localhost")
+    server = server_ctx.wrap_bio(bios[2], bios[3], server_side=True)
+    for _ in range(8):  # the handshake, a flight at a time
+        for obj in (client, server):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        bios[2].write(bios[1].read())
+        bios[0].write(bios[3].read())
+    cipher = client.cipher()
+    block = memoryview(random_block(WRITE_CHUNK))
+    out = bytearray(WRITE_CHUNK)
+    view = memoryview(out)
+    start_cpu = cpu_seconds()
+    start = now()
+    left = total
+    while left:
+        n = min(len(block), left)
+        client.write(block[:n])
+        bios[2].write(bios[1].read())
+        got = 0
+        while got < n:
+            got += server.read(n - got, view[got:])
+        left -= n
+    elapsed = now() - start
+    return {"seconds": elapsed, "cpu": cpu_seconds() - start_cpu, "MBps": total / elapsed / 1e6, "cipher": cipher[0] if cipher else ""}
 
 
 def make_certs(certdir: str) -> None:
@@ -99,8 +155,7 @@ async def sender(mode: str, port: int, total: int, certdir: str) -> dict[str, fl
 
     stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
     if mode.startswith("tls"):
-        _, client_ctx = _contexts(certdir)
-        stream = trio.SSLStream(stream, client_ctx, server_hostname="localhost")
+        stream = _tls_stream(stream, certdir, server=False)
     block = memoryview(random_block(CHUNK * 16))
     start_cpu = cpu_seconds()
     if mode in ("raw", "tls_raw"):
@@ -159,8 +214,7 @@ async def receiver(mode: str, listener_fd: int, total: int, certdir: str) -> dic
     listener = trio.SocketListener(lsock)
     stream: trio.abc.Stream = await listener.accept()
     if mode.startswith("tls"):
-        server_ctx, _ = _contexts(certdir)
-        stream = trio.SSLStream(stream, server_ctx, server_side=True)
+        stream = _tls_stream(stream, certdir, server=True)
     start = now()
     start_cpu = cpu_seconds()
     got = 0
@@ -214,6 +268,10 @@ async def receiver(mode: str, listener_fd: int, total: int, certdir: str) -> dic
 def run_once(mode: str, total: int, certdir: str) -> dict[str, float]:
     import socket
 
+    if mode == "tls_crypto":
+        result = crypto_once(total, certdir)
+        print(f"  cipher {result.pop('cipher')}", flush=True)
+        return result  # type: ignore[return-value]
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -277,6 +335,10 @@ def main() -> None:
     for prefix, a, b in (("", "tunnel", "raw"), ("tls_", "tls_tunnel", "tls_raw"), ("fd_", "fd_tunnel", "fd_raw")):
         if a in modes and b in modes:
             out[f"{prefix}ratio"] = round(out[f"{a}_MBps"] / out[f"{b}_MBps"], 3)
+    if "tls_tunnel" in modes and "tls_crypto" in modes:
+        out["tls_tunnel_over_crypto"] = round(out["tls_tunnel_MBps"] / out["tls_crypto_MBps"], 3)
+    if "tls_tunnel" in modes:
+        out["tls_tunnel_cpu_s_per_GiB"] = round(median([r["cpu"] for r in results["tls_tunnel"]]) / gib, 3)
     emit(out)
 
 

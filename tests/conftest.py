@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -65,7 +66,36 @@ async def tls_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
         yield client, server
 
 
-TRANSPORTS = {"memory": memory_pair, "tcp": tcp_pair, "unix": unix_pair, "tls": tls_pair}
+@asynccontextmanager
+async def tls_bulk_pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+    """:class:`tunnel.transport.TLSStream` over TCP, mutual TLS as between daemons."""
+    from tunnel.transport import TLSStream
+
+    client_ctx, server_ctx = mutual_tls_contexts()
+    async with tcp_pair() as (raw_client, raw_server):
+        client = TLSStream(raw_client, client_ctx, server_hostname="tunnel.test")
+        server = TLSStream(raw_server, server_ctx, server_side=True)
+        yield client, server
+
+
+def mutual_tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(client, server) contexts for "tunnel.test", each requiring the other's certificate, tuned as the daemon's."""
+    import trustme
+
+    from tunnel.transport import tune_context
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("tunnel.test").configure_cert(server_ctx)
+    ca.configure_trust(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    ca.issue_cert("client.test", common_name="client.test").configure_cert(client_ctx)
+    return tune_context(client_ctx), tune_context(server_ctx)
+
+
+TRANSPORTS = {"memory": memory_pair, "tcp": tcp_pair, "unix": unix_pair, "tls": tls_pair, "tls_bulk": tls_bulk_pair}
 
 
 @asynccontextmanager

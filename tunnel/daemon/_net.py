@@ -5,7 +5,9 @@ otherwise, never wider at any moment) and group, and the peer's uid comes
 from ``SO_PEERCRED``.
 TLS is mutual: the daemon requires a client certificate signed by the
 operator's CA, and the subject common name of that certificate is the
-peer's identity.  Plain TCP exists only for operators who ask for it.
+peer's identity.  TLS connections are :class:`tunnel.transport.TLSStream`s,
+built for the migration data they carry.  Plain TCP exists only for
+operators who ask for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..transport import TLSStream, tune_context
 from ._rpc import DaemonError
 from ._uri import URI
 
@@ -40,12 +43,12 @@ class TLSFiles:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
         ctx.load_cert_chain(self.cert, self.key)
         ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+        return tune_context(ctx)
 
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
         ctx.load_cert_chain(self.cert, self.key)
-        return ctx
+        return tune_context(ctx)
 
     def write_qemu_dir(self, path: str, endpoint: str, *, owner: int | None = None) -> str:
         """Copy these files into *path* in QEMU's ``tls-creds-x509`` layout for *endpoint* (server or client).
@@ -82,7 +85,7 @@ class Identity:
 
 
 def peer_identity(stream: trio.abc.Stream) -> Identity:
-    if isinstance(stream, trio.SSLStream):
+    if isinstance(stream, (TLSStream, trio.SSLStream)):
         cert = stream.getpeercert()
         for rdn in (cert or {}).get("subject", ()):
             for key, value in rdn:
@@ -112,7 +115,7 @@ async def connect(uri: URI, tls: TLSFiles | None) -> trio.abc.Stream:
     if tls is None:
         await stream.aclose()
         raise DaemonError(f"cannot connect to {uri}: TLS needs --tls-cert, --tls-key and --tls-ca")
-    ssl_stream = trio.SSLStream(stream, tls.client_context(), server_hostname=uri.host, https_compatible=False)
+    ssl_stream = TLSStream(stream, tls.client_context(), server_hostname=uri.host)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await ssl_stream.do_handshake()
@@ -169,11 +172,9 @@ async def listen(uri: URI, *, mode: int = 0o600, group: int | None = None) -> li
         raise DaemonError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
 
 
-async def accept_tls(
-    stream: trio.SocketStream, context: ssl.SSLContext, *, failure: list[str] | None = None
-) -> trio.SSLStream[trio.SocketStream] | None:
+async def accept_tls(stream: trio.SocketStream, context: ssl.SSLContext, *, failure: list[str] | None = None) -> TLSStream | None:
     """Server side TLS handshake; None (connection dropped) if the peer fails it, the reason appended to *failure*."""
-    ssl_stream = trio.SSLStream(stream, context, server_side=True, https_compatible=False)
+    ssl_stream = TLSStream(stream, context, server_side=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await ssl_stream.do_handshake()

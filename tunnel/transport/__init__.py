@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._connection import Handler, TunnelConnection, open_connection
 from ._stats import ConnectionStatistics, StreamStatistics
 from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, Record, TunnelStream, ZeroPagesRecord
+from ._tls import TLSStream, tune_context
 
 __all__ = [
     "ConnectionStatistics",
@@ -21,8 +22,10 @@ __all__ = [
     "PagesRecord",
     "Record",
     "StreamStatistics",
+    "TLSStream",
     "TunnelConnection",
     "TunnelStream",
     "ZeroPagesRecord",
     "open_connection",
+    "tune_context",
 ]
