@@ -153,6 +153,7 @@ class Reading:
     async def _read_loop(self) -> None:
         core = self._core
         sock = self._sock
+        receive_into = getattr(self._transport, "receive_into", None) if sock is None else None
         # Bytes [fed, offset) of the current buffer were read but not yet given
         # to the core: the middle of a DATA payload, collected so that a payload
         # reaches its stream in one piece instead of one per read (on TLS one
@@ -224,9 +225,14 @@ class Reading:
                             await trio.lowlevel.wait_readable(sock)
                             fresh = True
                             continue
+                    elif receive_into is not None:
+                        # A stream that decrypts into our buffer (TLSStream): no copy, and
+                        # as large a piece as the payload and the buffer allow.
+                        size = await receive_into(buf.view[offset : offset + want])
+                        fresh = True  # receive_into always checkpoints
                     else:
-                        # Other streams (TLS) return new bytes objects: copy them into
-                        # the pooled buffer too, so consecutive pieces are one slice.
+                        # Other streams return new bytes objects: copy them into the
+                        # pooled buffer too, so consecutive pieces are one slice.
                         data = await self._transport.receive_some(min(want, _STREAM_READ))
                         fresh = True  # receive_some always checkpoints
                         size = len(data)
