@@ -86,11 +86,16 @@ async def test_corruption_is_detected(run_dir: str, dirty_kernel: str) -> None:
         async with await QemuProcess.start(args, guest_dir=f"{run_dir}/g", name="g") as guest:
             log = os.path.join(guest.guest_dir, GUEST_LOG)
             await wait_progress(log, lines=1)
-            with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as ram:
-                ram[victim] ^= 0xFF  # low RAM maps 1:1 onto the backend's offsets
+            await trio.to_thread.run_sync(_flip, path, victim)
             while not read_report(log).corrupt:
                 await trio.sleep(0.05)
             report = read_report(log)
             address, expected, found = report.corrupt[0]
             assert address == victim & ~3
             assert expected ^ found == 0xFF << (8 * (victim & 3))
+
+
+def _flip(path: str, offset: int) -> None:
+    """Invert one byte of guest RAM (low RAM maps 1:1 onto the backend file's offsets)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as ram:
+        ram[offset] ^= 0xFF

@@ -19,9 +19,9 @@ from qemu_fixtures import base_args, requires_qemu, run_dir
 
 from tunnel.qemu import (
     MigrationStatus,
+    PostcopyError,
     QemuProcess,
     QMPClient,
-    PostcopyError,
     cancel,
     postcopy_capabilities,
     query_migration,
