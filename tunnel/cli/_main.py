@@ -129,8 +129,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--detach", "--async", action="store_true",
                    help="return once the migration started and leave it running (needs --p2p); follow it with jobinfo")
     m.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
+    m.add_argument("--postcopy", action="store_true", help="allow switching to post-copy (migrate-postcopy NAME); needs --p2p --live")
+    m.add_argument("--postcopy-after-precopy", action="store_true", help="switch to post-copy after the first pre-copy pass")
+    m.add_argument("--postcopy-resume", action="store_true",
+                   help="resume NAME's post-copy migration, paused by a broken connection, over a new one to DEST_URI")
+    m.add_argument("--retries", metavar="N", type=int, default=0,
+                   help="post-copy: try to resume N times by itself (bounded backoff) when the connection breaks")
+    m.add_argument("--postcopy-bandwidth", metavar="MIB_PER_S", type=int, default=0, help="post-copy's limit in MiB/s (default: none)")
     m.add_argument("name", metavar="NAME")
     m.add_argument("dest", metavar="DEST_URI")
+    mp = sub.add_parser("migrate-postcopy", help="switch the domain's running migration (started with --postcopy) to post-copy")
+    mp.add_argument("name", metavar="NAME")
 
     j = sub.add_parser("jobinfo", help="statistics of the domain's current (or last) migration job")
     j.add_argument("name", metavar="NAME")
@@ -228,10 +237,16 @@ async def _run_daemon(args: argparse.Namespace) -> int:
 
 
 async def _migrate(client: Client, args: argparse.Namespace) -> int:
+    postcopy = {"postcopy": args.postcopy, "postcopy_after_precopy": args.postcopy_after_precopy, "retries": args.retries,
+                "postcopy_bandwidth_mib": args.postcopy_bandwidth}
+    if args.postcopy_resume:
+        reply = await client.postcopy_resume(args.name, args.dest)
+        print(json.dumps(reply, sort_keys=True) if args.json else f"Migration of {args.name} to {args.dest} resumed and completed")
+        return 0
     if args.detach:
         reply = await client.migrate(
             args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled, bandwidth_mib=args.bandwidth,
-            dname=args.dname, persistent=args.persistent, undefine_source=args.undefinesource, detach=True,
+            dname=args.dname, persistent=args.persistent, undefine_source=args.undefinesource, detach=True, **postcopy,
         )
         print(json.dumps(reply, sort_keys=True) if args.json else
               f"Migration of {args.name} to {args.dest} started; follow it with: tunnel jobinfo {args.name}")
@@ -275,7 +290,7 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
                     result = await client.migrate(
                         args.name, args.dest, live=args.live, p2p=args.p2p, tunnelled=args.tunnelled,
                         bandwidth_mib=args.bandwidth, dname=args.dname, persistent=args.persistent,
-                        undefine_source=args.undefinesource,
+                        undefine_source=args.undefinesource, **postcopy,
                     )
                 except DaemonError as exc:
                     error = exc
@@ -354,6 +369,9 @@ async def _client_command(args: argparse.Namespace) -> int:
         elif args.command == "jobinfo":
             info = await client.jobinfo(args.name)
             print(json.dumps(info, sort_keys=True) if args.json else format_jobinfo(info))
+        elif args.command == "migrate-postcopy":
+            await client.migrate_postcopy(args.name)
+            print(f"Migration of '{args.name}' switched to post-copy")
         elif args.command == "abort":
             reply = await client.abort(args.name)
             print(f"Migration job of '{args.name}' {reply['status']}; {reply.get('where', '')}".rstrip("; "))

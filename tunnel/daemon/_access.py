@@ -56,9 +56,11 @@ PROCEDURE_ROLES: dict[Procedure, Role] = {
     Procedure.SET_SPEED: Role.ADMIN,
     Procedure.MONITOR: Role.ADMIN,
     Procedure.CONFIRM: Role.ADMIN,
+    Procedure.MIGRATE_POSTCOPY: Role.ADMIN,
     Procedure.PREPARE: Role.PEER,
     Procedure.FINISH: Role.PEER,
     Procedure.MIGRATION_OUTCOME: Role.PEER,
+    Procedure.POSTCOPY_RECOVER: Role.PEER,
 }
 
 #: The daemon option an operator uses to grant each role.

@@ -40,11 +40,15 @@ class Procedure(IntEnum):
     MONITOR = 10
     DOMAIN_INFO = 11
     CONFIRM = 12
+    #: Switch a running migration to post-copy (virsh migrate-postcopy).
+    MIGRATE_POSTCOPY = 13
     # source daemon -> destination daemon (or the client, when it drives a migration without PEER2PEER)
     PREPARE = 32
     FINISH = 33
     #: A restarted source asks how a migration it started ended on the destination.
     MIGRATION_OUTCOME = 34
+    #: A source resumes a post-copy migration on a new connection: the destination pairs it by id.
+    POSTCOPY_RECOVER = 35
 
 
 class DaemonError(Exception):

@@ -53,7 +53,9 @@ __all__ = [
     "query_migration",
     "query_parameters",
     "recover_incoming_fd",
+    "recover_incoming_uri",
     "resume_outgoing_fd",
+    "resume_outgoing_uri",
     "run_state",
     "set_capabilities",
     "set_max_bandwidth",
@@ -293,6 +295,16 @@ async def resume_outgoing_fd(qmp: QMPClient, fd: int, *, fd_name: str = DEFAULT_
     """Source in ``postcopy-paused``: go on over *fd* (``migrate`` with ``resume``), once the destination recovers."""
     await qmp.send_fd(fd_name, fd)
     await qmp.execute("migrate", {"uri": f"fd:{fd_name}", "resume": True})
+
+
+async def recover_incoming_uri(qmp: QMPClient, uri: str) -> None:
+    """Destination in ``postcopy-paused``: listen on *uri* for the source's resumed channel (``migrate-recover``)."""
+    await qmp.execute("migrate-recover", {"uri": uri})
+
+
+async def resume_outgoing_uri(qmp: QMPClient, uri: str) -> None:
+    """Source in ``postcopy-paused``: go on over a new connection to *uri* (``migrate`` with ``resume``)."""
+    await qmp.execute("migrate", {"uri": uri, "resume": True})
 
 
 async def cancel(qmp: QMPClient) -> None:
