@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from daemon_proc import daemon_process, kill_guests, qemu_pids_under
 from dirtyguest import (
     GUEST_LOG,
     WS_ADDR,
@@ -196,3 +197,51 @@ async def test_postcopy_stall_resumed_automatically(run_dir: str, dirty_kernel: 
             done = await wait_job(client, status="completed")
             assert done["postcopy_breaks"] >= 1 and done["postcopy_resumes"] >= 1
             await check_destination(run_dir)
+
+
+async def test_daemon_restarts_in_postcopy_paused_keep_both_qemus(run_dir: str, dirty_kernel: str) -> None:
+    """Both daemons stop while the migration is paused in post-copy: both QEMUs live on, the new daemons resume it."""
+    src_sock, dst_sock = f"{run_dir}/src.sock", f"{run_dir}/dst.sock"
+    allow = ("--allow-path", os.path.dirname(dirty_kernel))
+    relay = Relay(f"{run_dir}/relay.sock", dst_sock)
+    with trio.fail_after(180):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            async with (
+                daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow, kill_qemus=False) as src,
+                daemon_process(run_dir, "dst", "--listen", f"unix://{dst_sock}", *allow, kill_qemus=False) as dst,
+            ):
+                async with connect(f"unix://{src_sock}") as client:
+                    await client.define(definition(dirty_kernel))
+                    await client.start("vm")
+                    await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+                    await client.migrate("vm", relay.uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB,
+                                         postcopy=True, postcopy_bandwidth_mib=8, detach=True)
+                    await wait_job(client, status="active", processed=8 * MiB)
+                    await client.migrate_postcopy("vm")
+                    await wait_job(client, phase="post-copy")
+                    relay.cut("fin")
+                    await wait_job(client, status="postcopy-paused")
+                pids = {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")}
+                assert all(len(p) == 1 for p in pids.values()), pids
+                assert await src.stop() == 0 and await dst.stop() == 0
+            try:
+                assert {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")} == pids  # neither was touched
+                async with (
+                    daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow) as src,
+                    daemon_process(run_dir, "dst", "--listen", f"unix://{dst_sock}", *allow),
+                ):
+                    assert "kept, resuming it" in src.log()
+                    async with connect(f"unix://{src_sock}") as client:
+                        info = await client.jobinfo("vm")
+                        assert info["status"] == "postcopy-paused", info
+                        with pytest.raises(DaemonError, match="cannot be aborted"):
+                            await client.abort("vm")
+                        result = await client.postcopy_resume("vm", relay.uri)
+                        assert result["status"] == "completed"
+                        assert qemu_pids_under(f"{run_dir}/src") == []  # confirmed: the source stopped its copy
+                    assert qemu_pids_under(f"{run_dir}/dst") == pids["dst"]
+                    await check_destination(run_dir)
+            finally:
+                kill_guests(run_dir)
+            nursery.cancel_scope.cancel()
