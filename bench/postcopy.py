@@ -160,11 +160,11 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
                 out["precopy_converged"] = out["precopy_converged"] or converged
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes if m != "precopy"}
             for r in range(rounds):
-                for mode in runs:
-                    runs[mode].append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
-                    print(f"{size} MiB round {r + 1} {mode}: {runs[mode][-1]}", file=sys.stderr)
+                for mode, results in runs.items():
+                    results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
+                    print(f"{size} MiB round {r + 1} {mode}: {results[-1]}", file=sys.stderr)
 
-            def med(mode: str, field: str) -> float | None:
+            def med(mode: str, field: str, runs: dict[str, list[dict[str, Any]]] = runs) -> float | None:
                 values = [x[field] for x in runs.get(mode, []) if x.get(field) is not None]
                 return round(median(values), 4) if values else None
 
