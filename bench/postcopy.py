@@ -19,8 +19,9 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   the connection, both QEMUs pause, and ``resume_s`` is the time from the
   client's ``migrate --postcopy-resume`` to the job transferring again.
 
-Every run checks the guest on the destination: it must keep progressing
-with no CORRUPT line.  Rounds alternate the modes; figures are medians.
+Every run checks the guest on the destination: a CORRUPT line stops the
+benchmark; a guest that shows no progress within a minute is counted in
+``guest_stuck_runs``.  Rounds alternate the modes; figures are medians.
 
 Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume]
 The last line printed is one JSON object.
@@ -54,6 +55,8 @@ from tunnel.qemu import QemuProcess, cancel, query_migration, start_incoming_fd,
 
 MiB = 1024 * 1024
 MODES = ["precopy", "native", "tunnelled", "resume"]
+#: How long the destination's guest gets to show progress after the migration.
+PROGRESS_WAIT = 60.0
 
 
 def definition(kernel: str, size: int) -> dict[str, Any]:
@@ -135,8 +138,10 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                     result["blocktime_ms"] = done.get("destination_postcopy_blocktime_ms")
                     result["downtime_ms"] = done.get("downtime_ms")
                     result["postcopy_requests"] = done.get("postcopy_requests")
-                report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=2)
-                result["guest_ok"] = report.ok
+                result["guest_progress"] = False
+                with trio.move_on_after(PROGRESS_WAIT):
+                    report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=2)
+                    result["guest_progress"] = report.ok
             nursery.cancel_scope.cancel()
     finally:
         log = os.path.join(root, "dst", "run", "vm", GUEST_LOG)
@@ -180,6 +185,7 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
                 out[f"blocktime_ratio_{key}"] = round(bt / bn, 3) if bn else None
             if "resume" in runs:
                 out[f"resume_s_{key}"] = med("resume", "resume_s")
+            out[f"guest_stuck_runs_{key}"] = sum(not x["guest_progress"] for results in runs.values() for x in results)
         first = f"{sizes[0]}mib"  # the headline figures: the first size
         for name in ("postcopy_tunnelled_s", "postcopy_native_s", "postcopy_ratio", "blocktime_tunnelled_ms", "blocktime_native_ms",
                      "blocktime_ratio", "downtime_tunnelled_ms", "downtime_native_ms", "resume_s"):
