@@ -86,6 +86,10 @@ class Client:
         compressed: bool = False,
         comp_methods: Sequence[str] | None = None,
         abort_on_error: bool = False,
+        postcopy: bool = False,
+        postcopy_after_precopy: bool = False,
+        retries: int = 0,
+        postcopy_bandwidth_mib: int = 0,
     ) -> JSON:
         """Run the migration to completion; returns the job's final statistics.
 
@@ -99,6 +103,10 @@ class Client:
         the transfer ran that long), *auto_converge* (QEMU's capability), *compressed* with
         *comp_methods* (``xbzrle`` for QEMU guests, ``zstd`` for memory-image guests) and
         *abort_on_error* (cancel when the guest stops on an I/O error).
+        *postcopy* (PEER2PEER, live): allow switching to post-copy (:meth:`migrate_postcopy`);
+        *postcopy_after_precopy*: switch after the first pass; *retries*: automatic
+        attempts to resume a post-copy migration after its connection broke;
+        *postcopy_bandwidth_mib*: QEMU's cap once in post-copy (0: none).
         """
         options: JSON = {"timeout_s": timeout_s, "timeout_action": timeout_action, "auto_converge": auto_converge,
                          "compressed": compressed, "abort_on_error": abort_on_error}
@@ -106,6 +114,8 @@ class Client:
             options["comp_methods"] = list(comp_methods)
         if tunnelled and not p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
+        if (postcopy or postcopy_after_precopy) and not p2p:
+            raise DaemonError("post-copy needs --p2p: the source daemon must see it through, including a resume")
         if not p2p:
             if detach:
                 raise DaemonError("--detach needs --p2p: without it this client drives the migration and must stay")
@@ -129,7 +139,18 @@ class Client:
             request["dname"] = dname
         if verify:
             request["verify"] = True
+        if postcopy or postcopy_after_precopy:
+            request.update(postcopy=postcopy, postcopy_after_precopy=postcopy_after_precopy, retries=retries,
+                           postcopy_bandwidth_mib=postcopy_bandwidth_mib)
         return await self._call(Procedure.MIGRATE, request)
+
+    async def migrate_postcopy(self, name: str) -> JSON:
+        """Switch the running migration of *name* (started with ``postcopy``) to post-copy; returns ``status`` and ``phase``."""
+        return await self._call(Procedure.MIGRATE_POSTCOPY, {"name": name})
+
+    async def postcopy_resume(self, name: str, destination: str) -> JSON:
+        """Resume a post-copy migration paused by a broken connection, over a new one to *destination*; returns as :meth:`migrate`."""
+        return await self._call(Procedure.MIGRATE, {"name": name, "destination": destination, "postcopy_resume": True})
 
     async def _migrate_managed(
         self, name: str, destination: str, *, live: bool, bandwidth_mib: int, dname: str | None, persistent: bool, undefine_source: bool,

@@ -225,9 +225,20 @@ def _parsers() -> _Parsers:
                    help="return once the migration started and leave it running (needs --p2p); follow it with jobinfo")
     m.add_argument("--verbose", action="store_true",
                    help="show progress even when stderr is not a terminal (a bar on a terminal, one line a second otherwise)")
+    m.add_argument("--postcopy", action="store_true", help="allow switching to post-copy (migrate-postcopy NAME); needs --p2p --live")
+    m.add_argument("--postcopy-after-precopy", action="store_true", help="switch to post-copy after the first pre-copy pass")
+    m.add_argument("--postcopy-resume", action="store_true",
+                   help="resume NAME's post-copy migration, paused by a broken connection, over a new one to DEST_URI")
+    m.add_argument("--retries", metavar="N", type=int, default=0,
+                   help="post-copy: try to resume N times by itself (bounded backoff) when the connection breaks")
+    m.add_argument("--postcopy-bandwidth", metavar="MIB_PER_S", type=int, default=0, help="post-copy's limit in MiB/s (default: none)")
     _json(m, "print one JSON summary instead of progress")
     _name(m)
     m.add_argument("dest", metavar="DEST_URI", help="the destination daemon: unix:///abs/path.sock, tls://host:port or tcp://host:port")
+    mp = ps.add("migrate-postcopy", "switch the domain's running migration (started with --postcopy) to post-copy",
+                "Switch NAME's running migration, started with --postcopy, to post-copy: the guest runs on the "
+                "destination from now on and fetches the pages it lacks from the source. It cannot be aborted after this.")
+    _name(mp)
 
     j = ps.add("jobinfo", "statistics of the domain's current (or last) migration job, either direction", aliases=("domjobinfo",))
     _name(j)
@@ -269,7 +280,8 @@ def _read_inputs(args: argparse.Namespace) -> None:
         if args.tunnelled and not args.p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
         if args.timeout_postcopy:
-            raise DaemonError("--timeout-postcopy is not supported yet (post-copy migration is not implemented); use --timeout-suspend")
+            raise DaemonError("--timeout-postcopy is not supported yet (use --postcopy with migrate-postcopy NAME, or "
+                              "--postcopy-after-precopy); use --timeout-suspend")
         if (args.timeout_suspend) and not args.timeout:
             raise DaemonError("--timeout-suspend needs --timeout SECONDS")
         if args.timeout < 0:
@@ -382,6 +394,9 @@ async def _client_command(args: argparse.Namespace) -> int:
         elif cmd == "jobinfo":
             info = await client.jobinfo(args.name, completed=args.completed)
             print(json.dumps(info, sort_keys=True) if args.json else format_jobinfo(info))
+        elif cmd == "migrate-postcopy":
+            await client.migrate_postcopy(args.name)
+            print(f"Migration of '{args.name}' switched to post-copy")
         elif cmd == "abort":
             reply = await client.abort(args.name)
             print(f"Migration job of '{args.name}' {reply['status']}; {reply.get('where', '')}".rstrip("; "))

@@ -27,12 +27,17 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "live": args.live, "p2p": args.p2p, "tunnelled": args.tunnelled, "bandwidth_mib": args.bandwidth, "dname": args.dname,
         "persistent": args.persistent, "undefine_source": args.undefinesource, "timeout_s": args.timeout,
         "auto_converge": args.auto_converge, "compressed": args.compressed, "comp_methods": methods,
-        "abort_on_error": args.abort_on_error,
+        "abort_on_error": args.abort_on_error, "postcopy": args.postcopy, "postcopy_after_precopy": args.postcopy_after_precopy,
+        "retries": args.retries, "postcopy_bandwidth_mib": args.postcopy_bandwidth,
     }
 
 
 async def migrate(client: Client, args: argparse.Namespace) -> int:
     options = _options(args)
+    if args.postcopy_resume:
+        reply = await client.postcopy_resume(args.name, args.dest)
+        print(json.dumps(reply, sort_keys=True) if args.json else f"Migration of {args.name} to {args.dest} resumed and completed")
+        return 0
     if args.detach:
         reply = await client.migrate(args.name, args.dest, detach=True, **options)
         print(json.dumps(reply, sort_keys=True) if args.json else

@@ -60,9 +60,11 @@ PROCEDURE_ROLES: dict[Procedure, Role] = {
     Procedure.RESUME: Role.ADMIN,
     Procedure.SHUTDOWN: Role.ADMIN,
     Procedure.REBOOT: Role.ADMIN,
+    Procedure.MIGRATE_POSTCOPY: Role.ADMIN,
     Procedure.PREPARE: Role.PEER,
     Procedure.FINISH: Role.PEER,
     Procedure.MIGRATION_OUTCOME: Role.PEER,
+    Procedure.POSTCOPY_RECOVER: Role.PEER,
 }
 
 #: The daemon option an operator uses to grant each role.

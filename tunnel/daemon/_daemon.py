@@ -13,7 +13,8 @@ record; when the daemon stops it cancels the migrations still transferring
 (their guests resume where they were), lets those past the point of no
 return finish, and detaches from its guests.  The next daemon reattaches to
 every QEMU it finds and settles what a migration left half-done
-(:mod:`._recovery`).  ``shutdown_guests_on_exit`` restores the old
+(:mod:`._recovery`); a migration past the switch to post-copy is kept on
+both sides, paused, to be resumed (:mod:`._postcopy`).  ``shutdown_guests_on_exit`` restores the old
 behaviour of stopping guests with the daemon.  Memory-image guests are
 simulations inside the daemon and stop with it.
 """
@@ -30,7 +31,7 @@ from typing import Any
 import trio
 
 from .._errors import TunnelError
-from ..qemu import QemuError, QemuGone, QemuProcess, QMPError, query_migration, run_state
+from ..qemu import POSTCOPY_STATES, QemuError, QemuGone, QemuProcess, QMPError, query_migration, run_state
 from ..transport import open_connection
 from ._access import AccessPolicy, Listener, Role, describe, parse_entry
 from ._domains import DomainStore, validate_definition, validate_name
@@ -133,7 +134,7 @@ class Domain:
             return "shut off"
         if self.unconfirmed is not None:
             return "migrated, unconfirmed"
-        if self.job is not None and not self.job.resolved.is_set():
+        if self.job is not None and (not self.job.resolved.is_set() or (self.job.postcopy.active and not self.job.done.is_set())):
             return "migrating"
         if isinstance(self.process, ImageGuest):
             return "running" if self.process.running else "paused"
@@ -474,6 +475,8 @@ class Daemon:
         """One phrase for logs and clients: where the guest runs after a migration ended."""
         if domain.unconfirmed is not None:
             return f"the guest is paused here until {domain.unconfirmed} confirms"
+        if domain.job is not None and domain.job.postcopy.active and not domain.job.done.is_set():
+            return f"the guest runs on {domain.job.dest} (post-copy) with part of its memory still here"
         if domain.process is not None:
             return "the guest runs here"
         marker = self.store.migrated(domain.name)
@@ -549,6 +552,8 @@ class Daemon:
         if migration is None:
             return
         role, migration_id = migration.get("role"), str(migration.get("migration_id"))
+        if migration.get("postcopy") and await self._reattach_postcopy(domain, process, migration):
+            return
         if role == "destination":
             if self.store.outcome(migration_id) == "finished":
                 if migration.get("running") and await run_state(process.qmp) != "running":
@@ -571,6 +576,55 @@ class Daemon:
         if outcome == "unconfirmed":
             self.settle_later(domain, destination=destination, migration_id=migration_id, was_running=was_running)
         self.log(f"{name}: the migration to {destination} had completed in QEMU: {outcome}; {self.where_is(domain)}")
+
+    async def _reattach_postcopy(self, domain: Domain, process: QemuProcess, migration: JSON) -> bool:
+        """A migration the previous daemon left past the switch to post-copy: keep it, paused, to be resumed.
+
+        Decided on QEMU's own state, never on the record alone: a source QEMU
+        still in pre-copy is settled as any other (cancelled and resumed).
+        """
+        status = (await query_migration(process.qmp)).status
+        migration_id = str(migration["migration_id"])
+        if migration.get("role") == "destination":
+            if status not in POSTCOPY_STATES:
+                return False  # it completed (FINISH follows the usual path) or never switched
+            incoming = Incoming(
+                domain,
+                bytes.fromhex(migration_id),
+                tunnelled=bool(migration.get("tunnelled")),
+                running=bool(migration.get("running")),
+                persistent=domain.persistent,
+                postcopy=True,
+            )
+            incoming.switched = True
+            domain.incoming = incoming
+            self.incoming[incoming.migration_id] = incoming
+            self.log(f"{domain.name}: its incoming post-copy migration is {status}; kept, waiting for the source to resume it")
+            return True
+        if status not in POSTCOPY_STATES and status != "completed":
+            return False
+        assert self._nursery is not None
+        job = SourceJob(
+            self,
+            domain,
+            str(migration["destination"]),
+            live=True,
+            tunnelled=bool(migration.get("tunnelled")),
+            bandwidth_mib=0,
+            dname=migration.get("dest_name"),
+            undefine_source=bool(migration.get("undefine_source")),
+            postcopy=True,
+            retries=int(migration.get("retries") or 0),
+        )
+        job.migration_id = bytes.fromhex(migration_id)
+        job.was_running = bool(migration.get("was_running"))
+        job.postcopy.switched = job.postcopy.active = True
+        job.phase = "postcopy"
+        job._note_break(DaemonError(f"the previous daemon stopped; QEMU is {status}"))
+        domain.job = domain.last_job = job
+        self._nursery.start_soon(job.run, process)
+        self.log(f"{domain.name}: its post-copy migration to {job.dest} is {status}; kept, resuming it")
+        return True
 
     def parse_peer_uri(self, text: str) -> URI:
         try:

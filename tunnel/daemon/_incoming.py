@@ -6,6 +6,12 @@ writer of a memory-image guest.  :meth:`Incoming.discard` releases all of
 them on every path: it aborts the stream, wakes the pump waiting on the
 socket before closing it, and aborts the writer so nothing that looks
 complete is left behind.
+
+A post-copy migration past the switch is never discarded (:mod:`._postcopy`):
+:meth:`Incoming.watch_switch` resumes the guest here as soon as QEMU reports
+``postcopy-active`` and records the outcome; a lost connection only closes
+QEMU's socket (QEMU pauses), and :meth:`Incoming.recover` readies a new
+channel for the source's next connection.
 """
 
 from __future__ import annotations
@@ -19,7 +25,20 @@ import trio
 
 from .._errors import TunnelError
 from ..endpoints import EndpointError, MemoryImageWriter, receive_into
-from ..qemu import MigrationError, QemuProcess, run_state, set_tls, start_incoming_fd, start_incoming_uri, wait_migration
+from ..qemu import (
+    MigrationError,
+    QemuProcess,
+    QMPError,
+    postcopy_capabilities,
+    query_migration,
+    recover_incoming_fd,
+    recover_incoming_uri,
+    run_state,
+    set_tls,
+    start_incoming_fd,
+    start_incoming_uri,
+    wait_migration,
+)
 from ..transport import TunnelStream
 from ._imageguest import PAGE as PAGE_SIZE
 from ._jobstats import complete_jobinfo
@@ -29,19 +48,36 @@ from ._rpc import DaemonError, public_message
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, Domain
+    from ._session import Session
 
 __all__ = ["Incoming"]
 
 MiB = 1024 * 1024
+#: How long a recovering destination waits for its QEMU to notice the old channel is gone.
+PAUSE_WAIT = 15.0
 
 
 class Incoming:
     """One prepared incoming migration on the destination daemon."""
 
     def __init__(
-        self, domain: Domain, migration_id: bytes, *, tunnelled: bool, running: bool, verify: bool = False, persistent: bool = False
+        self,
+        domain: Domain,
+        migration_id: bytes,
+        *,
+        tunnelled: bool,
+        running: bool,
+        verify: bool = False,
+        persistent: bool = False,
+        postcopy: bool = False,
     ) -> None:
         self.domain = domain
+        #: Post-copy allowed (both QEMUs' capabilities); ``switched`` once QEMU reported it: from then on it is never discarded.
+        self.postcopy = postcopy
+        self.switched = False
+        #: The connection (session) this migration belongs to; None between a lost connection and POSTCOPY_RECOVER.
+        self.owner: Session | None = None
+        self.legs = 0
         #: Keep the definition once the guest arrived (virsh --persistent); else it goes when the guest stops.
         self.persistent = persistent
         self.stream: TunnelStream | None = None
@@ -122,10 +158,11 @@ class Incoming:
             return {}
         process = self.domain.process
         assert isinstance(process, QemuProcess)
+        capabilities = postcopy_capabilities(blocktime=True) if self.postcopy else None
         if self.tunnelled:
             ours, theirs = socketpair()
             try:
-                await start_incoming_fd(process.qmp, theirs.fileno(), capabilities=RETURN_PATH)
+                await start_incoming_fd(process.qmp, theirs.fileno(), capabilities=capabilities or RETURN_PATH)
             except BaseException:
                 ours.close()
                 raise
@@ -138,7 +175,7 @@ class Incoming:
             if os.path.lexists(path):
                 os.unlink(path)
             self.uri = f"unix:{path}"
-            await start_incoming_uri(process.qmp, self.uri)
+            await start_incoming_uri(process.qmp, self.uri, capabilities=capabilities)
             return {"uri": self.uri}
         host = peer_sockname[0]
         if tls is not None:
@@ -146,13 +183,16 @@ class Incoming:
                 lambda: tls.write_qemu_dir(os.path.join(self.domain.guest_dir, "tls"), "server", owner=owner)
             )
             await set_tls(process.qmp, creds, endpoint="server")
-        await start_incoming_uri(process.qmp, f"tcp:{host}:0")
+        await start_incoming_uri(process.qmp, f"tcp:{host}:0", capabilities=capabilities)
+        return await self._tcp_endpoint(process, host, tls is not None)
+
+    async def _tcp_endpoint(self, process: QemuProcess, host: str, tls: bool) -> dict[str, Any]:
         status = await process.qmp.execute("query-migrate")
         for address in status.get("socket-address", []):
             if address.get("type") == "inet":
                 port = address["port"]
                 self.uri = f"tcp:{host}:{port}"
-                return {"uri": self.uri, "tls": tls is not None}
+                return {"uri": self.uri, "tls": tls}
         raise DaemonError("the destination QEMU did not report its incoming TCP port")
 
     async def pump(self, stream: TunnelStream) -> None:
@@ -169,17 +209,20 @@ class Incoming:
                 self.pump_done.set()
             return
         sock = self.sock
+        done = self.pump_done  # this leg's: a post-copy recovery starts a new one with its own socket
         if sock is None:  # discarded before the stream came
             await stream.abort(reason="the incoming migration was discarded")
-            self.pump_done.set()
+            done.set()
             return
         try:
             await pump_socket(stream, sock)
         except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.pump_error = public_message(exc, hide=hide)
+            if self.pump_done is done:
+                self.pump_error = public_message(exc, hide=hide)
         finally:
-            self._close_sock()
-            self.pump_done.set()
+            if self.sock is sock:
+                self._close_sock()
+            done.set()
 
     def _close_sock(self) -> None:
         """Close our end of QEMU's socket, waking any task waiting on it first (it then sees ClosedResourceError)."""
@@ -235,7 +278,119 @@ class Incoming:
         # this handler) learns "finished" and stops its copy, so nothing from here may be undone.
         with trio.CancelScope(shield=True):
             await daemon.store.set_outcome(self.migration_id.hex(), "finished")
-            if self.running:
+            if self.running and await run_state(process.qmp) != "running":
                 await process.qmp.execute("cont")
             state = domain_state(await run_state(process.qmp))
         return state
+
+    async def blocktime(self) -> dict[str, Any]:
+        """QEMU's post-copy blocktime (reported once the incoming migration completed)."""
+        process = self.domain.process
+        if not self.switched or not isinstance(process, QemuProcess):
+            await trio.lowlevel.checkpoint()
+            return {}
+        status = await query_migration(process.qmp)
+        if status.blocktime_ms is None:
+            return {}
+        return {"postcopy_blocktime_ms": status.blocktime_ms, "postcopy_vcpu_blocktime_ms": list(status.vcpu_blocktime_ms)}
+
+    # ------------------------------------------------------------------
+    # Post-copy
+
+    async def watch_switch(self, daemon: Daemon) -> None:
+        """Until the switch: poll QEMU; at ``postcopy-active`` record the outcome and resume the guest here.
+
+        The outcome is written before the guest runs, so a source that asks
+        later (MIGRATION_OUTCOME) never resumes its stale copy.
+        """
+        process = self.domain.process
+        if not isinstance(process, QemuProcess):
+            return
+        try:
+            while self.domain.incoming is self:
+                status = await query_migration(process.qmp)
+                if status.postcopy:
+                    break
+                if status.status in ("completed", "failed", "cancelled"):
+                    return  # never switched: FINISH (or the discard) takes it from here
+                await trio.sleep(0.01)
+            else:
+                return
+        except QMPError:
+            return  # QEMU went away: its watcher discards it
+        self.switched = True
+        with trio.CancelScope(shield=True):
+            await daemon.store.set_outcome(self.migration_id.hex(), "finished")
+            await daemon.store.set_runtime(
+                self.domain.name,
+                "migration",
+                {"role": "destination", "migration_id": self.migration_id.hex(), "running": self.running, "postcopy": True,
+                 "tunnelled": self.tunnelled},
+            )
+            if self.running:
+                try:
+                    await process.qmp.execute("cont")
+                except QMPError as exc:
+                    daemon.log(f"{self.domain.name}: cannot resume the guest at the switch to post-copy: {exc}")
+        daemon.log(f"incoming {self.domain.name}: post-copy; the guest runs here")
+
+    async def detach_stream(self) -> None:
+        """The old channel is gone (or given up): abort its stream, close QEMU's socket so QEMU pauses."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with trio.move_on_after(1):
+                try:
+                    await stream.abort(reason="the source resumed this post-copy migration on another connection")
+                except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        self._close_sock()
+
+    async def recover(self, source_status: str, peer_sockname: Any, *, tls: TLSFiles | None = None, owner: int | None = None) -> dict[str, Any]:
+        """POSTCOPY_RECOVER: a source resumes on a new connection.  Ready a new channel if QEMU paused; return it.
+
+        The source's QEMU state decides: ``postcopy-paused`` means the old
+        channel is gone, so this QEMU pauses too (we close its socket; a
+        native channel breaks on its own) and gets a new one with
+        ``migrate-recover``; any other state needs no new channel.
+        """
+        process = self.domain.process
+        if not isinstance(process, QemuProcess):
+            raise DaemonError(f"the incoming QEMU of {self.domain.name!r} is gone")
+        if source_status != "postcopy-paused":
+            status = await query_migration(process.qmp)
+            return {"state": status.status}
+        if self.tunnelled:
+            await self.detach_stream()
+        with trio.move_on_after(PAUSE_WAIT):
+            status = await query_migration(process.qmp)
+            while status.status == "postcopy-active":
+                await trio.sleep(0.02)
+                status = await query_migration(process.qmp)
+        if status.status != "postcopy-paused":
+            raise DaemonError(f"the incoming QEMU of {self.domain.name!r} is {status.status}, not paused; try again")
+        self.legs += 1
+        self.stream = None
+        self.stream_seen = trio.Event()
+        self.pump_done = trio.Event()
+        self.pump_error = None
+        if self.tunnelled:
+            ours, theirs = socketpair()
+            try:
+                await recover_incoming_fd(process.qmp, theirs.fileno(), fd_name=f"recover{self.legs}")
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            self.sock = ours
+            return {"state": "postcopy-recover"}
+        if isinstance(peer_sockname, str):
+            path = os.path.join(self.domain.guest_dir, "incoming.sock")
+            if os.path.lexists(path):
+                os.unlink(path)
+            self.uri = f"unix:{path}"
+            await recover_incoming_uri(process.qmp, self.uri)
+            return {"state": "postcopy-recover", "uri": self.uri}
+        await recover_incoming_uri(process.qmp, f"tcp:{peer_sockname[0]}:0")
+        reply = await self._tcp_endpoint(process, peer_sockname[0], tls is not None)
+        return {"state": "postcopy-recover", **reply}

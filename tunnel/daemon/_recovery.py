@@ -13,6 +13,11 @@ the destination (MIGRATION_OUTCOME, answered from the destination's
   resumes the guest as it was;
 * ``pending`` (the destination is still loading it) or no answer: the guest
   stays paused here, "migrated, unconfirmed", and the daemon asks again.
+
+Past the switch to post-copy none of this applies: the destination runs the
+guest and the source holds pages it has not fetched yet, so the source's
+QEMU is never cancelled nor resumed (:func:`cancel_and_resume` leaves it as
+it is), and a lost connection is recovered instead (:mod:`._postcopy`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._errors import RPCError, TunnelError
-from ..qemu import MigrationStatus, QemuProcess, QMPClient, QMPError, cancel, query_migration, run_state
+from ..qemu import (
+    POSTCOPY_STATES,
+    MigrationStatus,
+    PostcopyError,
+    QemuProcess,
+    QMPClient,
+    QMPError,
+    cancel,
+    query_migration,
+    run_state,
+)
 from ..transport import TunnelConnection, open_connection
 from ._imageguest import ImageGuest
 from ._net import connect
@@ -35,8 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ACTIVE", "ask_outcome", "cancel_and_resume", "outcome_reply", "settle_source"]
 
-#: QEMU migration states in which the source is still sending.
-ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug", "postcopy-active"})
+#: QEMU migration states in which the source is still sending and may still be cancelled (post-copy states may not).
+ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
 #: Bound on cancelling QEMU's migration and resuming the guest.
 CANCEL_TIMEOUT = 5.0
 #: Bound on each attempt to ask the destination.
@@ -51,8 +66,9 @@ async def cancel_and_resume(
     Returns QEMU's final migration status.  ``completed`` means QEMU had sent
     everything before the cancel reached it: the guest is then left paused,
     for the caller to settle with the destination, unless *discarded* says
-    the destination threw its copy away.  *note* gets QEMU's figures from
-    just before the cancel.
+    the destination threw its copy away.  A post-copy state is returned
+    untouched: the guest runs on the destination and cannot come back.
+    *note* gets QEMU's figures from just before the cancel.
     """
     status = "none"
     with trio.move_on_after(CANCEL_TIMEOUT):
@@ -61,8 +77,13 @@ async def cancel_and_resume(
             status = current.status
             if note is not None:
                 note(current)
+            if status in POSTCOPY_STATES:
+                return status
             if status in ACTIVE:
-                await cancel(qmp)
+                try:
+                    await cancel(qmp)
+                except PostcopyError:  # switched just now: leave it
+                    return (await query_migration(qmp)).status
                 while status in ACTIVE:
                     await trio.sleep(0.01)
                     status = (await query_migration(qmp)).status

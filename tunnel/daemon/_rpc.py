@@ -44,11 +44,15 @@ class Procedure(IntEnum):
     RESUME = 14
     SHUTDOWN = 15
     REBOOT = 16
+    #: Switch a running migration to post-copy (virsh migrate-postcopy).
+    MIGRATE_POSTCOPY = 17
     # source daemon -> destination daemon (or the client, when it drives a migration without PEER2PEER)
     PREPARE = 32
     FINISH = 33
     #: A restarted source asks how a migration it started ended on the destination.
     MIGRATION_OUTCOME = 34
+    #: A source resumes a post-copy migration on a new connection: the destination pairs it by id.
+    POSTCOPY_RECOVER = 35
 
 
 class DaemonError(Exception):

@@ -104,6 +104,8 @@ class Session:
             Procedure.RESUME: self.resume,
             Procedure.SHUTDOWN: self.shutdown,
             Procedure.REBOOT: self.reboot,
+            Procedure.MIGRATE_POSTCOPY: self.migrate_postcopy,
+            Procedure.POSTCOPY_RECOVER: self.postcopy_recover,
         }
         return {(PROGRAM, int(proc)): self._guarded(proc, json_handler(fn)) for proc, fn in table.items()}
 
@@ -307,6 +309,8 @@ class Session:
 
     async def migrate(self, request: JSON) -> JSON:
         daemon = self.daemon
+        if field(request, "postcopy_resume", bool, False):
+            return await self._postcopy_resume(request)
         p2p = field(request, "p2p", bool, False)
         tunnelled = field(request, "tunnelled", bool, False)
         if tunnelled and not p2p:
@@ -341,11 +345,23 @@ class Session:
         if timeout < 0:
             raise DaemonError("the migration timeout must be >= 0 seconds (0 for none)")
         if field(request, "timeout_action", str, "suspend") != "suspend":
-            raise DaemonError("--timeout-postcopy is not supported yet (post-copy migration is not implemented); use --timeout-suspend")
+            raise DaemonError("--timeout-postcopy is not supported yet (use --postcopy with migrate-postcopy, or --postcopy-after-precopy)")
         auto_converge = field(request, "auto_converge", bool, False)
         if auto_converge and domain.is_image:
             raise DaemonError(f"domain {domain.name!r} is a memory-image guest: --auto-converge throttles QEMU's vCPUs and applies to QEMU guests only")
         compression = _compression(domain, field(request, "compressed", bool, False), field(request, "comp_methods", list, None))
+        postcopy = field(request, "postcopy", bool, False)
+        after_precopy = field(request, "postcopy_after_precopy", bool, False)
+        retries = field(request, "retries", int, 0)
+        if retries < 0 or field(request, "postcopy_bandwidth_mib", int, 0) < 0:
+            raise DaemonError("--retries and --postcopy-bandwidth must be >= 0")
+        if postcopy or after_precopy:
+            if domain.is_image:
+                raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it has no post-copy (pre-copy only)")
+            if not p2p:
+                raise DaemonError("post-copy needs --p2p: the source daemon must see it through, including a resume")
+            if not field(request, "live", bool, False):
+                raise DaemonError("post-copy needs --live: the guest must run while its memory moves")
         if domain.job is not None and domain.job.resolved.is_set():
             with trio.move_on_after(10):  # the last job is telling its destination to clean up
                 await domain.job.done.wait()
@@ -370,6 +386,10 @@ class Session:
             auto_converge=auto_converge,
             compression=compression,
             abort_on_error=field(request, "abort_on_error", bool, False),
+            postcopy=postcopy,
+            postcopy_after_precopy=after_precopy,
+            retries=retries,
+            postcopy_bandwidth_mib=field(request, "postcopy_bandwidth_mib", int, 0),
         )
         domain.job = domain.last_job = job
         assert daemon._nursery is not None
@@ -380,12 +400,41 @@ class Session:
         if field(request, "detach", bool, False):
             await trio.lowlevel.checkpoint()
             return {"domain": domain.name, "status": "started", "destination": dest}
+        return await self._outcome(job, "completed" if p2p else "performed")
+
+    async def _outcome(self, job: SourceJob, expected: str) -> JSON:
+        """Wait until where the guest runs is decided; the job's statistics, or its failure as one line."""
         await job.resolved.wait()
         info = await job.info()
-        if job.state != ("completed" if p2p else "performed"):
-            raise DaemonError(f"migration of {domain.name!r} {job.state}: {job.error}; {daemon.where_is(domain)}")
+        domain = job.domain
+        if job.state == "postcopy-paused":
+            raise DaemonError(
+                f"migration of {domain.name!r} paused in post-copy: {job.error}; the guest runs on {job.dest} and waits for the "
+                f"rest of its memory from here: resume it with migrate --postcopy-resume {domain.name} {job.dest}"
+            )
+        if job.state != expected:
+            raise DaemonError(f"migration of {domain.name!r} {job.state}: {job.error}; {self.daemon.where_is(domain)}")
         info.update(job.summary)
         return info
+
+    async def _postcopy_resume(self, request: JSON) -> JSON:
+        """``migrate --postcopy-resume NAME DEST_URI``: one attempt to resume a paused post-copy migration, to its end."""
+        domain = self.daemon.domain(request.get("name"))
+        job = domain.job
+        if job is None:
+            raise DaemonError(f"domain {domain.name!r} has no migration to resume")
+        resume = job.request_resume(field(request, "destination", str))
+        self.daemon.log(f"resuming the post-copy migration of {domain.name} through {resume.destination}")
+        await resume.done.wait()
+        if resume.error is not None:
+            raise DaemonError(f"migration of {domain.name!r} still paused in post-copy: {resume.error}")
+        return await self._outcome(job, "completed")
+
+    async def migrate_postcopy(self, request: JSON) -> JSON:
+        """virsh migrate-postcopy: switch the running migration to post-copy."""
+        job = self._job(request)
+        await job.switch_to_postcopy()
+        return {"status": job.state, "phase": job.postcopy.phase()}
 
     async def confirm(self, request: JSON) -> JSON:
         """Client-driven migration, last step: stop the source guest (ok) or resume it."""
@@ -465,7 +514,11 @@ class Session:
             running=field(request, "running", bool, False),
             verify=field(request, "verify", bool, False),
             persistent=persistent,
+            postcopy=field(request, "postcopy", bool, False),
         )
+        if incoming.postcopy and domain.is_image:
+            raise DaemonError("a memory-image guest has no post-copy")
+        incoming.owner = self
         incoming.previous = existing
         incoming.source = str(self.identity)
         incoming.live = field(request, "live", bool, False)
@@ -490,6 +543,9 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._discard(incoming)
             raise
+        if incoming.postcopy:
+            assert daemon._nursery is not None
+            daemon._nursery.start_soon(incoming.watch_switch, daemon)
         daemon.log(f"prepared incoming {name} from {self.identity}", domain=name, peer=str(self.identity))
         return reply
 
@@ -515,7 +571,10 @@ class Session:
             state = await incoming.finish(daemon)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._discard(incoming)
+                if incoming.switched:  # past the switch nothing is discarded: the source tries again
+                    self.prepared[migration_id] = incoming
+                else:
+                    await self._discard(incoming)
             raise
         domain.incoming = None
         domain.last_incoming = incoming
@@ -533,8 +592,35 @@ class Session:
         daemon.log(f"incoming {domain.name} from {incoming.source} complete: {state}{'' if incoming.persistent else ' (transient)'}",
                    domain=domain.name, peer=incoming.source, outcome="completed")
         reply: JSON = {"state": state}
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            reply.update(await incoming.blocktime())
         if incoming.image_sha256 is not None:
             reply["image_sha256"] = incoming.image_sha256
+        return reply
+
+    async def postcopy_recover(self, request: JSON) -> JSON:
+        """A source resumes a post-copy migration on this (new) connection: pair it by id, ready QEMU's new channel."""
+        daemon = self.daemon
+        migration_id = _migration_id(request)
+        incoming = daemon.incoming.get(migration_id)
+        if incoming is None:
+            if daemon.store.outcome(migration_id.hex()) == "finished":
+                return {"outcome": "finished", "state": "running"}
+            raise DaemonError("no post-copy migration with this id here")
+        if not incoming.switched:
+            raise DaemonError(f"the incoming migration of {incoming.domain.name!r} is not in post-copy: it cannot be resumed")
+        old = incoming.owner
+        if old is not None and old is not self:
+            old.prepared.pop(migration_id, None)
+        incoming.owner = self
+        self.prepared[migration_id] = incoming
+        reply = await incoming.recover(
+            field(request, "source_status", str),
+            self.sockname,
+            tls=daemon.tls if self.scheme == "tls" else None,
+            owner=daemon.qemu_uid,
+        )
+        daemon.log(f"incoming {incoming.domain.name}: post-copy resumed by {self.identity} ({reply.get('state')})")
         return reply
 
     async def migration_outcome(self, request: JSON) -> JSON:
@@ -570,5 +656,11 @@ class Session:
 
     async def close(self) -> None:
         for incoming in list(self.prepared.values()):
+            if incoming.switched:
+                # Past the switch: the guest runs here and needs the source's pages; wait for POSTCOPY_RECOVER.
+                incoming.owner = None
+                await incoming.detach_stream()
+                self.daemon.log(f"incoming {incoming.domain.name}: connection lost in post-copy; kept, waiting for the source to resume")
+                continue
             await self._discard(incoming)
         self.prepared.clear()

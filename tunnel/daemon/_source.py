@@ -15,6 +15,9 @@ and resumes only if the destination says it discarded its copy.  If the
 destination cannot be reached, the guest stays paused, reported as
 "migrated, unconfirmed", and the daemon keeps asking.  A record in the
 guest's directory (``migration.json``) lets a restarted daemon do the same.
+Post-copy changes these rules from the switch on (:mod:`._postcopy`): the
+job never cancels its QEMU, refuses aborts, and survives a broken
+connection by resuming over a new one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -34,17 +37,23 @@ from .._errors import RPCError, TunnelError
 from .._frames import DigestAlgorithm, StreamKind
 from ..endpoints import EndpointError, MemoryImageReader, PrecopyPolicy, Progress, image_digest, send_from
 from ..qemu import (
+    POSTCOPY,
+    POSTCOPY_STATES,
     MigrationError,
+    MigrationStatus,
     QemuError,
     QemuProcess,
     QMPError,
     query_migration,
+    resume_outgoing_fd,
+    resume_outgoing_uri,
     run_state,
     set_max_bandwidth,
+    set_parameters,
     set_tls,
     start_outgoing_fd,
     start_outgoing_uri,
-    wait_migration,
+    start_postcopy,
 )
 from ..transport import TunnelConnection, TunnelStream, open_connection
 from ._imageguest import PAGE as IMAGE_PAGE
@@ -52,6 +61,7 @@ from ._imageguest import ImageGuest
 from ._jobstats import complete_jobinfo
 from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, UNLIMITED_BANDWIDTH, pump_socket, socketpair
 from ._net import connect
+from ._postcopy import PostcopyControl, ResumeRequest
 from ._recovery import cancel_and_resume, settle_source
 from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
 
@@ -67,6 +77,12 @@ FINAL = ("completed", "performed", "failed", "cancelled", "unconfirmed")
 FINISH_WAIT = FINISH_TIMEOUT + 15.0
 #: Bound on telling the destination to discard its copy (it discards anyway when the connection goes).
 DISCARD_TIMEOUT = 5.0
+#: How long QEMU may take to leave a state it can no longer be in (the switch requested, the channel closed).
+SETTLE_WAIT = 10.0
+#: QEMU states before the switch could have taken effect.
+PRE_SWITCH = ("setup", "active", "pre-switchover", "device", "wait-unplug")
+#: What a failed attempt to resume a post-copy migration may raise.
+ATTEMPT_FAILURES = (DaemonError, TunnelError, QemuError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 def _cancelled(exc: BaseException) -> bool:
@@ -121,6 +137,10 @@ class SourceJob:
         auto_converge: bool = False,
         compression: tuple[str, ...] = (),
         abort_on_error: bool = False,
+        postcopy: bool = False,
+        postcopy_after_precopy: bool = False,
+        retries: int = 0,
+        postcopy_bandwidth_mib: int = 0,
     ) -> None:
         self.daemon = daemon
         #: virsh --timeout with --timeout-suspend: pause the guest once the transfer ran this long (0: never).
@@ -133,6 +153,10 @@ class SourceJob:
         #: virsh --abort-on-error: cancel the migration when the guest stops on an I/O error.
         self.abort_on_error = abort_on_error
         self._watch_scope = trio.CancelScope()
+        self.postcopy = PostcopyControl(enabled=postcopy, after_precopy=postcopy_after_precopy, retries=retries)
+        self.postcopy_bandwidth_mib = postcopy_bandwidth_mib
+        #: The destination's post-copy figures from FINISH (blocktime).
+        self.destination_stats: dict[str, Any] = {}
         #: Client-driven (not PEER2PEER) migration: only perform, to this QEMU endpoint the
         #: client got from the destination; the client then calls finish and confirm.
         self.direct_uri = direct_uri
@@ -146,6 +170,7 @@ class SourceJob:
         self.tunnelled = tunnelled
         self.bandwidth_mib = bandwidth_mib
         self.dname = dname
+        self.dest_name = dname or domain.name
         self.persistent = persistent
         self.undefine_source = undefine_source
         self.migration_id = uuid.uuid4().bytes
@@ -174,6 +199,12 @@ class SourceJob:
     def abort(self, reason: str = "aborted by the client") -> None:
         if self.done.is_set():
             raise DaemonError(f"no migration job is running for domain {self.domain.name!r}")
+        if self.postcopy.switched:
+            hint = f"resume it with: migrate --postcopy-resume {self.domain.name} DEST_URI" if self.postcopy.paused else "let it complete"
+            raise DaemonError(
+                f"the migration of {self.domain.name!r} is in post-copy: the guest runs on the destination and part of its "
+                f"memory is still here, so it cannot go back and cannot be aborted; {hint}"
+            )
         if self.phase in ("finish", "confirm"):
             raise DaemonError(
                 f"the migration of {self.domain.name!r} is completing (QEMU sent everything, the destination is loading it); "
@@ -198,7 +229,7 @@ class SourceJob:
         """libvirt-style job statistics (:data:`._jobstats.JOB_KEYS`): times, data totals, rates, pages, iteration."""
         if self.reader is not None:
             self._note_progress(self.reader.progress())
-        elif not self.done.is_set() and isinstance(self.domain.process, QemuProcess) and self.state == "active":
+        elif not self.done.is_set() and isinstance(self.domain.process, QemuProcess) and self.state in ("active", "postcopy-paused"):
             try:
                 with trio.move_on_after(2):
                     self._note(await query_migration(self.domain.process.qmp))
@@ -242,6 +273,12 @@ class SourceJob:
             info["tunnel_bytes_received"] = stats.bytes_received
             if "zstd" in self.compression:
                 info["compression_saved_bytes"] = stats.pages_raw_bytes - stats.pages_wire_bytes
+        if self.postcopy.enabled:
+            info["postcopy"] = True
+            info["phase"] = self.postcopy.phase()
+            info["postcopy_breaks"] = self.postcopy.breaks
+            info["postcopy_resumes"] = self.postcopy.resumes
+        info.update(self.destination_stats)
         if self.error is not None:
             info["error"] = self.error
         return complete_jobinfo(info)
@@ -279,7 +316,9 @@ class SourceJob:
             "dirty_rate_bytes_per_s": status.dirty_pages_rate * page,
             "iteration": status.dirty_sync_count,
             "expected_downtime_ms": status.expected_downtime_ms,
-            "downtime_ms": status.downtime_ms,
+            # QEMU 7.2 reports a post-copy migration's downtime from a start it never set (hours): drop what cannot be.
+            "downtime_ms": status.downtime_ms if (status.downtime_ms or 0) <= (status.total_time_ms or 0) else None,
+            "postcopy_requests": status.postcopy_requests,
             "setup_time_ms": status.setup_time_ms,
             "page_size": page,
             "constant_pages": status.duplicate,
@@ -294,14 +333,15 @@ class SourceJob:
     # ------------------------------------------------------------------
     # The sequence
 
-    async def run(self) -> None:
+    async def run(self, adopted: QemuProcess | None = None) -> None:
+        """The job, to its end; *adopted*: a post-copy migration a previous daemon left paused, resumed from there."""
         domain = self.domain
         if self.timeout_s > 0 or self.abort_on_error:
             assert self.daemon._nursery is not None
             self.daemon._nursery.start_soon(self._watch)
         try:
             with self.scope:
-                await self._perform()
+                await (self._paused(adopted) if adopted is not None else self._perform())
         except BaseException as exc:
             self._settle_state(exc)
             if not isinstance(exc, Exception):
@@ -309,6 +349,7 @@ class SourceJob:
         finally:
             self._settle_state(None)
             self._watch_scope.cancel()
+            self.postcopy.fail_requests(self.error or f"the migration job ended: {self.state}")
             self.ended = time.monotonic()
             self.resolved.set()
             self.done.set()
@@ -355,6 +396,11 @@ class SourceJob:
         """The job's final state, once: ``failed`` with the reason, or ``cancelled`` (abort, shutdown)."""
         if self.state in FINAL:
             return
+        if self.postcopy.active and self.state != "completed":
+            # Left for the next daemon (shutdown) or never resumed: the guest runs on the destination, waiting for pages.
+            self.state = "postcopy-paused"
+            self.error = self.error or "the daemon is shutting down; the next daemon resumes the post-copy migration"
+            return
         if exc is not None and not _cancelled(exc):
             self.state, self.error = "failed", self._describe(exc)
         else:
@@ -394,46 +440,58 @@ class SourceJob:
             self.was_running = await run_state(process.qmp) == "running"
         dest = self.daemon.parse_peer_uri(self.dest)
         self.phase = "prepare"
-        async with peer_connection(await connect(dest, self.daemon.tls)) as peer:
-            try:
-                prepared = await call(
-                    peer,
-                    Procedure.PREPARE,
-                    {
-                        "definition": definition,
-                        "migration_id": self.migration_id.hex(),
-                        "tunnelled": self.tunnelled,
-                        "live": self.live,
-                        "running": self.was_running,
-                        "verify": self.verify,
-                        "persistent": self.persistent,
-                    },
-                )
-                self.phase = "transfer"
-                await self._record()
-                if not self.live and self.was_running:
-                    # offline migration: the guest pauses for its whole duration
-                    await (process.pause() if isinstance(process, ImageGuest) else process.qmp.execute("stop"))
-                if isinstance(process, ImageGuest):
-                    await self._transfer_image(peer, process)
-                else:
-                    await self._transfer(peer, process.qmp, prepared)
-                self.phase = "finish"
-                finished = await self._finish(peer)
-            except BaseException as exc:
-                with trio.CancelScope(shield=True):
-                    await self._recover(peer, process, exc)
+        try:
+            async with peer_connection(await connect(dest, self.daemon.tls)) as peer:
+                try:
+                    prepared = await call(
+                        peer,
+                        Procedure.PREPARE,
+                        {
+                            "definition": definition,
+                            "migration_id": self.migration_id.hex(),
+                            "tunnelled": self.tunnelled,
+                            "live": self.live,
+                            "running": self.was_running,
+                            "verify": self.verify,
+                            "persistent": self.persistent,
+                            "postcopy": self.postcopy.enabled,
+                        },
+                    )
+                    self.phase = "transfer"
+                    await self._record()
+                    if not self.live and self.was_running:
+                        # offline migration: the guest pauses for its whole duration
+                        await (process.pause() if isinstance(process, ImageGuest) else process.qmp.execute("stop"))
+                    if isinstance(process, ImageGuest):
+                        await self._transfer_image(peer, process)
+                    else:
+                        await self._transfer(peer, process.qmp, prepared)
+                    self.phase = "finish"
+                    finished = await self._finish(peer)
+                except BaseException as exc:
+                    with trio.CancelScope(shield=True):
+                        past_switch = await self._past_switch(process)
+                        if not past_switch:
+                            await self._recover(peer, process, exc)
+                    raise
+                await self._completed(process, definition["name"], finished)
+                return
+        except BaseException as exc:
+            if not self.postcopy.active or _cancelled(exc) or not isinstance(process, QemuProcess):
                 raise
-            await self._completed(process, definition["name"], finished)
+            self._note_break(exc)
+        await self._paused(process)
 
     async def _record(self) -> None:
-        """What a restarted daemon needs to settle this migration (QEMU guests only: image guests die with the daemon)."""
+        """What a restarted daemon needs to settle this migration, or resume it (QEMU guests only: image guests die with the daemon)."""
         if isinstance(self.domain.process, QemuProcess):
-            await self.daemon.store.set_runtime(
-                self.domain.name,
-                "migration",
-                {"role": "source", "migration_id": self.migration_id.hex(), "destination": self.dest, "was_running": self.was_running},
-            )
+            record: dict[str, Any] = {
+                "role": "source", "migration_id": self.migration_id.hex(), "destination": self.dest, "was_running": self.was_running,
+            }  # fmt: skip
+            if self.postcopy.enabled:
+                record.update(postcopy=True, tunnelled=self.tunnelled, retries=self.postcopy.retries, dest_name=self.dest_name,
+                              undefine_source=self.undefine_source)
+            await self.daemon.store.set_runtime(self.domain.name, "migration", record)
 
     async def _finish(self, peer: TunnelConnection) -> dict[str, Any]:
         """FINISH: past the point of no return, so an abort cannot interrupt it (it is bounded).
@@ -445,6 +503,9 @@ class SourceJob:
         with trio.fail_after(FINISH_WAIT):
             finished = await call(peer, Procedure.FINISH, {"migration_id": self.migration_id.hex(), "ok": True})
         self.transfer_ended = time.monotonic()
+        for key in ("postcopy_blocktime_ms", "postcopy_vcpu_blocktime_ms"):
+            if key in finished:
+                self.destination_stats[f"destination_{key}"] = finished[key]
         return finished
 
     async def _completed(self, process: QemuProcess | ImageGuest, dest_name: str, finished: dict[str, Any]) -> None:
@@ -455,10 +516,12 @@ class SourceJob:
             # Paused since the final pass, so this is the content the destination must hold.
             self.summary["source_image_sha256"] = await trio.to_thread.run_sync(image_digest, process.path)
             self.summary["destination_image_sha256"] = finished.get("image_sha256")
-        self.state = "completed"
         with trio.CancelScope(shield=True):
-            await self.daemon.migrated_away(self.domain, destination=self.dest, migration_id=self.migration_id.hex(),
-                                            undefine=self.undefine_source)
+            try:
+                await self.daemon.migrated_away(self.domain, destination=self.dest, migration_id=self.migration_id.hex(),
+                                                undefine=self.undefine_source)
+            finally:
+                self.state = "completed"  # once the books say where it went: a jobinfo reader then finds them
         self.resolved.set()  # the client has its answer before the connection to the destination closes
 
     async def _recover(self, peer: TunnelConnection, process: QemuProcess | ImageGuest, exc: BaseException) -> None:
@@ -576,19 +639,31 @@ class SourceJob:
         self.state = "active"
         bandwidth = self._bandwidth_bytes()
         self.transfer_started = time.monotonic()
+        # Source-only capabilities go both ways every time (see _capabilities); post-copy's the destination sets too.
+        capabilities = {**self._capabilities(), **(POSTCOPY if self.postcopy.enabled else {})}
+        if self.postcopy.enabled:  # 0: no limit, QEMU's own default for post-copy
+            await set_parameters(qmp, {"max-postcopy-bandwidth": self.postcopy_bandwidth_mib * MiB})
         if not self.tunnelled:
             await self._set_tls(qmp, bool(prepared.get("tls")))
-            await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth, capabilities=self._capabilities())
-            self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
+            await start_outgoing_uri(qmp, prepared["uri"], max_bandwidth=bandwidth, capabilities=capabilities)
+            self._note(await self._wait_qemu(qmp))
             return
         assert peer is not None
+
+        async def start(fd: int) -> None:
+            await start_outgoing_fd(qmp, fd, max_bandwidth=bandwidth, capabilities={**RETURN_PATH, **capabilities})
+
+        await self._tunnel(peer, qmp, start)
+
+    async def _tunnel(self, peer: TunnelConnection, qmp: Any, start: Callable[[int], Awaitable[None]]) -> None:
+        """QEMU's channel through a new stream of *peer*: *start* gives QEMU its end of a socketpair; until QEMU completes."""
         stream = await peer.open_stream(
             kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label="qemu"
         )
         self.stream = stream
         ours, theirs = socketpair()
         try:
-            await start_outgoing_fd(qmp, theirs.fileno(), max_bandwidth=bandwidth, capabilities={**RETURN_PATH, **self._capabilities()})
+            await start(theirs.fileno())
             theirs.close()  # QEMU holds its own copy now
             # Errors are collected, not raised inside the nursery, so callers see
             # one exception (never a group) whichever side failed first.
@@ -608,7 +683,7 @@ class SourceJob:
 
                 nursery.start_soon(pump)
                 try:
-                    self._note(await wait_migration(qmp, poll=POLL_INTERVAL))
+                    self._note(await self._wait_qemu(qmp))
                     # QEMU closes its end once done, which ends the pump; bound the wait.
                     with trio.move_on_after(FINISH_TIMEOUT):
                         await pump_done.wait()
@@ -642,3 +717,156 @@ class SourceJob:
         creds = await trio.to_thread.run_sync(lambda: files.write_qemu_dir(os.path.join(domain.guest_dir, "tls"), "client", owner=owner))
         await set_tls(qmp, creds, endpoint="client", hostname=self.daemon.parse_peer_uri(self.dest).host)
 
+
+    # ------------------------------------------------------------------
+    # Post-copy (see ._postcopy)
+
+    async def _wait_qemu(self, qmp: Any) -> MigrationStatus:
+        """Poll QEMU until it completes; switch to post-copy when asked (or after the first pass); note the phase."""
+        control = self.postcopy
+        while True:
+            status = await query_migration(qmp)
+            self._note(status)
+            if status.status == "completed":
+                return status
+            if status.status in ("failed", "cancelled"):
+                raise MigrationError(status)
+            if status.postcopy:
+                if not control.active:
+                    self.daemon.log(f"migration of {self.domain.name}: post-copy; the guest runs on the destination")
+                control.active = control.switched = True
+                self.phase = "postcopy"
+                if status.status == "postcopy-active" and control.paused:
+                    control.paused = False
+                    self.state = "active"
+            elif control.should_switch(status) and self.abort_reason is None:
+                control.switched = True  # from here on an abort is refused: the switch below cannot be undone
+                try:
+                    await start_postcopy(qmp)
+                except QMPError as exc:
+                    control.switched = False
+                    raise DaemonError(f"QEMU refused to switch the migration of {self.domain.name!r} to post-copy: {exc.desc}") from None
+            await trio.sleep(POLL_INTERVAL)
+
+    async def switch_to_postcopy(self) -> None:
+        """MIGRATE_POSTCOPY: ask the polling task to switch, and wait until it did (bounded)."""
+        control = self.postcopy
+        name = self.domain.name
+        if self.done.is_set() or self.phase not in ("transfer", "postcopy"):
+            raise DaemonError(f"the migration of {name!r} is not transferring (it is {self.state}); there is nothing to switch")
+        if not control.enabled:
+            raise DaemonError(
+                f"the migration of {name!r} was started without --postcopy: both QEMUs must allow post-copy from the start; "
+                "migrate again with --postcopy"
+            )
+        if control.switched:
+            await trio.lowlevel.checkpoint()
+            return
+        control.switch_wanted.set()
+        with trio.move_on_after(SETTLE_WAIT):
+            while not control.switched and not self.done.is_set():
+                await trio.sleep(POLL_INTERVAL)
+        if not control.switched:
+            raise DaemonError(f"the migration of {name!r} did not switch to post-copy ({self.state}{': ' + self.error if self.error else ''})")
+
+    def request_resume(self, destination: str) -> ResumeRequest:
+        """``migrate --postcopy-resume``: try again now, over a new connection to *destination*."""
+        if self.done.is_set() or not self.postcopy.active:
+            raise DaemonError(f"the migration of {self.domain.name!r} is not a post-copy migration waiting to resume")
+        if not self.postcopy.paused:
+            raise DaemonError(f"the migration of {self.domain.name!r} is not paused: its post-copy is running")
+        self.daemon.parse_peer_uri(destination)
+        return self.postcopy.request_resume(destination)
+
+    async def _past_switch(self, process: QemuProcess | ImageGuest) -> bool:
+        """After a failure: is QEMU past the switch to post-copy?  Never guesses while a requested switch may still land."""
+        if not self.postcopy.switched or not isinstance(process, QemuProcess):
+            return False
+        try:
+            with trio.move_on_after(SETTLE_WAIT):
+                status = await query_migration(process.qmp)
+                while status.status in PRE_SWITCH:  # our end of its socket is closed: it fails or switches soon
+                    await trio.sleep(POLL_INTERVAL)
+                    status = await query_migration(process.qmp)
+        except QMPError:
+            return True  # cannot tell: keep everything
+        past = status.status in POSTCOPY_STATES or status.status == "completed" or status.status in PRE_SWITCH
+        if past:
+            self.postcopy.active = True
+        else:
+            self.postcopy.switched = False  # QEMU failed before the switch: the guest is the source's, as in pre-copy
+        return past
+
+    def _note_break(self, exc: BaseException) -> None:
+        self.postcopy.paused = True
+        self.postcopy.breaks += 1
+        self.state = "postcopy-paused"
+        self.stream = None
+        self.error = f"post-copy paused: {self._describe(exc)}"
+        self.daemon.log(f"migration of {self.domain.name} to {self.dest}: {self.error}; both QEMUs keep the guest, waiting to resume")
+
+    async def _paused(self, process: QemuProcess) -> None:
+        """The connection broke past the switch: keep everything, try again (retries, or a client's resume) until it completes."""
+        control = self.postcopy
+        failures = 0
+        while True:
+            if failures >= control.retries:
+                self.resolved.set()  # a waiting migrate call gets its answer: paused, resume by hand
+            destination, request = await control.next_attempt(failures, self.dest)
+            self.daemon.log(f"migration of {self.domain.name}: resuming post-copy through {destination}"
+                            + (" (requested)" if request is not None else f" (attempt {failures + 1} of {control.retries})"))
+            resumes = control.resumes
+            try:
+                await self._resume(process, destination)
+            except ATTEMPT_FAILURES as exc:
+                failures = 0 if control.resumes > resumes else failures + 1
+                self._note_break(exc)
+                if request is not None:
+                    request.finish(self.error)
+                continue
+            if request is not None:
+                request.finish(None)
+            return
+
+    async def _resume(self, process: QemuProcess, destination: str) -> None:
+        """One attempt: a new connection, POSTCOPY_RECOVER, QEMU resumed through it, then finish and confirm."""
+        qmp = process.qmp
+        async with peer_connection(await connect(self.daemon.parse_peer_uri(destination), self.daemon.tls)) as peer:
+            status = await query_migration(qmp)
+            with trio.move_on_after(SETTLE_WAIT if self.tunnelled else 0):
+                while status.status == "postcopy-active":  # our end of its socket is closed: it pauses soon
+                    await trio.sleep(POLL_INTERVAL)
+                    status = await query_migration(qmp)
+            reply = await call(peer, Procedure.POSTCOPY_RECOVER, {"migration_id": self.migration_id.hex(), "source_status": status.status})
+            if self.dest != destination:
+                self.dest = destination
+                await self._record()
+            if reply.get("outcome") == "finished":  # the destination saw it through already (it restarted after the end)
+                finished: dict[str, Any] = {"state": reply.get("state")}
+            else:
+                if status.status == "postcopy-paused":
+                    if self.tunnelled:
+
+                        async def start(fd: int) -> None:
+                            await resume_outgoing_fd(qmp, fd)
+                            self._resumed()
+
+                        await self._tunnel(peer, qmp, start)
+                    else:
+                        await resume_outgoing_uri(qmp, reply["uri"])
+                        self._resumed()
+                        self._note(await self._wait_qemu(qmp))
+                else:
+                    self._resumed()
+                    self._note(await self._wait_qemu(qmp))
+                self.phase = "finish"
+                finished = await self._finish(peer)
+            self.error = None
+            await self._completed(process, self.dest_name, finished)
+
+    def _resumed(self) -> None:
+        self.postcopy.paused = False
+        self.postcopy.resumes += 1
+        self.state = "active"
+        self.phase = "postcopy"
+        self.daemon.log(f"migration of {self.domain.name}: post-copy resumed through {self.dest}")

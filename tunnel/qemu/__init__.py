@@ -5,7 +5,8 @@
 * :class:`QemuProcess`: a QEMU in its own guest directory, sandboxed, that
   outlives the daemon that started it: a restarted daemon attaches to it again.
 * migration helpers: start outgoing/incoming migrations on fds or URIs,
-  poll them (:class:`MigrationStatus`), cap their bandwidth, cancel them.
+  poll them (:class:`MigrationStatus`), cap their bandwidth, cancel them,
+  switch them to post-copy and recover a paused post-copy on a new fd.
 
 It does not import the tunnel protocol: the daemon joins the two, handing a
 QEMU one end of a socketpair and the tunnel stream the other.
@@ -13,13 +14,21 @@ QEMU one end of a socketpair and the tunnel stream the other.
 
 from __future__ import annotations
 
-from ._errors import MigrationError, QemuError, QemuGone, QemuStartError, QMPConnectionClosed, QMPError
+from ._errors import MigrationError, PostcopyError, QemuError, QemuGone, QemuStartError, QMPConnectionClosed, QMPError
 from ._migration import (
     ACTIVE_STATES,
+    POSTCOPY,
+    POSTCOPY_STATES,
     MigrationStatus,
     cancel,
+    pause,
+    postcopy_capabilities,
     query_migration,
     query_parameters,
+    recover_incoming_fd,
+    recover_incoming_uri,
+    resume_outgoing_fd,
+    resume_outgoing_uri,
     run_state,
     set_capabilities,
     set_max_bandwidth,
@@ -29,18 +38,23 @@ from ._migration import (
     start_incoming_uri,
     start_outgoing_fd,
     start_outgoing_uri,
+    start_postcopy,
     wait_migration,
     wait_run_state,
+    wait_status,
 )
 from ._process import SANDBOX, GuestFiles, QemuProcess, qemu_binary
 from ._qmp import QMPClient, QMPEvent
 
 __all__ = [
     "ACTIVE_STATES",
+    "POSTCOPY",
+    "POSTCOPY_STATES",
     "SANDBOX",
     "GuestFiles",
     "MigrationError",
     "MigrationStatus",
+    "PostcopyError",
     "QMPClient",
     "QMPConnectionClosed",
     "QMPError",
@@ -50,9 +64,15 @@ __all__ = [
     "QemuProcess",
     "QemuStartError",
     "cancel",
+    "pause",
+    "postcopy_capabilities",
     "qemu_binary",
     "query_migration",
     "query_parameters",
+    "recover_incoming_fd",
+    "recover_incoming_uri",
+    "resume_outgoing_fd",
+    "resume_outgoing_uri",
     "run_state",
     "set_capabilities",
     "set_max_bandwidth",
@@ -62,6 +82,8 @@ __all__ = [
     "start_incoming_uri",
     "start_outgoing_fd",
     "start_outgoing_uri",
+    "start_postcopy",
     "wait_migration",
     "wait_run_state",
+    "wait_status",
 ]

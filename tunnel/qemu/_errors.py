@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._migration import MigrationStatus
 
-__all__ = ["MigrationError", "QMPConnectionClosed", "QMPError", "QemuError", "QemuGone", "QemuStartError"]
+__all__ = ["MigrationError", "PostcopyError", "QMPConnectionClosed", "QMPError", "QemuError", "QemuGone", "QemuStartError"]
 
 
 class QemuError(Exception):
@@ -75,3 +75,12 @@ class MigrationError(QemuError):
         self.status = status
         detail = f": {status.error_desc}" if status.error_desc else ""
         super().__init__(f"migration {status.status}{detail}")
+
+
+class PostcopyError(QemuError):
+    """Refused: the migration is past the switch to post-copy, so the guest can only run on the destination.
+
+    QEMU 7.2 itself accepts ``migrate_cancel`` then: the source ends
+    ``cancelled`` with a stale copy and the destination waits in
+    ``postcopy-paused`` for pages that never come, so the guest is lost.
+    """

@@ -10,6 +10,20 @@ The calls a migration daemon makes, in order:
 * both: :func:`wait_migration` until ``completed`` (or an error), then
   ``cont`` on the destination; :func:`cancel` aborts on the source.
 
+Post-copy: both sides set :data:`POSTCOPY` (:func:`postcopy_capabilities`)
+before the start; once pre-copy has run a while, :func:`start_postcopy` on
+the source switches: the source stops its guest, sends the device state,
+and the destination (``postcopy-active``) can run the guest (``cont``: it
+was started with ``-S``) while its missing pages are requested over the
+return path and sent ahead of the background copy.  From then on the only
+copy of the guest that can run is the destination's: a cancel is refused by
+QEMU.  If the channel breaks, both sides pause (``postcopy-paused``) with
+their memory intact; :func:`recover_incoming_fd` on the destination and
+then :func:`resume_outgoing_fd` on the source go on over a new channel
+(``postcopy-recover``, then ``postcopy-active`` again).  On the destination,
+the ``postcopy-blocktime`` capability makes ``query-migrate`` report how
+long the vCPUs waited for pages (:attr:`MigrationStatus.blocktime_ms`).
+
 Capabilities that change the stream (``return-path``, ``postcopy-ram``,
 ``multifd``...) must be equal on both sides, and set before the migration
 starts.  ``return-path`` needs a two-way channel: a socket (a socketpair
@@ -25,15 +39,23 @@ from typing import Any
 
 import trio
 
-from ._errors import MigrationError, QMPError
+from ._errors import MigrationError, PostcopyError, QMPError
 from ._qmp import QMPClient
 
 __all__ = [
     "ACTIVE_STATES",
+    "POSTCOPY",
+    "POSTCOPY_STATES",
     "MigrationStatus",
     "cancel",
+    "pause",
+    "postcopy_capabilities",
     "query_migration",
     "query_parameters",
+    "recover_incoming_fd",
+    "recover_incoming_uri",
+    "resume_outgoing_fd",
+    "resume_outgoing_uri",
     "run_state",
     "set_capabilities",
     "set_max_bandwidth",
@@ -43,8 +65,10 @@ __all__ = [
     "start_incoming_uri",
     "start_outgoing_fd",
     "start_outgoing_uri",
+    "start_postcopy",
     "wait_migration",
     "wait_run_state",
+    "wait_status",
 ]
 
 #: query-migrate states in which a migration is still under way.
@@ -52,6 +76,10 @@ ACTIVE_STATES = frozenset(
     {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling",
      "postcopy-active", "postcopy-paused", "postcopy-recover"}
 )  # fmt: skip
+#: States of a migration past the switch to post-copy: the guest can only run on the destination.
+POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+#: The capabilities of a post-copy capable migration, equal on both sides (post-copy needs the return path).
+POSTCOPY = {"return-path": True, "postcopy-ram": True}
 #: The fd name used when the caller does not give one.
 DEFAULT_FD_NAME = "migrate"
 
@@ -79,6 +107,9 @@ class MigrationStatus:
     dirty_pages_rate: int = 0
     pages_per_second: int = 0
     postcopy_requests: int = 0
+    #: Destination with ``postcopy-blocktime``: total time vCPUs waited for pages, and per vCPU (ms).
+    blocktime_ms: int | None = None
+    vcpu_blocktime_ms: tuple[int, ...] = ()
     error_desc: str | None = None
     #: The reply as QEMU sent it, for fields not parsed above.
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -108,6 +139,8 @@ class MigrationStatus:
             dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
             pages_per_second=int(ram.get("pages-per-second", 0)),
             postcopy_requests=int(ram.get("postcopy-requests", 0)),
+            blocktime_ms=opt("postcopy-blocktime"),
+            vcpu_blocktime_ms=tuple(int(v) for v in reply.get("postcopy-vcpu-blocktime") or ()),
             error_desc=reply.get("error-desc"),
             raw=dict(reply),
         )
@@ -115,6 +148,11 @@ class MigrationStatus:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE_STATES
+
+    @property
+    def postcopy(self) -> bool:
+        """Past the switch to post-copy (active, paused or recovering): there is no going back."""
+        return self.status in POSTCOPY_STATES
 
 
 async def query_migration(qmp: QMPClient) -> MigrationStatus:
@@ -228,8 +266,57 @@ async def set_tls(qmp: QMPClient, creds_dir: str | None, *, endpoint: str = "cli
     await set_parameters(qmp, {"tls-creds": TLS_OBJECT_ID, "tls-hostname": hostname or ""})
 
 
+def postcopy_capabilities(*, blocktime: bool = False) -> dict[str, bool]:
+    """:data:`POSTCOPY`, plus ``postcopy-blocktime`` (destination statistics; it does not change the stream)."""
+    return {**POSTCOPY, "postcopy-blocktime": True} if blocktime else dict(POSTCOPY)
+
+
+async def start_postcopy(qmp: QMPClient) -> None:
+    """``migrate-start-postcopy`` on the source: switch a running pre-copy to post-copy.
+
+    The switch happens at QEMU's next iteration; :func:`wait_status` for
+    ``postcopy-active``.  QEMU refuses it unless ``postcopy-ram`` was set on both sides.
+    """
+    await qmp.execute("migrate-start-postcopy")
+
+
+async def pause(qmp: QMPClient) -> None:
+    """``migrate-pause``: break a post-copy channel on purpose (either side); both then pause."""
+    await qmp.execute("migrate-pause")
+
+
+async def recover_incoming_fd(qmp: QMPClient, fd: int, *, fd_name: str = DEFAULT_FD_NAME) -> None:
+    """Destination in ``postcopy-paused``: take *fd* as the new channel (``migrate-recover``); call before the source resumes."""
+    await qmp.send_fd(fd_name, fd)
+    await qmp.execute("migrate-recover", {"uri": f"fd:{fd_name}"})
+
+
+async def resume_outgoing_fd(qmp: QMPClient, fd: int, *, fd_name: str = DEFAULT_FD_NAME) -> None:
+    """Source in ``postcopy-paused``: go on over *fd* (``migrate`` with ``resume``), once the destination recovers."""
+    await qmp.send_fd(fd_name, fd)
+    await qmp.execute("migrate", {"uri": f"fd:{fd_name}", "resume": True})
+
+
+async def recover_incoming_uri(qmp: QMPClient, uri: str) -> None:
+    """Destination in ``postcopy-paused``: listen on *uri* for the source's resumed channel (``migrate-recover``)."""
+    await qmp.execute("migrate-recover", {"uri": uri})
+
+
+async def resume_outgoing_uri(qmp: QMPClient, uri: str) -> None:
+    """Source in ``postcopy-paused``: go on over a new connection to *uri* (``migrate`` with ``resume``)."""
+    await qmp.execute("migrate", {"uri": uri, "resume": True})
+
+
 async def cancel(qmp: QMPClient) -> None:
-    """``migrate_cancel``: the source goes back to the run state it had before."""
+    """``migrate_cancel``: the source goes back to the run state it had before.
+
+    Raises :class:`PostcopyError` past the switch to post-copy, which QEMU
+    7.2 would accept and lose the guest (see there).  The check is not
+    atomic with the cancel: the caller must not switch to post-copy meanwhile.
+    """
+    status = await query_migration(qmp)
+    if status.postcopy:
+        raise PostcopyError(f"the migration is in {status.status}: the guest runs on the destination and cannot come back")
     await qmp.execute("migrate_cancel")
 
 
@@ -243,6 +330,18 @@ async def wait_migration(qmp: QMPClient, *, poll: float = 0.1) -> MigrationStatu
     while True:
         status = await query_migration(qmp)
         if status.status == "completed":
+            return status
+        if status.status in ("failed", "cancelled"):
+            raise MigrationError(status)
+        await trio.sleep(poll)
+
+
+async def wait_status(qmp: QMPClient, *states: str, poll: float = 0.05) -> MigrationStatus:
+    """Poll ``query-migrate`` until its status is one of *states*; raise :class:`MigrationError` on ``failed``/``cancelled``
+    (unless asked for).  Bound the wait with ``trio.fail_after``."""
+    while True:
+        status = await query_migration(qmp)
+        if status.status in states:
             return status
         if status.status in ("failed", "cancelled"):
             raise MigrationError(status)

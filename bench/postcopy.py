@@ -1,0 +1,208 @@
+"""Post-copy of a guest that dirties memory faster than pre-copy can send it: tunnelled against native.
+
+The guest is the self-checking guest of the tests (``tests/guest/dirtyguest.S``),
+rewriting pages flat out (hundreds of MB/s under TCG) over a working set of
+``--size`` MiB.  Pre-copy is capped at ``--link`` MiB/s (QEMU's
+max-bandwidth, standing in for a link slower than the dirtying), so:
+
+* ``precopy``: QEMU to QEMU over a unix socket, pre-copy only, given
+  ``--precopy-wait`` seconds: ``precopy_converged`` says whether it completed;
+* ``native`` / ``tunnelled``: two ``tunnel daemon`` processes, PEER2PEER
+  live migration with ``postcopy_after_precopy`` (the switch after the first
+  pass), native (QEMU to QEMU over a unix socket the destination daemon
+  opens) or TUNNELLED.  Post-copy itself is not capped.  Measured: the time
+  from the switch (the job's phase turning ``post-copy``, polled every
+  10 ms) to the job completing, the destination's ``postcopy-blocktime``
+  (total time its vCPU waited for pages) and the source's downtime;
+* ``resume``: tunnelled again, through a relay between the daemons, with
+  post-copy capped at 8 MiB/s so that the cut lands in it; the relay cuts
+  the connection, both QEMUs pause, and ``resume_s`` is the time from the
+  client's ``migrate --postcopy-resume`` to the job transferring again.
+
+Every run checks the guest on the destination: a CORRUPT line stops the
+benchmark; a guest that shows no progress within a minute is counted in
+``guest_stuck_runs``.  Rounds alternate the modes; figures are medians.
+
+Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume]
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import trio
+from _common import emit, median
+from daemon_proc import daemon_process, kill_guests
+from dirtyguest import GUEST_LOG, build_kernel, guest_args, guest_mib, read_report, wait_progress
+from fault_tools import Relay
+from qemu_fixtures import base_args
+
+from tunnel.client import Client, connect
+from tunnel.qemu import QemuProcess, cancel, query_migration, start_incoming_fd, start_outgoing_fd
+
+MiB = 1024 * 1024
+MODES = ["precopy", "native", "tunnelled", "resume"]
+#: How long the destination's guest gets to show progress after the migration.
+PROGRESS_WAIT = 60.0
+
+
+def definition(kernel: str, size: int) -> dict[str, Any]:
+    return {"name": "vm", "qemu": base_args(guest_mib(size)) + guest_args(kernel, mib=size)}
+
+
+async def precopy_only(root: str, kernel: str, size: int, link: int, wait: float) -> bool:
+    """Pre-copy alone, QEMU to QEMU, capped at *link* MiB/s: did it complete within *wait* seconds?"""
+    args = base_args(guest_mib(size)) + guest_args(kernel, mib=size)
+    async with (
+        await QemuProcess.start(args, guest_dir=f"{root}/pre-src", name="src") as src,
+        await QemuProcess.start(args, guest_dir=f"{root}/pre-dst", name="dst", incoming=True) as dst,
+    ):
+        await wait_progress(os.path.join(src.guest_dir, GUEST_LOG), lines=1)
+        a, b = socket.socketpair()
+        with a, b:
+            await start_incoming_fd(dst.qmp, b.fileno(), capabilities={"return-path": True})
+            await start_outgoing_fd(src.qmp, a.fileno(), capabilities={"return-path": True}, max_bandwidth=link * MiB)
+        with trio.move_on_after(wait):
+            while (await query_migration(src.qmp)).status != "completed":
+                await trio.sleep(0.1)
+            return True
+        await cancel(src.qmp)
+        return False
+
+
+async def poll_job(client: Client, until: Any, poll: float = 0.01) -> tuple[dict[str, Any], float]:
+    while True:
+        info = await client.jobinfo("vm")
+        if until(info):
+            return info, time.perf_counter()
+        if info["status"] in ("failed", "cancelled"):
+            raise SystemExit(f"migration {info['status']}: {info.get('error')}")
+        await trio.sleep(poll)
+
+
+async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) -> dict[str, Any]:
+    """One daemon migration in *mode* (native, tunnelled, resume); the figures of the post-copy part."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    src_sock, dst_sock = f"{root}/src.sock", f"{root}/dst.sock"
+    allow = ("--allow-path", os.path.dirname(kernel))
+    relay = Relay(f"{root}/relay.sock", dst_sock)
+    try:
+        async with (
+            trio.open_nursery() as nursery,
+            daemon_process(root, "src", "--listen", f"unix://{src_sock}", *allow),
+            daemon_process(root, "dst", "--listen", f"unix://{dst_sock}", *allow),
+        ):
+            await nursery.start(relay.run)
+            dest = relay.uri if mode == "resume" else f"unix://{dst_sock}"
+            async with connect(f"unix://{src_sock}") as client:
+                await client.define(definition(kernel, size))
+                await client.start("vm")
+                await wait_progress(os.path.join(root, "src", "run", "vm", GUEST_LOG), lines=1)
+                await client.migrate("vm", dest, live=True, p2p=True, tunnelled=mode != "native", bandwidth_mib=link,
+                                     postcopy_after_precopy=True, postcopy_bandwidth_mib=8 if mode == "resume" else 0, detach=True)
+                _, switched = await poll_job(client, lambda i: i.get("phase") == "post-copy")
+                result: dict[str, Any] = {}
+                if mode == "resume":
+                    await trio.sleep(0.3)
+                    relay.cut("fin")
+                    await poll_job(client, lambda i: i["status"] == "postcopy-paused")
+                    async with connect(f"unix://{src_sock}") as other:
+                        while True:  # both QEMUs must have paused before the resume can pair them
+                            reply = await other.monitor("vm", {"execute": "query-migrate"})
+                            if reply["return"]["status"] == "postcopy-paused":
+                                break
+                            await trio.sleep(0.01)
+                    started = time.perf_counter()
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(client.postcopy_resume, "vm", dest)
+                        _, resumed = await poll_job(client, lambda i: i["status"] == "active" and i.get("postcopy_resumes", 0) >= 1)
+                        result["resume_s"] = resumed - started
+                        done, ended = await poll_job(client, lambda i: i["status"] == "completed")
+                else:
+                    done, ended = await poll_job(client, lambda i: i["status"] == "completed")
+                    result["postcopy_s"] = ended - switched
+                    result["blocktime_ms"] = done.get("destination_postcopy_blocktime_ms")
+                    result["downtime_ms"] = done.get("downtime_ms")
+                    result["postcopy_requests"] = done.get("postcopy_requests")
+                result["guest_progress"] = False
+                with trio.move_on_after(PROGRESS_WAIT):
+                    report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=2)
+                    result["guest_progress"] = report.ok
+            nursery.cancel_scope.cancel()
+    finally:
+        log = os.path.join(root, "dst", "run", "vm", GUEST_LOG)
+        if os.path.exists(log) and not read_report(log).ok:
+            raise SystemExit(f"the guest found corrupt memory on the destination ({mode}): {read_report(log).corrupt[:4]}")
+        kill_guests(root)
+    return result
+
+
+async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait: float) -> dict[str, Any]:
+    root = tempfile.mkdtemp(prefix="bpc-", dir="/tmp")
+    try:
+        kernel = build_kernel(root)
+        out: dict[str, Any] = {"link_mib_per_s": link, "rounds": rounds, "sizes_mib": sizes}
+        for size in sizes:
+            key = f"{size}mib"
+            if "precopy" in modes:
+                converged = await precopy_only(f"{root}/p", kernel, size, link, wait)
+                out[f"precopy_converged_{key}"] = converged
+                out.setdefault("precopy_converged", False)
+                out["precopy_converged"] = out["precopy_converged"] or converged
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes if m != "precopy"}
+            for r in range(rounds):
+                for mode, results in runs.items():
+                    results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
+                    print(f"{size} MiB round {r + 1} {mode}: {results[-1]}", file=sys.stderr)
+
+            def med(mode: str, field: str, runs: dict[str, list[dict[str, Any]]] = runs) -> float | None:
+                values = [x[field] for x in runs.get(mode, []) if x.get(field) is not None]
+                return round(median(values), 4) if values else None
+
+            for mode in ("native", "tunnelled"):
+                if mode in runs:
+                    out[f"postcopy_{mode}_s_{key}"] = med(mode, "postcopy_s")
+                    out[f"blocktime_{mode}_ms_{key}"] = med(mode, "blocktime_ms")
+                    out[f"downtime_{mode}_ms_{key}"] = med(mode, "downtime_ms")
+            if "native" in runs and "tunnelled" in runs:
+                n, t = out[f"postcopy_native_s_{key}"], out[f"postcopy_tunnelled_s_{key}"]
+                out[f"postcopy_ratio_{key}"] = round(t / n, 3) if n else None
+                bn, bt = out[f"blocktime_native_ms_{key}"], out[f"blocktime_tunnelled_ms_{key}"]
+                out[f"blocktime_ratio_{key}"] = round(bt / bn, 3) if bn else None
+            if "resume" in runs:
+                out[f"resume_s_{key}"] = med("resume", "resume_s")
+            out[f"guest_stuck_runs_{key}"] = sum(not x["guest_progress"] for results in runs.values() for x in results)
+        first = f"{sizes[0]}mib"  # the headline figures: the first size
+        for name in ("postcopy_tunnelled_s", "postcopy_native_s", "postcopy_ratio", "blocktime_tunnelled_ms", "blocktime_native_ms",
+                     "blocktime_ratio", "downtime_tunnelled_ms", "downtime_native_ms", "resume_s"):
+            if f"{name}_{first}" in out:
+                out[name] = out[f"{name}_{first}"]
+        return out
+    finally:
+        kill_guests(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="256,1024", help="working sets in MiB, comma-separated (default 256,1024)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--link", type=int, default=64, help="pre-copy cap in MiB/s, below the guest's dirty rate (default 64)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--precopy-wait", type=float, default=15.0, help="seconds pre-copy alone gets to converge (default 15)")
+    a = parser.parse_args()
+    emit(trio.run(main, [int(s) for s in a.size.split(",")], a.rounds, a.link, a.modes.split(","), a.precopy_wait))

@@ -1,0 +1,247 @@
+"""Post-copy through the daemons, tunnelled and native, with the self-checking guest.
+
+The guest rewrites pages flat out while pre-copy is capped at 32 MiB/s, so
+only post-copy moves it.  After the move the destination's guest must keep
+progressing with no CORRUPT line; where the working set is static
+(``write=0``), the destination's memory is also compared with the expected
+content (pmemsave).  Breaks are made by the fault relay between the source
+daemon and the destination daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from daemon_proc import daemon_process, kill_guests, qemu_pids_under
+from dirtyguest import (
+    GUEST_LOG,
+    WS_ADDR,
+    dirty_kernel,
+    expected_static_sha256,
+    guest_args,
+    guest_mib,
+    requires_toolchain,
+    wait_progress,
+)
+from fault_tools import Relay
+from qemu_fixtures import base_args, file_digest, requires_qemu, run_dir
+from test_daemon import Daemon, running
+
+from tunnel.client import Client, connect
+from tunnel.daemon import DaemonError
+
+__all__ = ["dirty_kernel", "run_dir"]  # fixtures, imported for pytest
+
+pytestmark = [requires_qemu, requires_toolchain]
+MiB = 1024 * 1024
+WS_MIB = 48
+PRECOPY_MIB = 32
+
+
+def definition(kernel: str, *, write: bool = True) -> dict[str, Any]:
+    return {"name": "vm", "qemu": base_args(guest_mib(WS_MIB)) + guest_args(kernel, mib=WS_MIB, write=write)}
+
+
+@asynccontextmanager
+async def pair(root: str, *, relay: bool = False) -> AsyncIterator[tuple[Client, str, Relay | None]]:
+    """Two daemons (guests stop with them); the client of the source, the destination URI (through a relay if asked)."""
+    src_uri, dst_uri = f"unix://{root}/src.sock", f"unix://{root}/dst.sock"
+    async with (
+        running(Daemon(state_dir=f"{root}/src", listen=[src_uri])),
+        running(Daemon(state_dir=f"{root}/dst", listen=[dst_uri])),
+        trio.open_nursery() as nursery,
+    ):
+        fault = None
+        if relay:
+            fault = Relay(f"{root}/relay.sock", f"{root}/dst.sock")
+            await nursery.start(fault.run)
+        async with connect(src_uri) as client:
+            yield client, fault.uri if fault is not None else dst_uri, fault
+        nursery.cancel_scope.cancel()
+
+
+async def wait_job(client: Client, *, status: str | None = None, processed: int = 0, phase: str | None = None) -> dict[str, Any]:
+    while True:
+        info = await client.jobinfo("vm")
+        if (status is None or info["status"] == status) and info.get("data_processed", 0) >= processed and (
+            phase is None or info.get("phase") == phase
+        ):
+            return info
+        assert info["status"] not in ("failed", "cancelled"), info
+        await trio.sleep(0.05)
+
+
+async def qemu_status(uri: str) -> str:
+    async with connect(uri) as c:
+        status: str = (await c.monitor("vm", {"execute": "query-migrate"}))["return"]["status"]
+        return status
+
+
+async def check_destination(root: str, *, lines: int = 3) -> None:
+    """The guest goes on rewriting and verifying on the destination, and never saw a wrong page."""
+    report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=lines)
+    assert report.progress[-1][2] > report.progress[0][2]
+
+
+async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dirty_kernel: str) -> None:
+    with trio.fail_after(120):
+        async with pair(run_dir) as (client, dst_uri, _):
+            await client.define(definition(dirty_kernel))
+            await client.start("vm")
+            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+            await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB, postcopy=True,
+                                 postcopy_bandwidth_mib=16, detach=True)
+            info = await wait_job(client, status="active", processed=8 * MiB)
+            assert info["phase"] == "pre-copy"
+            reply = await client.migrate_postcopy("vm")
+            assert reply["phase"] in ("pre-copy", "post-copy")  # asked; QEMU switches at its next iteration
+            with pytest.raises(DaemonError, match="in post-copy: the guest runs on the destination.*cannot be aborted"):
+                await client.abort("vm")
+            await wait_job(client, phase="post-copy")
+            done = await wait_job(client, status="completed")
+            assert done["tunnel_bytes_received"] > 0  # QEMU's return path (the page requests) came back through the tunnel
+            assert done["destination_postcopy_blocktime_ms"] >= 0
+            assert len(done["destination_postcopy_vcpu_blocktime_ms"]) == 1
+            rows = {d["name"]: d for d in await client.list()}
+            assert rows["vm"]["state"] == "shut off"
+            await check_destination(run_dir)
+
+
+async def test_postcopy_native_static_memory_is_intact(run_dir: str, dirty_kernel: str) -> None:
+    """Native channel, a static working set switched early: the destination holds exactly the expected bytes."""
+    with trio.fail_after(120):
+        async with pair(run_dir) as (client, dst_uri, _):
+            await client.define(definition(dirty_kernel, write=False))
+            await client.start("vm")
+            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+            await client.migrate("vm", dst_uri, live=True, p2p=True, bandwidth_mib=8, postcopy=True, detach=True)
+            await wait_job(client, status="active", processed=4 * MiB)
+            await client.migrate_postcopy("vm")
+            done = await wait_job(client, status="completed")
+            assert done["phase"] == "post-copy" and done.get("tunnel_bytes_sent") is None
+            await check_destination(run_dir, lines=2)
+            async with connect(dst_uri) as dest:
+                arguments = {"val": WS_ADDR, "size": WS_MIB * MiB, "filename": "ws.mem"}
+                assert "return" in await dest.monitor("vm", {"execute": "pmemsave", "arguments": arguments})
+            path = os.path.join(run_dir, "dst", "run", "vm", "ws.mem")
+            assert await trio.to_thread.run_sync(file_digest, path) == await trio.to_thread.run_sync(expected_static_sha256, WS_MIB)
+
+
+async def test_postcopy_after_precopy_tunnelled(run_dir: str, dirty_kernel: str) -> None:
+    with trio.fail_after(120):
+        async with pair(run_dir) as (client, dst_uri, _):
+            await client.define(definition(dirty_kernel))
+            await client.start("vm")
+            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+            result = await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB,
+                                          postcopy_after_precopy=True)
+            assert result["status"] == "completed" and result["phase"] == "post-copy"
+            assert result["iteration"] >= 2  # the first pass ended before the switch
+            await check_destination(run_dir)
+
+
+async def test_postcopy_cut_twice_and_resumed_by_the_client(run_dir: str, dirty_kernel: str) -> None:
+    """The connection breaks twice during post-copy: both QEMUs pause, nothing is discarded, migrate --postcopy-resume goes on."""
+    with trio.fail_after(180):
+        async with pair(run_dir, relay=True) as (client, dst_uri, relay):
+            assert relay is not None
+            await client.define(definition(dirty_kernel))
+            await client.start("vm")
+            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+            await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB, postcopy=True,
+                                 postcopy_bandwidth_mib=4, detach=True)
+            await wait_job(client, status="active", processed=8 * MiB)
+            await client.migrate_postcopy("vm")
+            await wait_job(client, phase="post-copy")
+            for cut in range(2):
+                await trio.sleep(0.5)
+                relay.cut("fin")
+                info = await wait_job(client, status="postcopy-paused")
+                assert info["postcopy_breaks"] == cut + 1
+                with trio.fail_after(20):  # each daemon closed its end of QEMU's socket: both QEMUs pause
+                    for side in ("src", "dst"):
+                        while await qemu_status(f"unix://{run_dir}/{side}.sock") != "postcopy-paused":
+                            await trio.sleep(0.05)
+                with pytest.raises(DaemonError, match="cannot be aborted.*migrate --postcopy-resume vm"):
+                    await client.abort("vm")
+                if cut == 0:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client.postcopy_resume, "vm", dst_uri)  # fails when cut again
+                        await wait_job(client, status="active")
+                        nursery.cancel_scope.cancel()
+            result = await client.postcopy_resume("vm", dst_uri)
+            assert result["status"] == "completed" and result["postcopy_resumes"] == 2
+            await check_destination(run_dir)
+
+
+async def test_postcopy_stall_resumed_automatically(run_dir: str, dirty_kernel: str) -> None:
+    """A relay that stops forwarding: the keepalive breaks the connection, both QEMUs pause, --retries resumes it."""
+    with trio.fail_after(180):
+        async with pair(run_dir, relay=True) as (client, dst_uri, relay):
+            assert relay is not None
+            await client.define(definition(dirty_kernel))
+            await client.start("vm")
+            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+            await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB, postcopy=True,
+                                 postcopy_bandwidth_mib=4, retries=3, detach=True)
+            await wait_job(client, status="active", processed=8 * MiB)
+            await client.migrate_postcopy("vm")
+            await wait_job(client, phase="post-copy")
+            await trio.sleep(0.5)
+            relay.stall()  # new connections are forwarded; this one stays silent
+            done = await wait_job(client, status="completed")
+            assert done["postcopy_breaks"] >= 1 and done["postcopy_resumes"] >= 1
+            await check_destination(run_dir)
+
+
+async def test_daemon_restarts_in_postcopy_paused_keep_both_qemus(run_dir: str, dirty_kernel: str) -> None:
+    """Both daemons stop while the migration is paused in post-copy: both QEMUs live on, the new daemons resume it."""
+    src_sock, dst_sock = f"{run_dir}/src.sock", f"{run_dir}/dst.sock"
+    allow = ("--allow-path", os.path.dirname(dirty_kernel))
+    relay = Relay(f"{run_dir}/relay.sock", dst_sock)
+    with trio.fail_after(180):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            async with (
+                daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow, kill_qemus=False) as src,
+                daemon_process(run_dir, "dst", "--listen", f"unix://{dst_sock}", *allow, kill_qemus=False) as dst,
+            ):
+                async with connect(f"unix://{src_sock}") as client:
+                    await client.define(definition(dirty_kernel))
+                    await client.start("vm")
+                    await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+                    await client.migrate("vm", relay.uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB,
+                                         postcopy=True, postcopy_bandwidth_mib=8, detach=True)
+                    await wait_job(client, status="active", processed=8 * MiB)
+                    await client.migrate_postcopy("vm")
+                    await wait_job(client, phase="post-copy")
+                    relay.cut("fin")
+                    await wait_job(client, status="postcopy-paused")
+                pids = {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")}
+                assert all(len(p) == 1 for p in pids.values()), pids
+                assert await src.stop() == 0 and await dst.stop() == 0
+            try:
+                assert {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")} == pids  # neither was touched
+                async with (
+                    daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow) as src,
+                    daemon_process(run_dir, "dst", "--listen", f"unix://{dst_sock}", *allow),
+                ):
+                    assert "kept, resuming it" in src.log()
+                    async with connect(f"unix://{src_sock}") as client:
+                        info = await client.jobinfo("vm")
+                        assert info["status"] == "postcopy-paused", info
+                        with pytest.raises(DaemonError, match="cannot be aborted"):
+                            await client.abort("vm")
+                        result = await client.postcopy_resume("vm", relay.uri)
+                        assert result["status"] == "completed"
+                        assert qemu_pids_under(f"{run_dir}/src") == []  # confirmed: the source stopped its copy
+                    assert qemu_pids_under(f"{run_dir}/dst") == pids["dst"]
+                    await check_destination(run_dir)
+            finally:
+                kill_guests(run_dir)
+            nursery.cancel_scope.cancel()
