@@ -395,38 +395,42 @@ async def test_daemon_process_guests_outlive_sigterm_and_sigkill_and_are_reattac
     sock = f"{run_dir}/d.sock"
     args = ("--listen", f"unix://{sock}")
     with trio.fail_after(90):
-        async with daemon_process(run_dir, "state", *args, kill_qemus=False) as daemon:
-            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
-            async with connect(f"unix://{sock}") as client:
-                await client.define(definition("vm1", None))
-                await client.start("vm1")
-                qemu_pid = (await client.list())[0]["pid"]
-            assert pid_alive(qemu_pid)
-            assert await daemon.stop(signal.SIGTERM) == 0
-        log = daemon.log()
-        assert "SIGTERM: shutting down" in log and f"left vm1 running (pid {qemu_pid})" in log
-        assert pid_alive(qemu_pid)  # the guest outlived the daemon
-        assert not os.path.exists(sock)  # no leftover socket
         try:
-            # A new daemon on the same state directory finds it, with the same pid, and drives it.
-            async with daemon_process(run_dir, "state", *args, kill_qemus=False) as daemon:
-                async with connect(f"unix://{sock}") as client:
-                    rows = await client.list()
-                    assert (rows[0]["name"], rows[0]["state"], rows[0]["pid"]) == ("vm1", "running", qemu_pid)
-                    assert (await client.monitor("vm1", {"execute": "query-status"}))["return"]["status"] == "running"
-                assert await daemon.stop(signal.SIGKILL) != 0
-            assert pid_alive(qemu_pid)  # SIGKILL of the daemon does not touch it either
-            # --shutdown-guests-on-exit: the old behaviour, for those who want it.
-            async with daemon_process(run_dir, "state", *args, "--shutdown-guests-on-exit", kill_qemus=False) as daemon:
-                async with connect(f"unix://{sock}") as client:
-                    assert (await client.list())[0]["pid"] == qemu_pid
-                assert await daemon.stop(signal.SIGTERM) == 0
-            assert not pid_alive(qemu_pid)
-            assert "stopped vm1 (daemon shutting down)" in daemon.log()
-            assert os.listdir(f"{run_dir}/state/run") == ["vm1.log"]  # no socket, pidfile or record left; the log kept
-            assert os.path.exists(f"{run_dir}/state/domains/vm1.json")  # the definition survives the daemon
+            await _guests_outlive_their_daemon(run_dir, sock, args)
         finally:
-            kill_guests(f"{run_dir}/state")
+            kill_guests(f"{run_dir}/state")  # whatever failed, no QEMU outlives the test
+
+
+async def _guests_outlive_their_daemon(run_dir: str, sock: str, args: tuple[str, ...]) -> None:
+    async with daemon_process(run_dir, "state", *args, kill_qemus=False) as daemon:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        async with connect(f"unix://{sock}") as client:
+            await client.define(definition("vm1", None))
+            await client.start("vm1")
+            qemu_pid = (await client.list())[0]["pid"]
+        assert pid_alive(qemu_pid)
+        assert await daemon.stop(signal.SIGTERM) == 0
+    log = daemon.log()
+    assert "SIGTERM: shutting down" in log and f"left vm1 running (pid {qemu_pid})" in log
+    assert pid_alive(qemu_pid)  # the guest outlived the daemon
+    assert not os.path.exists(sock)  # no leftover socket
+    # A new daemon on the same state directory finds it, with the same pid, and drives it.
+    async with daemon_process(run_dir, "state", *args, kill_qemus=False) as daemon:
+        async with connect(f"unix://{sock}") as client:
+            rows = await client.list()
+            assert (rows[0]["name"], rows[0]["state"], rows[0]["pid"]) == ("vm1", "running", qemu_pid)
+            assert (await client.monitor("vm1", {"execute": "query-status"}))["return"]["status"] == "running"
+        assert await daemon.stop(signal.SIGKILL) != 0
+    assert pid_alive(qemu_pid)  # SIGKILL of the daemon does not touch it either
+    # --shutdown-guests-on-exit: the old behaviour, for those who want it.
+    async with daemon_process(run_dir, "state", *args, "--shutdown-guests-on-exit", kill_qemus=False) as daemon:
+        async with connect(f"unix://{sock}") as client:
+            assert (await client.list())[0]["pid"] == qemu_pid
+        assert await daemon.stop(signal.SIGTERM) == 0
+    assert not pid_alive(qemu_pid)
+    assert "stopped vm1 (daemon shutting down)" in daemon.log()
+    assert os.listdir(f"{run_dir}/state/run") == ["vm1.log"]  # no socket, pidfile or record left; the log kept
+    assert os.path.exists(f"{run_dir}/state/domains/vm1.json")  # the definition survives the daemon
 
 
 def test_plain_tcp_needs_insecure_and_says_so(run_dir: str) -> None:
