@@ -20,10 +20,41 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
+import trustme
 
-__all__ = ["DaemonProcess", "daemon_process", "kill_guests", "pid_alive", "qemu_pids_under"]
+from tunnel.daemon import TLSFiles
+
+__all__ = ["Certs", "DaemonProcess", "daemon_process", "free_port", "kill_guests", "pid_alive", "qemu_pids_under"]
+
+
+class Certs:
+    """A CA and, per name, a certificate for 127.0.0.1/localhost whose CN is that name."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.ca = trustme.CA()
+        self.ca_path = os.path.join(directory, "ca.pem")
+        self.ca.cert_pem.write_to_path(self.ca_path)
+
+    def files(self, name: str, *, ca: trustme.CA | None = None, **kwargs: Any) -> TLSFiles:
+        path = os.path.join(self.directory, f"{name}.pem")
+        cert = (ca or self.ca).issue_cert("127.0.0.1", "localhost", common_name=name, **kwargs)
+        cert.private_key_and_cert_chain_pem.write_to_path(path)
+        return TLSFiles(cert=path, key=path, ca=self.ca_path)
+
+    def daemon_args(self, name: str) -> list[str]:
+        files = self.files(name)
+        return ["--tls-cert", files.cert, "--tls-key", files.key, "--tls-ca", files.ca]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def pid_alive(pid: int) -> bool:

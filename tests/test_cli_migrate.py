@@ -12,7 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -33,26 +34,36 @@ def cli(*args: str) -> list[str]:
 
 
 async def wait_for(predicate: Callable[[], Any], what: str) -> None:
-    with trio.fail_after(30):
+    """Poll *predicate* (another process's state: there is no event to wait on) for up to 30 s."""
+    with trio.move_on_after(30):
         while not await predicate():
             await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@asynccontextmanager
+async def two_daemons_and_a_guest(run_dir: str, ram: RandomRam) -> AsyncIterator[tuple[str, str]]:
+    """Source and destination daemons on unix sockets, guest vm1 (random RAM) running on the source; yields their sockets."""
+    src, dst = f"{run_dir}/src.sock", f"{run_dir}/dst.sock"
+    allow = ("--allow-path", os.path.dirname(ram.path))
+    async with (
+        daemon_process(run_dir, "src", "--listen", f"unix://{src}", *allow),
+        daemon_process(run_dir, "dst", "--listen", f"unix://{dst}", *allow),
+    ):
+        async with connect(f"unix://{src}") as client:
+            await client.define({"name": "vm1", "qemu": base_args() + loader_args(ram)})
+            await client.start("vm1")
+        yield src, dst
 
 
 @pytest.mark.parametrize("p2p", [True, False], ids=["p2p", "client-driven"])
 async def test_ctrl_c_cancels_the_migration_and_says_where_the_guest_runs(
     run_dir: str, random_ram: Callable[[int], RandomRam], p2p: bool
 ) -> None:
-    ram = random_ram(64 * MiB)
-    src, dst = f"{run_dir}/src.sock", f"{run_dir}/dst.sock"
-    allow = ("--allow-path", os.path.dirname(ram.path))
     with trio.fail_after(120):
-        async with (
-            daemon_process(run_dir, "src", "--listen", f"unix://{src}", *allow),
-            daemon_process(run_dir, "dst", "--listen", f"unix://{dst}", *allow),
-        ):
+        async with two_daemons_and_a_guest(run_dir, random_ram(64 * MiB)) as (src, dst):
             async with connect(f"unix://{src}") as client:
-                await client.define({"name": "vm1", "qemu": base_args() + loader_args(ram)})
-                await client.start("vm1")
                 pid = (await client.list())[0]["pid"]
                 flags = ["--p2p", "--tunnelled"] if p2p else []
                 proc = await trio.lowlevel.open_process(
@@ -84,17 +95,8 @@ async def test_ctrl_c_cancels_the_migration_and_says_where_the_guest_runs(
 
 
 async def test_detach_and_one_live_copy_after_the_migration(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
-    ram = random_ram(32 * MiB)
-    src, dst = f"{run_dir}/src.sock", f"{run_dir}/dst.sock"
-    allow = ("--allow-path", os.path.dirname(ram.path))
     with trio.fail_after(120):
-        async with (
-            daemon_process(run_dir, "src", "--listen", f"unix://{src}", *allow),
-            daemon_process(run_dir, "dst", "--listen", f"unix://{dst}", *allow),
-        ):
-            async with connect(f"unix://{src}") as client:
-                await client.define({"name": "vm1", "qemu": base_args() + loader_args(ram)})
-                await client.start("vm1")
+        async with two_daemons_and_a_guest(run_dir, random_ram(32 * MiB)) as (src, dst):
             done = await trio.run_process(
                 cli("--connect", f"unix://{src}", "migrate", "--live", "--p2p", "--tunnelled", "--detach", "--json", "vm1", f"unix://{dst}"),
                 capture_stdout=True,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from daemon_proc import daemon_process, kill_guests
+from daemon_proc import Certs, daemon_process, free_port, kill_guests, pid_alive
 from qemu_fixtures import RANDOM_ADDR, RandomRam, base_args, file_digest, loader_args, random_ram, requires_qemu, run_dir
 
 from tunnel.client import connect
@@ -38,28 +38,7 @@ def definition(name: str, ram: RandomRam | None, mem_mib: int = 128) -> dict[str
     return {"name": name, "qemu": args}
 
 
-class Certs:
-    """A CA and, per name, a certificate for 127.0.0.1/localhost whose CN is that name."""
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.ca = trustme.CA()
-        self.ca_path = os.path.join(directory, "ca.pem")
-        self.ca.cert_pem.write_to_path(self.ca_path)
-
-    def files(self, name: str, ca: trustme.CA | None = None) -> TLSFiles:
-        path = os.path.join(self.directory, f"{name}.pem")
-        (ca or self.ca).issue_cert("127.0.0.1", "localhost", common_name=name).private_key_and_cert_chain_pem.write_to_path(path)
-        return TLSFiles(cert=path, key=path, ca=self.ca_path)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def Daemon(**options: Any) -> _Daemon:
@@ -102,12 +81,7 @@ async def dest_memory_digest(uri: str, name: str, directory: str, size: int, tls
         os.unlink(path)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+
 
 
 # ----------------------------------------------------------------------

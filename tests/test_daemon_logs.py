@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import trio
 import trustme
-from daemon_proc import daemon_process
+from daemon_proc import daemon_process, free_port
 from qemu_fixtures import base_args, requires_qemu, run_dir
 
 from tunnel.client import connect
@@ -23,11 +22,7 @@ from tunnel.daemon import DaemonError, PermissionDenied, TLSFiles
 __all__ = ["run_dir"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+
 
 
 def write_identity(ca: trustme.CA, name: str, directory: str) -> TLSFiles:

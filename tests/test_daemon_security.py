@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import ssl
 import stat
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 import trustme
-from daemon_proc import daemon_process, qemu_pids_under
+from daemon_proc import Certs, daemon_process, free_port, qemu_pids_under
 from qemu_fixtures import base_args, requires_qemu, run_dir
 
 from tunnel import ErrorCode, RPCError
@@ -55,29 +54,7 @@ def hostile_qmp(marker: str) -> list[dict[str, Any]]:
     ]
 
 
-class Certs:
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.ca = trustme.CA()
-        self.ca_path = os.path.join(directory, "ca.pem")
-        self.ca.cert_pem.write_to_path(self.ca_path)
 
-    def files(self, name: str, *, ca: trustme.CA | None = None, **kwargs: Any) -> TLSFiles:
-        path = os.path.join(self.directory, f"{name}.pem")
-        cert = (ca or self.ca).issue_cert("127.0.0.1", "localhost", common_name=name, **kwargs)
-        cert.private_key_and_cert_chain_pem.write_to_path(path)
-        return TLSFiles(cert=path, key=path, ca=self.ca_path)
-
-    def daemon_args(self, name: str) -> list[str]:
-        files = self.files(name)
-        return ["--tls-cert", files.cert, "--tls-key", files.key, "--tls-ca", files.ca]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def every_admin_call_is_refused(uri: str, tls: TLSFiles | None, marker: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from daemon_proc import pid_alive
 from qemu_fixtures import base_args, requires_qemu, run_dir
 
 from tunnel.qemu import QemuError, QemuGone, QemuProcess, QMPConnectionClosed, run_state
@@ -27,14 +28,6 @@ __all__ = ["run_dir"]  # fixture, imported for pytest
 pytestmark = requires_qemu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _read(path: str) -> str:
@@ -121,7 +114,7 @@ async def test_qemu_outlives_a_killed_supervisor_and_is_attached_again(run_dir: 
         supervisor.kill()
         assert await supervisor.wait() == -signal.SIGKILL
         await trio.sleep(0.5)  # a death signal would have struck by now
-        assert _alive(pid)
+        assert pid_alive(pid)
 
         vm = await QemuProcess.attach(guest_dir=guest_dir, name="vm")
         try:
@@ -136,7 +129,7 @@ async def test_qemu_outlives_a_killed_supervisor_and_is_attached_again(run_dir: 
             assert vm.exited
         finally:
             assert await vm.stop() is None
-        assert not _alive(pid)
+        assert not pid_alive(pid)
         assert os.listdir(guest_dir) == ["qemu.log"]  # socket and pidfile gone, the log kept
 
 
@@ -146,14 +139,14 @@ async def test_detach_leaves_qemu_running_and_stop_of_an_attached_qemu_kills_it(
         # A supervisor that detaches and exits normally.
         supervisor, pid = await _supervised(guest_dir, "detach", reaper)
         assert await supervisor.wait() == 0
-        assert _alive(pid)
+        assert pid_alive(pid)
 
         # Attach, detach: the guest runs on, and our handles are closed.
         vm = await QemuProcess.attach(guest_dir=guest_dir, name="vm")
         qmp = vm.qmp
         await vm.detach()
         await vm.detach()  # idempotent
-        assert qmp.closed and _alive(pid)
+        assert qmp.closed and pid_alive(pid)
         with pytest.raises(QMPConnectionClosed):
             await qmp.execute("query-status")
         with pytest.raises(QemuError, match="detached"):
@@ -166,7 +159,7 @@ async def test_detach_leaves_qemu_running_and_stop_of_an_attached_qemu_kills_it(
         assert await run_state(vm.qmp) == "prelaunch"
         os.kill(pid, signal.SIGSTOP)  # deaf to quit and SIGTERM: only the pidfd's SIGKILL ends it
         assert await vm.stop(timeout=0.5) is None
-        assert not _alive(pid)
+        assert not pid_alive(pid)
         assert os.listdir(guest_dir) == ["qemu.log"]
         with pytest.raises(QemuGone, match="no pidfile"):
             await QemuProcess.attach(guest_dir=guest_dir, name="vm")
@@ -187,7 +180,7 @@ async def test_a_detached_child_is_reaped_while_the_daemon_runs(run_dir: str, re
             nursery.start_soon(watch)
             await trio.sleep(0.05)
             await vm.detach()
-        assert vm.returncode is None and _alive(vm.pid)
+        assert vm.returncode is None and pid_alive(vm.pid)
 
         again = await QemuProcess.attach(guest_dir=guest_dir, name="vm")
         assert await again.stop() is None
@@ -271,5 +264,5 @@ async def test_qemu_runs_as_an_unprivileged_user(run_dir: str, reaper: Reaper) -
             for name in ("qmp.sock", "qemu.pid"):  # created by QEMU itself
                 assert os.stat(f"{guest_dir}/{name}").st_uid == nobody.pw_uid
             assert await run_state(vm.qmp) == "prelaunch"
-        assert not _alive(vm.pid)
+        assert not pid_alive(vm.pid)
         assert os.listdir(guest_dir) == ["qemu.log"]
