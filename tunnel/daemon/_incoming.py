@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -160,22 +161,10 @@ class Incoming:
         assert isinstance(process, QemuProcess)
         capabilities = postcopy_capabilities(blocktime=True) if self.postcopy else None
         if self.tunnelled:
-            ours, theirs = socketpair()
-            try:
-                await start_incoming_fd(process.qmp, theirs.fileno(), capabilities=capabilities or RETURN_PATH)
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            self.sock = ours
+            await self._socket_for_qemu(lambda fd: start_incoming_fd(process.qmp, fd, capabilities=capabilities or RETURN_PATH))
             return {}
         if isinstance(peer_sockname, str):  # the source reached us over a unix socket
-            path = os.path.join(self.domain.guest_dir, "incoming.sock")
-            if os.path.lexists(path):
-                os.unlink(path)
-            self.uri = f"unix:{path}"
-            await start_incoming_uri(process.qmp, self.uri, capabilities=capabilities)
+            await start_incoming_uri(process.qmp, self._unix_uri(), capabilities=capabilities)
             return {"uri": self.uri}
         host = peer_sockname[0]
         if tls is not None:
@@ -185,6 +174,26 @@ class Incoming:
             await set_tls(process.qmp, creds, endpoint="server")
         await start_incoming_uri(process.qmp, f"tcp:{host}:0", capabilities=capabilities)
         return await self._tcp_endpoint(process, host, tls is not None)
+
+    async def _socket_for_qemu(self, give: Callable[[int], Awaitable[None]]) -> None:
+        """A socketpair: *give* hands one end to QEMU (which keeps its own copy), ours becomes :attr:`sock`."""
+        ours, theirs = socketpair()
+        try:
+            await give(theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+
+    def _unix_uri(self) -> str:
+        """QEMU's incoming unix socket in the guest's directory (a leftover from an earlier leg removed)."""
+        path = os.path.join(self.domain.guest_dir, "incoming.sock")
+        if os.path.lexists(path):
+            os.unlink(path)
+        self.uri = f"unix:{path}"
+        return self.uri
 
     async def _tcp_endpoint(self, process: QemuProcess, host: str, tls: bool) -> dict[str, Any]:
         status = await process.qmp.execute("query-migrate")
@@ -374,22 +383,10 @@ class Incoming:
         self.pump_done = trio.Event()
         self.pump_error = None
         if self.tunnelled:
-            ours, theirs = socketpair()
-            try:
-                await recover_incoming_fd(process.qmp, theirs.fileno(), fd_name=f"recover{self.legs}")
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            self.sock = ours
+            await self._socket_for_qemu(lambda fd: recover_incoming_fd(process.qmp, fd, fd_name=f"recover{self.legs}"))
             return {"state": "postcopy-recover"}
         if isinstance(peer_sockname, str):
-            path = os.path.join(self.domain.guest_dir, "incoming.sock")
-            if os.path.lexists(path):
-                os.unlink(path)
-            self.uri = f"unix:{path}"
-            await recover_incoming_uri(process.qmp, self.uri)
+            await recover_incoming_uri(process.qmp, self._unix_uri())
             return {"state": "postcopy-recover", "uri": self.uri}
         await recover_incoming_uri(process.qmp, f"tcp:{peer_sockname[0]}:0")
         reply = await self._tcp_endpoint(process, peer_sockname[0], tls is not None)
