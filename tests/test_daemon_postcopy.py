@@ -25,6 +25,7 @@ from dirtyguest import (
     expected_static_sha256,
     guest_args,
     guest_mib,
+    read_report,
     requires_toolchain,
     wait_progress,
 )
@@ -88,6 +89,18 @@ async def check_destination(root: str, *, lines: int = 3) -> None:
     assert report.progress[-1][2] > report.progress[0][2]
 
 
+async def switched_to_postcopy(client: Client, root: str, dst_uri: str, kernel: str, **migrate: Any) -> None:
+    """Start the self-checking guest, migrate it (detached) with post-copy allowed, switch once pre-copy is under way."""
+    await client.define(definition(kernel))
+    await client.start("vm")
+    await wait_progress(os.path.join(root, "src", "run", "vm", GUEST_LOG), lines=1)
+    await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB, postcopy=True,
+                         postcopy_bandwidth_mib=4, detach=True, **migrate)
+    await wait_job(client, status="active", processed=8 * MiB)
+    await client.migrate_postcopy("vm")
+    await wait_job(client, phase="post-copy")
+
+
 async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dirty_kernel: str) -> None:
     with trio.fail_after(120):
         async with pair(run_dir) as (client, dst_uri, _):
@@ -129,7 +142,8 @@ async def test_postcopy_native_static_memory_is_intact(run_dir: str, dirty_kerne
                 arguments = {"val": WS_ADDR, "size": WS_MIB * MiB, "filename": "ws.mem"}
                 assert "return" in await dest.monitor("vm", {"execute": "pmemsave", "arguments": arguments})
             path = os.path.join(run_dir, "dst", "run", "vm", "ws.mem")
-            assert await trio.to_thread.run_sync(file_digest, path) == await trio.to_thread.run_sync(expected_static_sha256, WS_MIB)
+            expected = await trio.to_thread.run_sync(expected_static_sha256, WS_MIB)
+            assert await trio.to_thread.run_sync(file_digest, path) == expected
 
 
 async def test_postcopy_after_precopy_tunnelled(run_dir: str, dirty_kernel: str) -> None:
@@ -150,16 +164,10 @@ async def test_postcopy_cut_twice_and_resumed_by_the_client(run_dir: str, dirty_
     with trio.fail_after(180):
         async with pair(run_dir, relay=True) as (client, dst_uri, relay):
             assert relay is not None
-            await client.define(definition(dirty_kernel))
-            await client.start("vm")
-            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
-            await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB, postcopy=True,
-                                 postcopy_bandwidth_mib=4, detach=True)
-            await wait_job(client, status="active", processed=8 * MiB)
-            await client.migrate_postcopy("vm")
-            await wait_job(client, phase="post-copy")
+            await switched_to_postcopy(client, run_dir, dst_uri, dirty_kernel)
+            dst_log = os.path.join(run_dir, "dst", "run", "vm", GUEST_LOG)
             for cut in range(2):
-                await trio.sleep(0.5)
+                await wait_progress(dst_log, lines=1, after=read_report(dst_log).progress[-1] if cut else None)  # runs there
                 relay.cut("fin")
                 info = await wait_job(client, status="postcopy-paused")
                 assert info["postcopy_breaks"] == cut + 1
@@ -184,15 +192,8 @@ async def test_postcopy_stall_resumed_automatically(run_dir: str, dirty_kernel: 
     with trio.fail_after(180):
         async with pair(run_dir, relay=True) as (client, dst_uri, relay):
             assert relay is not None
-            await client.define(definition(dirty_kernel))
-            await client.start("vm")
-            await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
-            await client.migrate("vm", dst_uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB, postcopy=True,
-                                 postcopy_bandwidth_mib=4, retries=3, detach=True)
-            await wait_job(client, status="active", processed=8 * MiB)
-            await client.migrate_postcopy("vm")
-            await wait_job(client, phase="post-copy")
-            await trio.sleep(0.5)
+            await switched_to_postcopy(client, run_dir, dst_uri, dirty_kernel, retries=3)
+            await wait_progress(os.path.join(run_dir, "dst", "run", "vm", GUEST_LOG), lines=1)  # the guest runs there
             relay.stall()  # new connections are forwarded; this one stays silent
             done = await wait_job(client, status="completed")
             assert done["postcopy_breaks"] >= 1 and done["postcopy_resumes"] >= 1
