@@ -386,6 +386,11 @@ def make_ram(directory: str, size: int = 32 * MiB) -> RandomRam:
     return RandomRam(path=path, size=size, sha256=digest.hexdigest())
 
 
+#: How long a leftover (a QEMU, a daemon's fd) may take to go before it counts as leaked: longer than the
+#: daemon's own bounds on winding a migration down (telling the destination, 5 s, then closing the connection,
+#: 5 s; stopping QEMU, quit then SIGTERM), so a slow machine is not mistaken for a leak.
+LEFTOVER_WAIT = 15.0
+
 def _fd_count(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -666,7 +671,7 @@ class Pair:
             os.unlink(os.path.join(self.root, "dst", "images", f"{IMAGE_GUEST}.img"))
         for side in ("src", "dst"):
             state_dir = os.path.join(self.root, side)
-            with trio.move_on_after(5):
+            with trio.move_on_after(LEFTOVER_WAIT):
                 while qemu_pids_under(state_dir):
                     await trio.sleep(0.1)
             left = qemu_pids_under(state_dir)
@@ -680,7 +685,7 @@ class Pair:
                 continue
             count = _fd_count(proc.pid)
             base = self.fd_baseline.get(proc.pid)
-            with trio.move_on_after(3):
+            with trio.move_on_after(LEFTOVER_WAIT):
                 while base is not None and count > base:
                     await trio.sleep(0.1)
                     count = _fd_count(proc.pid)
