@@ -9,7 +9,7 @@ record as soon as it arrives, passing its WINDOW_UPDATEs back.
 Scenarios:
 
 * ``data``: ``send_data`` of one 256 KiB buffer per frame.
-* ``pages``: ``send_pages`` of 64 pages of 4 KiB per frame (256 KiB + 528
+* ``pages``: ``send_record`` of a ``PagesRecord`` of 64 pages of 4 KiB per frame (256 KiB + 528
   bytes of header and addresses), each of the three buffers fed separately:
   the reader must assemble the frame (one copy), as it does whenever a PAGES
   frame spans several reads.
@@ -95,11 +95,12 @@ def run_pages(total: int, joined: bool) -> tuple[float, int, int]:
     address_sets = [tuple((i * PAGES_PER_FRAME + k) * PAGE for k in range(PAGES_PER_FRAME)) for i in range(256)]
     scratch = bytearray(FRAME + 4096)
     view = memoryview(scratch)
-    send_pages, data_to_send = a.send_pages, a.data_to_send
+    send_record, data_to_send, record = a.send_record, a.data_to_send, tunnel.PagesRecord
     receive, ack, b_out = b.receive_data, b.acknowledge_received, b.data_to_send
     start = time.perf_counter()
     for i in range(frames):
-        send_pages(sid, region=0, page_size=PAGE, addresses=address_sets[i & 255], data=data)
+        # A new record per batch, as a source reader yields them.
+        send_record(sid, record(region=0, page_size=PAGE, addresses=address_sets[i & 255], data=data))
         parts = data_to_send()
         if joined:
             pos = 0
@@ -112,7 +113,7 @@ def run_pages(total: int, joined: bool) -> tuple[float, int, int]:
             feeds = parts
         for buf in feeds:
             for event in receive(buf):
-                moved += len(event.data)  # type: ignore[attr-defined]
+                moved += len(event.record.data)  # type: ignore[attr-defined]
                 ack(sid, event.flow_controlled_length)  # type: ignore[attr-defined]
         back = b_out()
         if back:

@@ -29,6 +29,7 @@ from tunnel._frames import (
     Pages,
     Ping,
     Pong,
+    RecordFrame,
     RpcCall,
     RpcError,
     RpcReply,
@@ -142,7 +143,7 @@ def pages(
     max_page_shift: int = 12,
     max_pages: int = 4,
     cheap_data: bool = False,
-) -> Pages:
+) -> RecordFrame:
     """PAGES frames.  With *cheap_data* the page contents are a repeated
     pattern, so huge page sizes (up to 2 MiB) cost little to draw."""
     page_size = 1 << draw(st.integers(MIN_PAGE_SHIFT, max_page_shift))
@@ -158,7 +159,7 @@ def pages(
 
 
 @st.composite
-def zero_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_runs: int = 8) -> ZeroPages:
+def zero_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_runs: int = 8) -> RecordFrame:
     page_size = 1 << draw(st.integers(MIN_PAGE_SHIFT, MAX_PAGE_SHIFT))
     slot = st.integers(0, 2**64 // page_size - 1).map(lambda k: k * page_size)
     runs = tuple(draw(st.lists(st.tuples(slot, st.integers(1, 2**64 - 1)), max_size=max_runs)))
@@ -166,7 +167,7 @@ def zero_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_runs: int = 8)
 
 
 @st.composite
-def zstd_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_page_shift: int = 21, max_pages: int = 8) -> ZstdPages:
+def zstd_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_page_shift: int = 21, max_pages: int = 8) -> RecordFrame:
     """ZSTD_PAGES frames.  The core does not look inside the compressed bytes,
     so they are arbitrary (at least one byte, as the layout requires)."""
     page_size = 1 << draw(st.integers(MIN_PAGE_SHIFT, max_page_shift))
@@ -176,11 +177,11 @@ def zstd_pages(draw: st.DrawFn, ids: St[int] = stream_ids, *, max_page_shift: in
     return ZstdPages(stream_id=draw(ids), region=draw(u32), page_size=page_size, addresses=addresses, compressed=compressed)
 
 
-def iterations(ids: St[int] = stream_ids) -> St[Iteration]:
+def iterations(ids: St[int] = stream_ids) -> St[RecordFrame]:
     return st.builds(Iteration, stream_id=ids, iteration=u32, final=st.booleans())
 
 
-def device_states(ids: St[int] = stream_ids, max_size: int = _MAX_BULK) -> St[DeviceState]:
+def device_states(ids: St[int] = stream_ids, max_size: int = _MAX_BULK) -> St[RecordFrame]:
     return st.builds(DeviceState, stream_id=ids, name=_text, version=u32, data=_bulk(max_size))
 
 
@@ -219,4 +220,11 @@ def frames(ids: St[int] | None = None, *, window_ids: St[int] | None = None) -> 
         stream_aborts(sids),
         iterations(sids),
         zstd_pages(sids),
+    )
+
+
+def records(*, max_size: int = _MAX_BULK) -> St[Any]:
+    """Typed records of every kind (the record each record-frame strategy carries)."""
+    return st.one_of(pages(), zero_pages(), zstd_pages(), iterations(), device_states(max_size=max_size)).map(
+        lambda frame: frame.record
     )

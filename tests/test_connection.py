@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tunnel import (
     PROTOCOL_VERSION,
@@ -25,7 +27,6 @@ from tunnel import (
     ConnectionState,
     ConnectionTerminated,
     DataReceived,
-    DeviceStateReceived,
     DigestAlgorithm,
     ErrorCode,
     Event,
@@ -33,10 +34,11 @@ from tunnel import (
     FlowControlError,
     FrameTooLargeError,
     HandshakeComplete,
-    IterationReceived,
+    IterationRecord,
     LocalProtocolError,
-    PagesReceived,
+    PagesRecord,
     PongReceived,
+    RecordReceived,
     RemoteProtocolError,
     ReplyReceived,
     Settings,
@@ -45,8 +47,7 @@ from tunnel import (
     StreamReset,
     StreamState,
     WindowUpdated,
-    ZeroPagesReceived,
-    ZstdPagesReceived,
+    ZstdPagesRecord,
 )
 from tunnel._frames import (
     HEADER,
@@ -59,6 +60,7 @@ from tunnel._frames import (
     Pages,
     Ping,
     Pong,
+    RecordFrame,
     RpcCall,
     RpcError,
     RpcReply,
@@ -71,8 +73,14 @@ from tunnel._frames import (
     decode,
     encode,
 )
+from tunnel._records import payload_size
 from tunnel._settings import MAGIC, PREFACE, ZSTD_MAX_EXPANSION
 from tunnel._state import TRANSITIONS, StreamInput
+
+try:
+    from . import strategies as S
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import strategies as S  # type: ignore[no-redef]
 
 #: Small windows so that flow control is reached with a few KiB; ZSTD on, so every record type is legal.
 SMALL = Settings(
@@ -439,11 +447,11 @@ def record_sends(a: Connection, sid: int) -> list[Callable[[], None]]:
 
 RECORD_FRAMES: list[tuple[Callable[[int], Frame], type[Event]]] = [
     (lambda sid: Data(stream_id=sid, data=b"hello"), DataReceived),
-    (page_frame, PagesReceived),
-    (lambda sid: ZeroPages(stream_id=sid, region=0, page_size=4096, runs=((0, 2),)), ZeroPagesReceived),
-    (lambda sid: DeviceState(stream_id=sid, name="dev", version=1, data=b"blob"), DeviceStateReceived),
-    (lambda sid: Iteration(stream_id=sid, iteration=2), IterationReceived),
-    (zstd_frame, ZstdPagesReceived),
+    (page_frame, RecordReceived),
+    (lambda sid: ZeroPages(stream_id=sid, region=0, page_size=4096, runs=((0, 2),)), RecordReceived),
+    (lambda sid: DeviceState(stream_id=sid, name="dev", version=1, data=b"blob"), RecordReceived),
+    (lambda sid: Iteration(stream_id=sid, iteration=2), RecordReceived),
+    (zstd_frame, RecordReceived),
 ]
 
 
@@ -1037,9 +1045,10 @@ def test_iterations_are_records_in_order_and_in_the_digest() -> None:
     assert a.send_window(sid) == 8192 - 8 - (16 + 8 + 512) - 8  # 8 flow-controlled bytes each
     a.end_stream(sid)
     events = pump(a, b)
-    assert [type(e) for e in events] == [StreamOpened, IterationReceived, PagesReceived, IterationReceived, StreamEnded]
-    assert events[1] == IterationReceived(stream_id=sid, iteration=0, final=False, flow_controlled_length=8)
-    assert events[3] == IterationReceived(stream_id=sid, iteration=1, final=True, flow_controlled_length=8)
+    assert [type(e) for e in events] == [StreamOpened, RecordReceived, RecordReceived, RecordReceived, StreamEnded]
+    assert events[1] == RecordReceived(stream_id=sid, record=IterationRecord(iteration=0, final=False), flow_controlled_length=8)
+    assert isinstance(events[2], RecordReceived) and isinstance(events[2].record, PagesRecord)
+    assert events[3] == RecordReceived(stream_id=sid, record=IterationRecord(iteration=1, final=True), flow_controlled_length=8)
     assert events[4] == StreamEnded(stream_id=sid, total_bytes=8 + 536 + 8, digest=events[4].digest)  # type: ignore[attr-defined]
     assert b.buffered_received == 552
     ack_all(b, events)
@@ -1054,11 +1063,11 @@ def test_tampered_iteration_is_a_digest_mismatch() -> None:
     a.end_stream(sid)
     wire = bytearray(a.bytes_to_send())
     frames = parse(bytes(wire))
-    assert isinstance(frames[1], Iteration)
+    assert isinstance(frames[1], RecordFrame) and isinstance(frames[1].record, IterationRecord)
     offset = sum(len(encode(f)) for f in frames[:1]) + HEADER_SIZE + 3  # low byte of the iteration number
     wire[offset] ^= 0x01
     events = b.receive_data(bytes(wire))
-    assert isinstance(events[1], IterationReceived) and events[1].iteration == 5
+    assert isinstance(events[1], RecordReceived) and events[1].record == IterationRecord(iteration=5)
     assert [(type(e), getattr(e, "error_code", None)) for e in events[2:]] == [(StreamReset, ErrorCode.DIGEST_MISMATCH)]
 
 
@@ -1104,10 +1113,11 @@ def test_zstd_pages_round_trip_count_the_wire_bytes() -> None:
     assert a.send_window(sid) == 8192 - wire  # far less than the 12 KiB of pages it stands for
     a.end_stream(sid)
     events = pump(a, b)
-    assert [type(e) for e in events] == [StreamOpened, ZstdPagesReceived, StreamEnded]
+    assert [type(e) for e in events] == [StreamOpened, RecordReceived, StreamEnded]
     got = events[1]
-    assert isinstance(got, ZstdPagesReceived)
-    assert (got.stream_id, got.region, got.page_size, got.addresses, bytes(got.compressed), got.flow_controlled_length) == (
+    assert isinstance(got, RecordReceived) and isinstance(got.record, ZstdPagesRecord)
+    r = got.record
+    assert (got.stream_id, r.region, r.page_size, r.addresses, bytes(r.compressed), got.flow_controlled_length) == (
         sid, 5, 4096, (0, 4096, 65536), blob, wire,
     )
     ended = events[2]
@@ -1154,7 +1164,7 @@ def test_zstd_pages_above_the_expansion_limit() -> None:
     with pytest.raises(FrameTooLargeError):
         a.send_zstd_pages(sid, region=0, page_size=2 * limit, addresses=(0,), compressed=b"z")
     [event] = pump(a, b)
-    assert isinstance(event, ZstdPagesReceived) and len(event.addresses) * event.page_size == limit
+    assert isinstance(event, RecordReceived) and isinstance(event.record, ZstdPagesRecord) and event.record.raw_size == limit
     ack_all(b, [event])
     too_big = ZstdPages(stream_id=sid, region=0, page_size=4096, addresses=(*ok, limit), compressed=b"z")
     events = b.receive_data(encode(too_big))
@@ -1564,3 +1574,41 @@ def test_close_then_local_sends_raise() -> None:
     a.close()  # idempotent
     a.acknowledge_received(sid, 5)  # nothing to give back any more
     assert a.pending_output == 0
+
+
+# ----------------------------------------------------------------------
+# send_record / RecordReceived: one record type from sender to receiver
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(S.records(max_size=2048), st.sampled_from([DigestAlgorithm.NONE, DigestAlgorithm.CRC32, DigestAlgorithm.SHA256]))
+def test_send_record_arrives_as_the_same_record(record: Any, digest: DigestAlgorithm) -> None:
+    big = Settings(
+        features=Feature.DIGEST_SHA256 | Feature.ZSTD, max_frame_size=2**24 - 1, initial_stream_window=2**31 - 1, connection_window=2**31 - 1
+    )
+    a, b = make_pair(big, big)
+    sid = a.open_stream(digest=digest)
+    pump(a, b)
+    size = payload_size(record)
+    expanded = getattr(record, "raw_size", 0)
+    if expanded > ZSTD_MAX_EXPANSION * big.max_frame_size:
+        with pytest.raises(FrameTooLargeError):
+            a.send_record(sid, record)
+        return
+    a.send_record(sid, record)
+    assert a.send_window(sid) == 2**31 - 1 - size  # the size the record says is the size the credit pays
+    a.end_stream(sid)
+    events = pump(a, b)
+    assert events[0] == RecordReceived(stream_id=sid, record=record, flow_controlled_length=size)
+    assert type(events[0].record) is type(record)  # type: ignore[attr-defined]
+    assert isinstance(events[1], StreamEnded) and events[1].total_bytes == size
+
+
+def test_send_record_refuses_an_invalid_record_and_queues_nothing() -> None:
+    a, b = make_pair()
+    sid = a.open_stream()
+    pump(a, b)
+    before = a.send_window(sid)
+    with pytest.raises(LocalProtocolError):
+        a.send_record(sid, PagesRecord(region=0, page_size=4096, addresses=(100,), data=bytes(4096)))
+    assert a.pending_output == 0 and a.send_window(sid) == before

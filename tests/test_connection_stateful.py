@@ -40,13 +40,14 @@ from tunnel import (
     Connection,
     ConnectionState,
     DataReceived,
-    DeviceStateReceived,
     DigestAlgorithm,
     ErrorCode,
     Event,
     LocalProtocolError,
-    PagesReceived,
+    DeviceStateRecord,
+    PagesRecord,
     PongReceived,
+    RecordReceived,
     ReplyReceived,
     Settings,
     StreamEnded,
@@ -54,9 +55,9 @@ from tunnel import (
     StreamReset,
     StreamState,
     WindowUpdated,
-    ZeroPagesReceived,
+    ZeroPagesRecord,
 )
-from tunnel._frames import HEADER_SIZE, DeviceState, Pages, ZeroPages, encode
+from tunnel._frames import HEADER_SIZE, DeviceState, Pages, RecordFrame, ZeroPages, encode
 
 SETTINGS = Settings(
     max_frame_size=16 * 1024,
@@ -393,20 +394,18 @@ class TwoCores(RuleBasedStateMachine):
                     got = bytes(e.data)
                 assert len(got) == e.flow_controlled_length > 0
                 self._took(dst, direction, e.stream_id, ("data", got), len(got))
-            elif isinstance(e, PagesReceived | ZeroPagesReceived | DeviceStateReceived):
+            elif isinstance(e, RecordReceived):
                 direction = self.dirs[(e.stream_id, src.name)]
                 assert not direction.receiver_dropped and not direction.end_seen
-                if isinstance(e, PagesReceived):
-                    record: Record = ("pages", e.region, e.page_size, tuple(e.addresses), bytes(e.data))
-                    frame = Pages(
-                        stream_id=e.stream_id, region=e.region, page_size=e.page_size, addresses=e.addresses, data=e.data
-                    )
-                elif isinstance(e, ZeroPagesReceived):
-                    record = ("zero", e.region, e.page_size, tuple(e.runs))
-                    frame = ZeroPages(stream_id=e.stream_id, region=e.region, page_size=e.page_size, runs=e.runs)  # type: ignore[assignment]
+                r = e.record
+                if isinstance(r, PagesRecord):
+                    record: Record = ("pages", r.region, r.page_size, tuple(r.addresses), bytes(r.data))
+                elif isinstance(r, ZeroPagesRecord):
+                    record = ("zero", r.region, r.page_size, tuple(r.runs))
                 else:
-                    record = ("dev", e.name, e.version, bytes(e.data))
-                    frame = DeviceState(stream_id=e.stream_id, name=e.name, version=e.version, data=e.data)  # type: ignore[assignment]
+                    assert isinstance(r, DeviceStateRecord)
+                    record = ("dev", r.name, r.version, bytes(r.data))
+                frame = RecordFrame(stream_id=e.stream_id, record=r)
                 assert e.flow_controlled_length == len(encode(frame)) - HEADER_SIZE
                 self._took(dst, direction, e.stream_id, record, e.flow_controlled_length)
             elif isinstance(e, StreamEnded):

@@ -37,6 +37,7 @@ from tunnel._frames import (
     Pages,
     Ping,
     Pong,
+    RecordFrame,
     RpcCall,
     RpcError,
     RpcReply,
@@ -228,7 +229,9 @@ def test_frame_vector_decodes(name: str) -> None:
     assert encode(EXPECTED_FRAMES[name]) == raw
     length, ftype, flags, reserved, stream_id = HEADER.unpack_from(raw)
     assert (length, flags, reserved, stream_id) == (len(raw) - HEADER_SIZE, 0, 0, frame.stream_id)
-    assert type(frame).__name__.upper().replace("FRAME", "") == FrameType(ftype).name.replace("_", "")
+    # The frame's class (or its record's) is named after its type.
+    named = frame.record if isinstance(frame, RecordFrame) else frame
+    assert type(named).__name__.upper().replace("FRAME", "").replace("RECORD", "") == FrameType(ftype).name.replace("_", "")
 
 
 def test_every_frame_type_has_a_vector() -> None:
@@ -279,14 +282,20 @@ def test_conversation_from_vectors() -> None:
     assert sum(sizes) == 612
     assert got == [
         tunnel.DataReceived(stream_id=1, data=b"QEVM\x00\x00\x00\x03", flow_controlled_length=sizes[0]),
-        tunnel.PagesReceived(
-            stream_id=1, region=0, page_size=512, addresses=(0x1000,), data=PAGE, flow_controlled_length=sizes[1]
+        tunnel.RecordReceived(
+            stream_id=1,
+            record=tunnel.PagesRecord(region=0, page_size=512, addresses=(0x1000,), data=PAGE),
+            flow_controlled_length=sizes[1],
         ),
-        tunnel.ZeroPagesReceived(
-            stream_id=1, region=0, page_size=4096, runs=((0, 16), (0x20000, 256)), flow_controlled_length=sizes[2]
+        tunnel.RecordReceived(
+            stream_id=1,
+            record=tunnel.ZeroPagesRecord(region=0, page_size=4096, runs=((0, 16), (0x20000, 256))),
+            flow_controlled_length=sizes[2],
         ),
-        tunnel.DeviceStateReceived(
-            stream_id=1, name="virtio-net", version=1, data=b"\x01\x02\x03\x04", flow_controlled_length=sizes[3]
+        tunnel.RecordReceived(
+            stream_id=1,
+            record=tunnel.DeviceStateRecord(name="virtio-net", version=1, data=b"\x01\x02\x03\x04"),
+            flow_controlled_length=sizes[3],
         ),
     ]
     end = EXPECTED_FRAMES["stream_end"]
@@ -322,9 +331,10 @@ def test_conversation_byte_by_byte() -> None:
 
 
 def test_zstd_vector_decompresses_to_the_stated_pages() -> None:
-    frame = decode(VECTORS["zstd_pages"])
-    assert isinstance(frame, ZstdPages)
-    size = len(frame.addresses) * frame.page_size
+    wire = decode(VECTORS["zstd_pages"])
+    assert isinstance(wire, RecordFrame) and isinstance(wire.record, tunnel.ZstdPagesRecord)
+    frame = wire.record
+    size = frame.raw_size
     assert size == len(ZSTD_CONTENT) == 1024
     assert zstandard.ZstdDecompressor().decompress(frame.compressed) == ZSTD_CONTENT
     params = zstandard.get_frame_parameters(frame.compressed)
@@ -350,16 +360,19 @@ def test_zstd_conversation_from_vectors() -> None:
         events += server.receive_data(VECTORS[name])
     assert [type(e) for e in events] == [
         tunnel.StreamOpened,
-        tunnel.IterationReceived,
-        tunnel.ZstdPagesReceived,
-        tunnel.IterationReceived,
+        tunnel.RecordReceived,
+        tunnel.RecordReceived,
+        tunnel.RecordReceived,
     ]
-    assert events[1] == tunnel.IterationReceived(stream_id=1, iteration=0, final=False, flow_controlled_length=8)
-    zp = events[2]
-    assert isinstance(zp, tunnel.ZstdPagesReceived)
+    assert events[1] == tunnel.RecordReceived(stream_id=1, record=tunnel.IterationRecord(iteration=0), flow_controlled_length=8)
+    event = events[2]
+    assert isinstance(event, tunnel.RecordReceived) and isinstance(event.record, tunnel.ZstdPagesRecord)
+    zp = event.record
     assert (zp.region, zp.page_size, zp.addresses, bytes(zp.compressed)) == (1, 512, (0, 0x2000), ZSTD_FRAME)
-    assert zp.flow_controlled_length == 16 + 16 + 23  # the wire size, not the 1024 bytes of pages
-    assert events[3] == tunnel.IterationReceived(stream_id=1, iteration=7, final=True, flow_controlled_length=8)
+    assert event.flow_controlled_length == 16 + 16 + 23  # the wire size, not the 1024 bytes of pages
+    assert events[3] == tunnel.RecordReceived(
+        stream_id=1, record=tunnel.IterationRecord(iteration=7, final=True), flow_controlled_length=8
+    )
     assert server.buffered_received == 8 + 55 + 8
     # Without ZSTD on both sides, the same ZSTD_PAGES bytes are a connection error.
     _, plain = _open_pair()

@@ -144,6 +144,40 @@ async def test_iteration_records_round_trip(name: str) -> None:
     ]
 
 
+def test_the_transport_records_are_the_core_records() -> None:
+    """One record type from reader to writer: the trio layer re-exports the core's."""
+    for name in ("PagesRecord", "ZeroPagesRecord", "DeviceStateRecord", "IterationRecord", "ZstdPagesRecord"):
+        assert getattr(tunnel.transport, name) is getattr(tunnel, name) is getattr(tunnel._records, name)
+
+
+async def test_send_record_takes_every_kind_and_bytes() -> None:
+    """send_record takes bytes and every typed record; the peer's receive_record
+    hands back the same types (a ZstdPagesRecord, decompressed, as a PagesRecord)."""
+    pages = compressible(2)
+    sent: list[tunnel.transport.Record | tunnel.ZstdPagesRecord] = [
+        b"opaque bytes",
+        tunnel.IterationRecord(iteration=3),
+        batch(pages),
+        tunnel.ZeroPagesRecord(region=0, page_size=PAGE, runs=((0, 4),)),
+        tunnel.DeviceStateRecord(name="cpu0", version=2, data=b"regs"),
+        tunnel.ZstdPagesRecord(region=0, page_size=PAGE, addresses=(0, PAGE), compressed=zstandard.compress(pages)),
+    ]
+    with trio.fail_after(10):
+        async with pair() as (client, server):
+            out = await client.open_stream()
+            for record in sent:
+                await out.send_record(record)
+            await out.send_eof()
+            s = await server.accept_stream()
+            got = []
+            while (r := await s.receive_record()) != b"":
+                got.append(plain(r))
+    assert got == [plain(r) for r in sent[:5]] + [plain(batch(pages))]
+    assert [type(r) for r in got[1:]] == [
+        tunnel.IterationRecord, tunnel.PagesRecord, tunnel.ZeroPagesRecord, tunnel.DeviceStateRecord, tunnel.PagesRecord
+    ]
+
+
 async def test_iteration_counts_in_flow_control_and_statistics() -> None:
     with trio.fail_after(10):
         async with pair() as (client, server):
@@ -167,7 +201,7 @@ async def test_receive_some_refuses_an_iteration_like_any_typed_record() -> None
             await out.send_all(b"more")
             s = await server.accept_stream()
             assert await s.receive_some() == b"qemu"
-            with pytest.raises(tunnel.TunnelError, match="IterationReceived.*receive_record"):
+            with pytest.raises(tunnel.TunnelError, match="IterationRecord.*receive_record"):
                 await s.receive_some()
             # Nothing was lost: the record is still next.
             assert await s.receive_record() == IterationRecord(iteration=3)

@@ -25,21 +25,18 @@ from ._events import (
     CallReceived,
     ConnectionTerminated,
     DataReceived,
-    DeviceStateReceived,
     Event,
     HandshakeComplete,
-    IterationReceived,
-    PagesReceived,
     PongReceived,
+    RecordReceived,
     ReplyReceived,
     StreamEnded,
     StreamOpened,
     StreamReset,
     WindowUpdated,
-    ZeroPagesReceived,
-    ZstdPagesReceived,
 )
 from ._frames import DigestAlgorithm, FrameType, StreamKind
+from ._records import DeviceStateRecord, IterationRecord, PagesRecord, Record, ZeroPagesRecord, ZstdPagesRecord
 from ._settings import PROTOCOL_VERSION, Feature, SettingId, Settings
 from ._state import StreamState
 
@@ -52,7 +49,7 @@ __all__ = [
     "ConnectionState",
     "ConnectionTerminated",
     "DataReceived",
-    "DeviceStateReceived",
+    "DeviceStateRecord",
     "DigestAlgorithm",
     "ErrorCode",
     "Event",
@@ -61,12 +58,14 @@ __all__ = [
     "FrameTooLargeError",
     "FrameType",
     "HandshakeComplete",
-    "IterationReceived",
+    "IterationRecord",
     "LocalProtocolError",
-    "PagesReceived",
+    "PagesRecord",
     "PongReceived",
     "ProtocolError",
     "RPCError",
+    "Record",
+    "RecordReceived",
     "RemoteProtocolError",
     "ReplyReceived",
     "SettingId",
@@ -80,6 +79,6 @@ __all__ = [
     "StreamState",
     "TunnelError",
     "WindowUpdated",
-    "ZeroPagesReceived",
-    "ZstdPagesReceived",
+    "ZeroPagesRecord",
+    "ZstdPagesRecord",
 ]

@@ -48,30 +48,23 @@ from ._events import (
     CallReceived,
     ConnectionTerminated,
     DataReceived,
-    DeviceStateReceived,
     Event,
     HandshakeComplete,
-    IterationReceived,
-    PagesReceived,
     PongReceived,
+    RecordReceived,
     ReplyReceived,
     StreamEnded,
     StreamOpened,
     StreamReset,
     WindowUpdated,
-    ZeroPagesReceived,
-    ZstdPagesReceived,
 )
 from ._frames import (
-    HEADER_SIZE,
+    RECORD_FRAME_NAMES,
     Buffer,
-    DeviceState,
     DigestAlgorithm,
     Frame,
     FrameType,
     Goodbye,
-    Iteration,
-    Pages,
     Ping,
     Pong,
     RpcCall,
@@ -83,14 +76,21 @@ from ._frames import (
     StreamKind,
     StreamOpen,
     WindowUpdate,
-    ZeroPages,
-    ZstdPages,
     encode,
     encode_parts,
-    frame_type,
+    encode_record,
     header,
+    record_frame_type,
 )
-from ._reader import DataChunk, DataStart, FrameReader, Item, Preface, Record
+from ._reader import DataChunk, DataStart, FrameReader, Item, Preface, RecordItem
+from ._records import (
+    DeviceStateRecord,
+    IterationRecord,
+    PagesRecord,
+    Record,
+    ZeroPagesRecord,
+    ZstdPagesRecord,
+)
 from ._settings import MAGIC, PREFACE, PROTOCOL_VERSION, ZSTD_MAX_EXPANSION, Feature, Settings, negotiate_version
 from ._state import TRANSITIONS, StreamInput, StreamState
 from ._windows import ReceiveWindow, SendCredit
@@ -449,7 +449,7 @@ class Connection:
             return
         if isinstance(item, DataStart):
             self._record_stream(item.stream_id, item.length, "DATA", events, drop_credit=False)
-        elif isinstance(item, Record):
+        elif isinstance(item, RecordItem):
             self._on_record(item, events)
         elif isinstance(item, RpcCall):
             self._on_call(item, events)
@@ -526,16 +526,17 @@ class Connection:
         s.window.consume(size, f"stream {stream_id} window")
         return s
 
-    def _on_record(self, record: Record, events: list[Event]) -> None:
-        frame = record.frame
-        size = len(record.payload)
-        if isinstance(frame, ZstdPages) and not self.features & Feature.ZSTD:
-            raise RemoteProtocolError(f"ZSTD_PAGES on stream {frame.stream_id}, but the ZSTD feature was not negotiated")
-        s = self._record_stream(frame.stream_id, size, frame_type(frame).name, events)
+    def _on_record(self, item: RecordItem, events: list[Event]) -> None:
+        record = item.record
+        size = len(item.payload)
+        zstd = type(record) is ZstdPagesRecord
+        if zstd and not self.features & Feature.ZSTD:
+            raise RemoteProtocolError(f"ZSTD_PAGES on stream {item.stream_id}, but the ZSTD feature was not negotiated")
+        s = self._record_stream(item.stream_id, size, RECORD_FRAME_NAMES[type(record)], events)
         if s is None:
             return
-        if isinstance(frame, ZstdPages):
-            expanded = len(frame.addresses) * frame.page_size
+        if zstd:
+            expanded = record.raw_size  # type: ignore[union-attr]
             limit = ZSTD_MAX_EXPANSION * self.local_settings.max_frame_size
             if expanded > limit:
                 # Well formed, so not a connection error; refused before the
@@ -545,49 +546,8 @@ class Connection:
                 )
                 self._give_back_connection(size)
                 return
-        s.received.update(record.payload)
-        if isinstance(frame, Pages):
-            events.append(
-                PagesReceived(
-                    stream_id=frame.stream_id,
-                    region=frame.region,
-                    page_size=frame.page_size,
-                    addresses=frame.addresses,
-                    data=frame.data,
-                    flow_controlled_length=size,
-                )
-            )
-        elif isinstance(frame, ZeroPages):
-            events.append(
-                ZeroPagesReceived(
-                    stream_id=frame.stream_id,
-                    region=frame.region,
-                    page_size=frame.page_size,
-                    runs=frame.runs,
-                    flow_controlled_length=size,
-                )
-            )
-        elif isinstance(frame, DeviceState):
-            events.append(
-                DeviceStateReceived(
-                    stream_id=frame.stream_id, name=frame.name, version=frame.version, data=frame.data, flow_controlled_length=size
-                )
-            )
-        elif isinstance(frame, Iteration):
-            events.append(
-                IterationReceived(stream_id=frame.stream_id, iteration=frame.iteration, final=frame.final, flow_controlled_length=size)
-            )
-        elif isinstance(frame, ZstdPages):
-            events.append(
-                ZstdPagesReceived(
-                    stream_id=frame.stream_id,
-                    region=frame.region,
-                    page_size=frame.page_size,
-                    addresses=frame.addresses,
-                    compressed=frame.compressed,
-                    flow_controlled_length=size,
-                )
-            )
+        s.received.update(item.payload)
+        events.append(RecordReceived(stream_id=item.stream_id, record=record, flow_controlled_length=size))
 
     def _on_call(self, call: RpcCall, events: list[Event]) -> None:
         if call.serial in self._calls_in:
@@ -779,49 +739,60 @@ class Connection:
         s.sent.skip(length)
         return header(FrameType.DATA, stream_id, length)
 
-    def _send_record(self, frame: Pages | ZeroPages | DeviceState | Iteration | ZstdPages) -> None:
-        s = self._sending_stream(frame.stream_id, StreamInput.SEND_RECORD)
-        parts = encode_parts(frame)
-        size = sum(len(p) for p in parts) - HEADER_SIZE
+    def send_record(self, stream_id: int, record: Record) -> None:
+        """Queue one typed record (pages, zero pages, device state, an
+        iteration mark, zstd pages) as one frame.
+
+        Raises :class:`LocalProtocolError` for an invalid record (nothing is
+        queued then), :class:`FrameTooLargeError` or :class:`FlowControlError`
+        if it does not fit.  A :class:`ZstdPagesRecord` needs the ZSTD feature
+        on both sides; the core cannot check its compressed bytes (it does not
+        depend on ``zstandard``): they must decompress to ``raw_size`` bytes.
+        """
+        s = self._sending_stream(stream_id, StreamInput.SEND_RECORD)
+        if type(record) is ZstdPagesRecord:
+            self._check_zstd(record)
+        ftype, parts = encode_record(record)
+        size = sum(len(p) for p in parts)
         self._take_credit(s, size)
-        for part in parts[1:]:
+        for part in parts:
             s.sent.update(part)  # counts only, for a stream without a digest
+        self._out.append(header(ftype, stream_id, size))
         self._out.extend(parts)
 
-    def send_pages(self, stream_id: int, *, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> None:
-        """Queue one PAGES frame: ``len(addresses)`` pages, contiguous in *data*."""
-        self._send_record(Pages(stream_id=stream_id, region=region, page_size=page_size, addresses=tuple(addresses), data=data))
-
-    def send_zero_pages(self, stream_id: int, *, region: int, page_size: int, runs: tuple[tuple[int, int], ...]) -> None:
-        self._send_record(ZeroPages(stream_id=stream_id, region=region, page_size=page_size, runs=tuple(runs)))
-
-    def send_device_state(self, stream_id: int, *, name: str, version: int = 0, data: Buffer = b"") -> None:
-        self._send_record(DeviceState(stream_id=stream_id, name=name, version=version, data=data))
-
-    def send_iteration(self, stream_id: int, iteration: int, *, final: bool = False) -> None:
-        """Queue an ITERATION mark: the records after it belong to pre-copy pass *iteration*."""
-        self._send_record(Iteration(stream_id=stream_id, iteration=iteration, final=final))
-
-    def send_zstd_pages(
-        self, stream_id: int, *, region: int, page_size: int, addresses: tuple[int, ...], compressed: Buffer
-    ) -> None:
-        """Queue one ZSTD_PAGES frame; *compressed* is one zstd frame of the page contents.
-
-        The core cannot check the compressed bytes (it does not depend on
-        ``zstandard``): they must decompress to ``len(addresses) *
-        page_size`` bytes.  Needs the ZSTD feature on both sides.
-        """
+    def _check_zstd(self, record: ZstdPagesRecord) -> None:
         peer = self._check_open()
         if not self.features & Feature.ZSTD:
             raise LocalProtocolError("ZSTD_PAGES needs the ZSTD feature on both sides")
-        expanded = len(addresses) * page_size
+        expanded = record.raw_size
         if expanded > ZSTD_MAX_EXPANSION * peer.max_frame_size:
             raise FrameTooLargeError(
                 f"{expanded} bytes of pages exceed what the peer decompresses from one frame "
                 f"({ZSTD_MAX_EXPANSION} x {peer.max_frame_size})"
             )
-        frame = ZstdPages(stream_id=stream_id, region=region, page_size=page_size, addresses=tuple(addresses), compressed=compressed)
-        self._send_record(frame)
+
+    # Shorthands for send_record, one per record kind.
+
+    def send_pages(self, stream_id: int, *, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> None:
+        """Queue one PAGES frame: ``len(addresses)`` pages, contiguous in *data*."""
+        self.send_record(stream_id, PagesRecord(region=region, page_size=page_size, addresses=tuple(addresses), data=data))
+
+    def send_zero_pages(self, stream_id: int, *, region: int, page_size: int, runs: tuple[tuple[int, int], ...]) -> None:
+        self.send_record(stream_id, ZeroPagesRecord(region=region, page_size=page_size, runs=tuple(runs)))
+
+    def send_device_state(self, stream_id: int, *, name: str, version: int = 0, data: Buffer = b"") -> None:
+        self.send_record(stream_id, DeviceStateRecord(name=name, version=version, data=data))
+
+    def send_iteration(self, stream_id: int, iteration: int, *, final: bool = False) -> None:
+        """Queue an ITERATION mark: the records after it belong to pre-copy pass *iteration*."""
+        self.send_record(stream_id, IterationRecord(iteration=iteration, final=final))
+
+    def send_zstd_pages(
+        self, stream_id: int, *, region: int, page_size: int, addresses: tuple[int, ...], compressed: Buffer
+    ) -> None:
+        """Queue one ZSTD_PAGES frame; *compressed* is one zstd frame of the page contents."""
+        record = ZstdPagesRecord(region=region, page_size=page_size, addresses=tuple(addresses), compressed=compressed)
+        self.send_record(stream_id, record)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: no more records from this side; queues STREAM_END with the digest."""
@@ -927,4 +898,6 @@ class Connection:
 def _name(item: object) -> str:
     if isinstance(item, DataStart | DataChunk):
         return "DATA"
+    if isinstance(item, RecordItem):
+        return record_frame_type(item.record).name
     return type(item).__name__

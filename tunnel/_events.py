@@ -1,7 +1,7 @@
 """Events returned by :meth:`Connection.receive_data`.
 
-Record events (data, pages, zero pages, device state, iteration marks,
-zstd-compressed pages) carry
+Record events (:class:`DataReceived` for opaque bytes, :class:`RecordReceived`
+for the typed records of :mod:`tunnel._records`) carry
 ``flow_controlled_length``: the number of bytes to hand back to
 :meth:`Connection.acknowledge_received` once the application has taken the
 record, which is what returns credit to the peer.  Bulk fields are
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._frames import Buffer
+from ._records import Buffer, Record
 from ._settings import Settings
 
 __all__ = [
@@ -21,19 +21,15 @@ __all__ = [
     "CallReceived",
     "ConnectionTerminated",
     "DataReceived",
-    "DeviceStateReceived",
     "Event",
     "HandshakeComplete",
-    "IterationReceived",
-    "PagesReceived",
     "PongReceived",
+    "RecordReceived",
     "ReplyReceived",
     "StreamEnded",
     "StreamOpened",
     "StreamReset",
     "WindowUpdated",
-    "ZeroPagesReceived",
-    "ZstdPagesReceived",
 ]
 
 
@@ -99,60 +95,21 @@ class DataReceived(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PagesReceived(Event):
-    stream_id: int
-    region: int
-    page_size: int
-    addresses: tuple[int, ...]
-    data: Buffer
-    flow_controlled_length: int
+class RecordReceived(Event):
+    """A typed record: pages, zero pages, device state, an iteration mark, or
+    zstd-compressed pages (:mod:`tunnel._records`).
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ZeroPagesReceived(Event):
-    stream_id: int
-    region: int
-    page_size: int
-    runs: tuple[tuple[int, int], ...]
-    flow_controlled_length: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceStateReceived(Event):
-    stream_id: int
-    name: str
-    version: int
-    data: Buffer
-    flow_controlled_length: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IterationReceived(Event):
-    """A pre-copy pass boundary: the records that follow belong to pass *iteration*."""
-
-    stream_id: int
-    iteration: int
-    #: The last pass (stop-and-copy).
-    final: bool
-    flow_controlled_length: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ZstdPagesReceived(Event):
-    """Pages whose contents are still one zstd frame, as received.
-
-    The core does not decompress (it must not depend on ``zstandard``): the
-    driver decompresses *compressed* to ``len(addresses) * page_size`` bytes,
-    and treats a corrupt frame or any other size as a stream error
-    ``PROTOCOL_ERROR`` (protocol.md §4.17).  The core has already checked
-    that size against the limit of 64 x this side's ``max_frame_size``.
+    Bulk fields of *record* are views of the buffer given to ``receive_data``.
+    A :class:`ZstdPagesRecord` is delivered as received: the core does not
+    decompress (it must not depend on ``zstandard``); the driver
+    decompresses it to ``record.raw_size`` bytes and treats a corrupt frame
+    or any other size as a stream error ``PROTOCOL_ERROR`` (protocol.md
+    §4.17).  The core has already checked that size against the limit of
+    64 x this side's ``max_frame_size``.
     """
 
     stream_id: int
-    region: int
-    page_size: int
-    addresses: tuple[int, ...]
-    compressed: Buffer
+    record: Record
     flow_controlled_length: int
 
 

@@ -14,21 +14,41 @@ connection state: :func:`decode_payload` turns one complete payload into a
 frame object or raises :class:`RemoteProtocolError`; :func:`encode_parts`
 turns a frame object into buffers whose bulk payload is the caller's own
 buffer, never a copy.
+
+The codec is a table: each frame type has one encoder and one decoder, and
+the record frames (PAGES, ZERO_PAGES, DEVICE_STATE, ITERATION, ZSTD_PAGES)
+carry the typed records of :mod:`._records` themselves, so a record is
+encoded straight from, and decoded straight into, the type the application
+uses (:func:`encode_record`, :func:`decode_record`).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Union
+from functools import reduce
+from operator import or_
+from typing import Any
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._records import (
+    Buffer,
+    DeviceStateRecord,
+    IterationRecord,
+    PagesRecord,
+    Record,
+    ZeroPagesRecord,
+    ZstdPagesRecord,
+)
 
 __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "ITERATION_FINAL",
+    "RECORD_FRAMES",
+    "RECORD_FRAME_NAMES",
     "Buffer",
     "Data",
     "DeviceState",
@@ -40,6 +60,7 @@ __all__ = [
     "Pages",
     "Ping",
     "Pong",
+    "RecordFrame",
     "RpcCall",
     "RpcError",
     "RpcReply",
@@ -54,12 +75,15 @@ __all__ = [
     "check_header",
     "decode",
     "decode_payload",
+    "decode_record",
     "encode",
     "encode_parts",
+    "encode_record",
+    "frame_type",
     "header",
+    "record_decoder",
+    "record_frame_type",
 ]
-
-Buffer = Union[bytes, bytearray, memoryview]
 
 HEADER = struct.Struct(">IBBHI")
 HEADER_SIZE = HEADER.size  # 12
@@ -231,53 +255,39 @@ class Data(Frame):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Pages(Frame):
-    region: int
-    page_size: int
-    #: Byte offset of each page within the region, each a multiple of page_size.
-    addresses: tuple[int, ...]
-    #: ``len(addresses) * page_size`` bytes, page i at ``i * page_size``.
-    data: Buffer
+class RecordFrame(Frame):
+    """A flow-controlled frame that carries one typed record (PAGES, ZERO_PAGES,
+    DEVICE_STATE, ITERATION, ZSTD_PAGES); its frame type follows from the record's."""
+
+    record: Record
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ZeroPages(Frame):
-    region: int
-    page_size: int
-    #: ``(address, page_count)`` runs of all-zero pages.
-    runs: tuple[tuple[int, int], ...]
+# Constructors of the RecordFrame for each record kind, named after the frame
+# types: hand-built frames (tests, protocol.md's vectors) read as the wire does.
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceState(Frame):
-    name: str
-    version: int = 0
-    data: Buffer = b""
+def Pages(*, stream_id: int = 0, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> RecordFrame:
+    return RecordFrame(stream_id=stream_id, record=PagesRecord(region=region, page_size=page_size, addresses=addresses, data=data))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Iteration(Frame):
-    """A pre-copy iteration boundary: the records that follow belong to pass *iteration*."""
-
-    #: 0 for the first pass.
-    iteration: int
-    #: The last pass: the guest is stopped and this is the stop-and-copy phase.
-    final: bool = False
+def ZeroPages(*, stream_id: int = 0, region: int, page_size: int, runs: tuple[tuple[int, int], ...]) -> RecordFrame:
+    return RecordFrame(stream_id=stream_id, record=ZeroPagesRecord(region=region, page_size=page_size, runs=runs))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ZstdPages(Frame):
-    """PAGES whose page contents are one zstd frame.
+def DeviceState(*, stream_id: int = 0, name: str, version: int = 0, data: Buffer = b"") -> RecordFrame:
+    return RecordFrame(stream_id=stream_id, record=DeviceStateRecord(name=name, version=version, data=data))
 
-    The core neither compresses nor decompresses (it must not need
-    ``zstandard``): *compressed* is carried as is, and must decompress to
-    ``len(addresses) * page_size`` bytes, page i at ``i * page_size``.
-    """
 
-    region: int
-    page_size: int
-    addresses: tuple[int, ...]
-    compressed: Buffer
+def Iteration(*, stream_id: int = 0, iteration: int, final: bool = False) -> RecordFrame:
+    return RecordFrame(stream_id=stream_id, record=IterationRecord(iteration=iteration, final=final))
+
+
+def ZstdPages(
+    *, stream_id: int = 0, region: int, page_size: int, addresses: tuple[int, ...], compressed: Buffer
+) -> RecordFrame:
+    return RecordFrame(
+        stream_id=stream_id, record=ZstdPagesRecord(region=region, page_size=page_size, addresses=addresses, compressed=compressed)
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,38 +304,30 @@ class StreamAbort(Frame):
     reason: str = ""
 
 
-_TYPE_OF: dict[type[Frame], FrameType] = {
-    SettingsFrame: FrameType.SETTINGS,
-    Ping: FrameType.PING,
-    Pong: FrameType.PONG,
-    Goodbye: FrameType.GOODBYE,
-    WindowUpdate: FrameType.WINDOW_UPDATE,
-    RpcCall: FrameType.RPC_CALL,
-    RpcReply: FrameType.RPC_REPLY,
-    RpcError: FrameType.RPC_ERROR,
-    StreamOpen: FrameType.STREAM_OPEN,
-    Data: FrameType.DATA,
-    Pages: FrameType.PAGES,
-    ZeroPages: FrameType.ZERO_PAGES,
-    DeviceState: FrameType.DEVICE_STATE,
-    StreamEnd: FrameType.STREAM_END,
-    StreamAbort: FrameType.STREAM_ABORT,
-    Iteration: FrameType.ITERATION,
-    ZstdPages: FrameType.ZSTD_PAGES,
-}
-
-
-def frame_type(frame: Frame) -> FrameType:
-    return _TYPE_OF[type(frame)]
-
-
 def header(ftype: int, stream_id: int, length: int) -> bytes:
     """The 12-byte header of a frame whose payload the caller sends itself."""
     return HEADER.pack(length, ftype, 0, 0, stream_id)
 
 
 # ---------------------------------------------------------------------------
-# Encoding
+# Checks shared by both directions
+
+
+def _page_size_ok(page_size: int) -> bool:
+    return (
+        page_size & (page_size - 1) == 0
+        and (1 << MIN_PAGE_SHIFT) <= page_size <= (1 << MAX_PAGE_SHIFT)
+    )
+
+
+def _misaligned(addresses: tuple[int, ...], mask: int) -> bool:
+    # One pass in C over all addresses instead of a Python loop per page.
+    return bool(addresses) and bool(reduce(or_, addresses) & mask)
+
+
+# ---------------------------------------------------------------------------
+# Encoders: one per frame or record type, each returning the payload buffers
+# (bulk data passed through uncopied) or raising LocalProtocolError.
 
 
 def _check_u32(name: str, value: int) -> None:
@@ -340,135 +342,129 @@ def _utf8(text: str) -> bytes:
         raise LocalProtocolError(f"text is not encodable as UTF-8: {exc}") from None
 
 
-def _page_size_ok(page_size: int) -> bool:
-    return (
-        page_size & (page_size - 1) == 0
-        and (1 << MIN_PAGE_SHIFT) <= page_size <= (1 << MAX_PAGE_SHIFT)
-    )
+def _pages_head(region: int, page_size: int, addresses: tuple[int, ...]) -> bytes:
+    """The 16-byte head and the addresses of a PAGES or ZSTD_PAGES payload, validated."""
+    if not _page_size_ok(page_size):
+        raise LocalProtocolError(f"page size {page_size} is not a power of two in 512..2 MiB")
+    _check_u32("region", region)
+    n = len(addresses)
+    if not _misaligned(addresses, page_size - 1):
+        try:
+            return struct.pack(f">IIII{n}Q", region, n, page_size, 0, *addresses)
+        except struct.error:
+            pass  # an address outside 0..2**64-1: found below
+    bad = next(a for a in addresses if a & (page_size - 1) or not 0 <= a < 2**64)
+    raise LocalProtocolError(f"page address {bad:#x} is not page aligned")
 
 
-def _pages_head(frame: Pages | ZstdPages) -> bytes:
-    """The 16-byte head and the addresses of a PAGES or ZSTD_PAGES frame, validated."""
-    n = len(frame.addresses)
-    if not _page_size_ok(frame.page_size):
-        raise LocalProtocolError(f"page size {frame.page_size} is not a power of two in 512..2 MiB")
-    mask = frame.page_size - 1
-    for address in frame.addresses:
-        if address & mask or not 0 <= address < 2**64:
-            raise LocalProtocolError(f"page address {address:#x} is not page aligned")
-    _check_u32("region", frame.region)
-    return _PAGES.pack(frame.region, n, frame.page_size, 0) + struct.pack(f">{n}Q", *frame.addresses)
+def _enc_pages(r: PagesRecord) -> list[Buffer]:
+    n = len(r.addresses)
+    if len(r.data) != n * r.page_size:
+        raise LocalProtocolError(f"{n} pages need {n * r.page_size} data bytes, got {len(r.data)}")
+    return [_pages_head(r.region, r.page_size, r.addresses), r.data]
 
 
-def _fields(frame: Frame) -> list[Buffer]:
-    """Payload buffers of *frame*; bulk data is passed through uncopied."""
-    if isinstance(frame, Data):
-        return [frame.data]
-    if isinstance(frame, Pages):
-        n = len(frame.addresses)
-        if len(frame.data) != n * frame.page_size:
-            raise LocalProtocolError(f"{n} pages need {n * frame.page_size} data bytes, got {len(frame.data)}")
-        return [_pages_head(frame), frame.data]
-    if isinstance(frame, ZstdPages):
-        if not len(frame.compressed):
-            raise LocalProtocolError("ZSTD_PAGES needs a zstd frame, got no compressed bytes")
-        return [_pages_head(frame), frame.compressed]
-    if isinstance(frame, Iteration):
-        _check_u32("iteration", frame.iteration)
-        return [_ITERATION.pack(frame.iteration, ITERATION_FINAL if frame.final else 0)]
-    if isinstance(frame, ZeroPages):
-        if not _page_size_ok(frame.page_size):
-            raise LocalProtocolError(f"page size {frame.page_size} is not a power of two in 512..2 MiB")
-        _check_u32("region", frame.region)
-        flat: list[int] = []
-        mask = frame.page_size - 1
-        for address, count in frame.runs:
-            if address & mask or not 0 <= address < 2**64 or not 0 < count < 2**64:
-                raise LocalProtocolError(f"bad zero-page run ({address:#x}, {count})")
-            flat += (address, count)
-        return [_PAGES.pack(frame.region, len(frame.runs), frame.page_size, 0) + struct.pack(f">{len(flat)}Q", *flat)]
-    if isinstance(frame, RpcCall | RpcReply):
-        for name in ("program", "version", "procedure", "serial"):
-            _check_u32(name, getattr(frame, name))
-        return [_RPC.pack(frame.program, frame.version, frame.procedure, frame.serial), frame.body]
-    if isinstance(frame, RpcError):
-        for name in ("program", "version", "procedure", "serial", "error_code"):
-            _check_u32(name, getattr(frame, name))
-        return [
-            _RPC_ERR.pack(frame.program, frame.version, frame.procedure, frame.serial, frame.error_code)
-            + _utf8(frame.message)
-        ]
-    if isinstance(frame, DeviceState):
-        encoded = _utf8(frame.name)
-        if len(encoded) > 0xFFFF:
-            raise LocalProtocolError("device name longer than 65535 bytes")
-        _check_u32("version", frame.version)
-        return [_DEVICE.pack(frame.version, len(encoded)) + encoded, frame.data]
-    if isinstance(frame, StreamOpen):
-        if len(frame.migration_id) != 16:
-            raise LocalProtocolError("migration id must be 16 bytes")
-        if not 0 <= frame.kind <= 0xFF or frame.digest not in _DIGEST_SIZES:
-            raise LocalProtocolError(f"bad stream kind {frame.kind} or digest {frame.digest}")
-        return [_OPEN.pack(frame.kind, frame.digest, 0, frame.migration_id) + _utf8(frame.label)]
-    if isinstance(frame, StreamEnd):
-        if not 0 <= frame.total_bytes < 2**64:
-            raise LocalProtocolError("total_bytes does not fit in 64 bits")
-        if frame.digest_algorithm not in _DIGEST_SIZES or len(frame.digest) != _DIGEST_SIZES[
-            DigestAlgorithm(frame.digest_algorithm)
-        ]:
-            raise LocalProtocolError("digest does not match its algorithm")
-        return [_END.pack(frame.total_bytes, frame.digest_algorithm, len(frame.digest), 0) + frame.digest]
-    if isinstance(frame, StreamAbort):
-        _check_u32("error_code", frame.error_code)
-        return [_ABORT.pack(frame.error_code) + _utf8(frame.reason)]
-    if isinstance(frame, WindowUpdate):
-        if not 1 <= frame.increment <= MAX_WINDOW:
-            raise LocalProtocolError(f"window increment {frame.increment} outside 1..2**31-1")
-        return [_WINDOW.pack(frame.increment)]
-    if isinstance(frame, Ping | Pong):
-        if len(frame.opaque) != 8:
-            raise LocalProtocolError("ping payload must be 8 bytes")
-        return [bytes(frame.opaque)]
-    if isinstance(frame, Goodbye):
-        _check_u32("last_stream_id", frame.last_stream_id)
-        _check_u32("error_code", frame.error_code)
-        return [_GOODBYE.pack(frame.last_stream_id, frame.error_code) + _utf8(frame.reason)]
-    if isinstance(frame, SettingsFrame):
-        out = bytearray()
-        for ident, value in frame.settings:
-            if not 0 <= ident <= 0xFFFF:
-                raise LocalProtocolError(f"setting id {ident} does not fit in 16 bits")
-            _check_u32("setting value", value)
-            out += _SETTING.pack(ident, value)
-        return [bytes(out)]
-    raise TypeError(f"not a frame: {frame!r}")  # pragma: no cover - programming error
+def _enc_zstd_pages(r: ZstdPagesRecord) -> list[Buffer]:
+    if not len(r.compressed):
+        raise LocalProtocolError("ZSTD_PAGES needs a zstd frame, got no compressed bytes")
+    return [_pages_head(r.region, r.page_size, r.addresses), r.compressed]
 
 
-def encode_parts(frame: Frame) -> list[Buffer]:
-    """Header and payload buffers of *frame*, ready for ``sendmsg``/writev.
-
-    Bulk payloads (data, page contents, device blobs, RPC bodies) appear as
-    the very objects the frame holds: nothing is copied.
-    """
-    ftype = _TYPE_OF[type(frame)]
-    if ftype in CONNECTION_FRAMES:
-        if frame.stream_id != 0:
-            raise LocalProtocolError(f"{ftype.name} frames belong to stream 0")
-    elif ftype is not FrameType.WINDOW_UPDATE and frame.stream_id == 0:
-        raise LocalProtocolError(f"{ftype.name} frames need a stream id")
-    _check_u32("stream id", frame.stream_id)
-    parts = [p for p in _fields(frame) if len(p)]
-    length = sum(len(p) for p in parts)
-    return [HEADER.pack(length, ftype, 0, 0, frame.stream_id), *parts]
+def _enc_zero_pages(r: ZeroPagesRecord) -> list[Buffer]:
+    if not _page_size_ok(r.page_size):
+        raise LocalProtocolError(f"page size {r.page_size} is not a power of two in 512..2 MiB")
+    _check_u32("region", r.region)
+    flat: list[int] = []
+    mask = r.page_size - 1
+    for address, count in r.runs:
+        if address & mask or not 0 <= address < 2**64 or not 0 < count < 2**64:
+            raise LocalProtocolError(f"bad zero-page run ({address:#x}, {count})")
+        flat += (address, count)
+    return [struct.pack(f">IIII{len(flat)}Q", r.region, len(r.runs), r.page_size, 0, *flat)]
 
 
-def encode(frame: Frame) -> bytes:
-    """The whole frame as one bytes object (copies; for small frames and tests)."""
-    return b"".join(encode_parts(frame))
+def _enc_device_state(r: DeviceStateRecord) -> list[Buffer]:
+    encoded = _utf8(r.name)
+    if len(encoded) > 0xFFFF:
+        raise LocalProtocolError("device name longer than 65535 bytes")
+    _check_u32("version", r.version)
+    return [_DEVICE.pack(r.version, len(encoded)) + encoded, r.data]
+
+
+def _enc_iteration(r: IterationRecord) -> list[Buffer]:
+    _check_u32("iteration", r.iteration)
+    return [_ITERATION.pack(r.iteration, ITERATION_FINAL if r.final else 0)]
+
+
+def _enc_data(f: Data) -> list[Buffer]:
+    return [f.data]
+
+
+def _enc_rpc(f: RpcCall | RpcReply) -> list[Buffer]:
+    for name in ("program", "version", "procedure", "serial"):
+        _check_u32(name, getattr(f, name))
+    return [_RPC.pack(f.program, f.version, f.procedure, f.serial), f.body]
+
+
+def _enc_rpc_error(f: RpcError) -> list[Buffer]:
+    for name in ("program", "version", "procedure", "serial", "error_code"):
+        _check_u32(name, getattr(f, name))
+    return [_RPC_ERR.pack(f.program, f.version, f.procedure, f.serial, f.error_code) + _utf8(f.message)]
+
+
+def _enc_stream_open(f: StreamOpen) -> list[Buffer]:
+    if len(f.migration_id) != 16:
+        raise LocalProtocolError("migration id must be 16 bytes")
+    if not 0 <= f.kind <= 0xFF or f.digest not in _DIGEST_SIZES:
+        raise LocalProtocolError(f"bad stream kind {f.kind} or digest {f.digest}")
+    return [_OPEN.pack(f.kind, f.digest, 0, f.migration_id) + _utf8(f.label)]
+
+
+def _enc_stream_end(f: StreamEnd) -> list[Buffer]:
+    if not 0 <= f.total_bytes < 2**64:
+        raise LocalProtocolError("total_bytes does not fit in 64 bits")
+    if f.digest_algorithm not in _DIGEST_SIZES or len(f.digest) != _DIGEST_SIZES[DigestAlgorithm(f.digest_algorithm)]:
+        raise LocalProtocolError("digest does not match its algorithm")
+    return [_END.pack(f.total_bytes, f.digest_algorithm, len(f.digest), 0) + f.digest]
+
+
+def _enc_stream_abort(f: StreamAbort) -> list[Buffer]:
+    _check_u32("error_code", f.error_code)
+    return [_ABORT.pack(f.error_code) + _utf8(f.reason)]
+
+
+def _enc_window(f: WindowUpdate) -> list[Buffer]:
+    if not 1 <= f.increment <= MAX_WINDOW:
+        raise LocalProtocolError(f"window increment {f.increment} outside 1..2**31-1")
+    return [_WINDOW.pack(f.increment)]
+
+
+def _enc_ping(f: Ping | Pong) -> list[Buffer]:
+    if len(f.opaque) != 8:
+        raise LocalProtocolError("ping payload must be 8 bytes")
+    return [bytes(f.opaque)]
+
+
+def _enc_goodbye(f: Goodbye) -> list[Buffer]:
+    _check_u32("last_stream_id", f.last_stream_id)
+    _check_u32("error_code", f.error_code)
+    return [_GOODBYE.pack(f.last_stream_id, f.error_code) + _utf8(f.reason)]
+
+
+def _enc_settings(f: SettingsFrame) -> list[Buffer]:
+    out = bytearray()
+    for ident, value in f.settings:
+        if not 0 <= ident <= 0xFFFF:
+            raise LocalProtocolError(f"setting id {ident} does not fit in 16 bits")
+        _check_u32("setting value", value)
+        out += _SETTING.pack(ident, value)
+    return [bytes(out)]
 
 
 # ---------------------------------------------------------------------------
-# Decoding
+# Decoders: one per frame type, each taking a payload whose header passed
+# check_header and returning a record (record frames) or a frame, or raising
+# RemoteProtocolError.  Bulk fields are memoryview slices of the payload.
 
 
 def _bad(message: str, code: int = ErrorCode.PROTOCOL_ERROR) -> RemoteProtocolError:
@@ -490,6 +486,275 @@ def _need(payload: memoryview, size: int, ftype: FrameType) -> None:
 def _exact(payload: memoryview, size: int, ftype: FrameType) -> None:
     if len(payload) != size:
         raise _bad(f"{ftype.name} frame must be {size} bytes, got {len(payload)}", ErrorCode.FRAME_SIZE_ERROR)
+
+
+def _pages_fields(payload: memoryview, ftype: FrameType) -> tuple[int, int, int]:
+    """region, count and page size of a PAGES, ZERO_PAGES or ZSTD_PAGES payload."""
+    _need(payload, _PAGES.size, ftype)
+    region, count, page_size, reserved = _PAGES.unpack_from(payload)
+    if reserved:
+        raise _bad(f"{ftype.name} reserved field is not zero")
+    if not _page_size_ok(page_size):
+        raise _bad(f"{ftype.name} page size {page_size} is not a power of two in 512..2 MiB")
+    return region, count, page_size
+
+
+def _addresses(payload: memoryview, count: int, page_size: int) -> tuple[int, ...]:
+    addresses: tuple[int, ...] = struct.unpack_from(f">{count}Q", payload, _PAGES.size)
+    if _misaligned(addresses, page_size - 1):
+        bad = next(a for a in addresses if a & (page_size - 1))
+        raise _bad(f"page address {bad:#x} is not a multiple of {page_size}")
+    return addresses
+
+
+def _dec_pages(payload: memoryview) -> PagesRecord:
+    region, count, page_size = _pages_fields(payload, FrameType.PAGES)
+    # count is bounded by the frame length before anything is allocated.
+    _exact(payload, _PAGES.size + count * (8 + page_size), FrameType.PAGES)
+    addresses = _addresses(payload, count, page_size)
+    return PagesRecord(region=region, page_size=page_size, addresses=addresses, data=payload[_PAGES.size + 8 * count :])
+
+
+def _dec_zstd_pages(payload: memoryview) -> ZstdPagesRecord:
+    region, count, page_size = _pages_fields(payload, FrameType.ZSTD_PAGES)
+    _need(payload, _PAGES.size + count * 8 + 1, FrameType.ZSTD_PAGES)  # at least one byte of zstd frame
+    addresses = _addresses(payload, count, page_size)
+    return ZstdPagesRecord(region=region, page_size=page_size, addresses=addresses, compressed=payload[_PAGES.size + 8 * count :])
+
+
+def _dec_zero_pages(payload: memoryview) -> ZeroPagesRecord:
+    region, count, page_size = _pages_fields(payload, FrameType.ZERO_PAGES)
+    _exact(payload, _PAGES.size + count * 16, FrameType.ZERO_PAGES)
+    flat = struct.unpack_from(f">{2 * count}Q", payload, _PAGES.size)
+    runs = tuple(zip(flat[0::2], flat[1::2]))
+    mask = page_size - 1
+    for address, pages in runs:
+        if address & mask or pages == 0:
+            raise _bad(f"bad zero-page run ({address:#x}, {pages})")
+    return ZeroPagesRecord(region=region, page_size=page_size, runs=runs)
+
+
+def _dec_device_state(payload: memoryview) -> DeviceStateRecord:
+    _need(payload, _DEVICE.size, FrameType.DEVICE_STATE)
+    version, name_len = _DEVICE.unpack_from(payload)
+    end = _DEVICE.size + name_len
+    _need(payload, end, FrameType.DEVICE_STATE)
+    return DeviceStateRecord(name=_text(payload[_DEVICE.size : end], "device name"), version=version, data=payload[end:])
+
+
+def _dec_iteration(payload: memoryview) -> IterationRecord:
+    _exact(payload, _ITERATION.size, FrameType.ITERATION)
+    iteration, flags = _ITERATION.unpack_from(payload)
+    if flags & ~ITERATION_FINAL:
+        raise _bad(f"ITERATION flags {flags:#x} has undefined bits set")
+    return IterationRecord(iteration=iteration, final=bool(flags))
+
+
+def _dec_data(stream_id: int, payload: memoryview) -> Data:
+    return Data(stream_id=stream_id, data=payload)
+
+
+def _dec_rpc_call(stream_id: int, payload: memoryview) -> RpcCall:
+    _need(payload, _RPC.size, FrameType.RPC_CALL)
+    program, version, procedure, serial = _RPC.unpack_from(payload)
+    return RpcCall(program=program, version=version, procedure=procedure, serial=serial, body=payload[_RPC.size :])
+
+
+def _dec_rpc_reply(stream_id: int, payload: memoryview) -> RpcReply:
+    _need(payload, _RPC.size, FrameType.RPC_REPLY)
+    program, version, procedure, serial = _RPC.unpack_from(payload)
+    return RpcReply(program=program, version=version, procedure=procedure, serial=serial, body=payload[_RPC.size :])
+
+
+def _dec_rpc_error(stream_id: int, payload: memoryview) -> RpcError:
+    _need(payload, _RPC_ERR.size, FrameType.RPC_ERROR)
+    program, version, procedure, serial, code = _RPC_ERR.unpack_from(payload)
+    message = _text(payload[_RPC_ERR.size :], "RPC error message")
+    return RpcError(program=program, version=version, procedure=procedure, serial=serial, error_code=code, message=message)
+
+
+def _dec_stream_open(stream_id: int, payload: memoryview) -> StreamOpen:
+    _need(payload, _OPEN.size, FrameType.STREAM_OPEN)
+    kind, digest, reserved, migration_id = _OPEN.unpack_from(payload)
+    if reserved:
+        raise _bad("STREAM_OPEN reserved field is not zero")
+    if digest not in _DIGEST_SIZES:
+        raise _bad(f"unknown digest algorithm {digest}")
+    label = _text(payload[_OPEN.size :], "stream label")
+    return StreamOpen(stream_id=stream_id, kind=kind, digest=digest, migration_id=migration_id, label=label)
+
+
+def _dec_stream_end(stream_id: int, payload: memoryview) -> StreamEnd:
+    _need(payload, _END.size, FrameType.STREAM_END)
+    total, algorithm, digest_len, reserved = _END.unpack_from(payload)
+    if reserved:
+        raise _bad("STREAM_END reserved field is not zero")
+    if algorithm not in _DIGEST_SIZES:
+        raise _bad(f"unknown digest algorithm {algorithm}")
+    if digest_len != _DIGEST_SIZES[DigestAlgorithm(algorithm)]:
+        raise _bad(f"digest length {digest_len} does not match algorithm {algorithm}")
+    _exact(payload, _END.size + digest_len, FrameType.STREAM_END)
+    return StreamEnd(stream_id=stream_id, total_bytes=total, digest_algorithm=algorithm, digest=bytes(payload[_END.size :]))
+
+
+def _dec_stream_abort(stream_id: int, payload: memoryview) -> StreamAbort:
+    _need(payload, _ABORT.size, FrameType.STREAM_ABORT)
+    (code,) = _ABORT.unpack_from(payload)
+    return StreamAbort(stream_id=stream_id, error_code=code, reason=_text(payload[_ABORT.size :], "abort reason"))
+
+
+def _dec_window(stream_id: int, payload: memoryview) -> WindowUpdate:
+    _exact(payload, _WINDOW.size, FrameType.WINDOW_UPDATE)
+    (increment,) = _WINDOW.unpack_from(payload)
+    if not 1 <= increment <= MAX_WINDOW:
+        raise _bad(f"window increment {increment} outside 1..2**31-1", ErrorCode.FLOW_CONTROL_ERROR)
+    return WindowUpdate(stream_id=stream_id, increment=increment)
+
+
+def _dec_ping(stream_id: int, payload: memoryview) -> Ping:
+    _exact(payload, 8, FrameType.PING)
+    return Ping(opaque=bytes(payload))
+
+
+def _dec_pong(stream_id: int, payload: memoryview) -> Pong:
+    _exact(payload, 8, FrameType.PONG)
+    return Pong(opaque=bytes(payload))
+
+
+def _dec_goodbye(stream_id: int, payload: memoryview) -> Goodbye:
+    _need(payload, _GOODBYE.size, FrameType.GOODBYE)
+    last, code = _GOODBYE.unpack_from(payload)
+    return Goodbye(last_stream_id=last, error_code=code, reason=_text(payload[_GOODBYE.size :], "goodbye reason"))
+
+
+def _dec_settings(stream_id: int, payload: memoryview) -> SettingsFrame:
+    if len(payload) % _SETTING.size:
+        raise _bad(f"SETTINGS length {len(payload)} is not a multiple of 6", ErrorCode.FRAME_SIZE_ERROR)
+    return SettingsFrame(settings=tuple(_SETTING.iter_unpack(payload)))
+
+
+# ---------------------------------------------------------------------------
+# The tables: what the codec knows about each type, in one place.
+
+_Encoder = Callable[[Any], list[Buffer]]
+
+#: Record type -> (frame type, encoder).
+_RECORD_ENCODERS: dict[type[Any], tuple[FrameType, _Encoder]] = {
+    PagesRecord: (FrameType.PAGES, _enc_pages),
+    ZeroPagesRecord: (FrameType.ZERO_PAGES, _enc_zero_pages),
+    DeviceStateRecord: (FrameType.DEVICE_STATE, _enc_device_state),
+    IterationRecord: (FrameType.ITERATION, _enc_iteration),
+    ZstdPagesRecord: (FrameType.ZSTD_PAGES, _enc_zstd_pages),
+}
+#: Frame type -> decoder of a record frame's payload.
+_RECORD_DECODERS: dict[FrameType, Callable[[memoryview], Record]] = {
+    FrameType.PAGES: _dec_pages,
+    FrameType.ZERO_PAGES: _dec_zero_pages,
+    FrameType.DEVICE_STATE: _dec_device_state,
+    FrameType.ITERATION: _dec_iteration,
+    FrameType.ZSTD_PAGES: _dec_zstd_pages,
+}
+#: Frame class (other than RecordFrame) -> (frame type, encoder).
+_FRAME_ENCODERS: dict[type[Frame], tuple[FrameType, _Encoder]] = {
+    SettingsFrame: (FrameType.SETTINGS, _enc_settings),
+    Ping: (FrameType.PING, _enc_ping),
+    Pong: (FrameType.PONG, _enc_ping),
+    Goodbye: (FrameType.GOODBYE, _enc_goodbye),
+    WindowUpdate: (FrameType.WINDOW_UPDATE, _enc_window),
+    RpcCall: (FrameType.RPC_CALL, _enc_rpc),
+    RpcReply: (FrameType.RPC_REPLY, _enc_rpc),
+    RpcError: (FrameType.RPC_ERROR, _enc_rpc_error),
+    StreamOpen: (FrameType.STREAM_OPEN, _enc_stream_open),
+    Data: (FrameType.DATA, _enc_data),
+    StreamEnd: (FrameType.STREAM_END, _enc_stream_end),
+    StreamAbort: (FrameType.STREAM_ABORT, _enc_stream_abort),
+}
+#: Frame type (other than a record's) -> decoder of its payload.
+_FRAME_DECODERS: dict[FrameType, Callable[[int, memoryview], Frame]] = {
+    FrameType.SETTINGS: _dec_settings,
+    FrameType.PING: _dec_ping,
+    FrameType.PONG: _dec_pong,
+    FrameType.GOODBYE: _dec_goodbye,
+    FrameType.WINDOW_UPDATE: _dec_window,
+    FrameType.RPC_CALL: _dec_rpc_call,
+    FrameType.RPC_REPLY: _dec_rpc_reply,
+    FrameType.RPC_ERROR: _dec_rpc_error,
+    FrameType.STREAM_OPEN: _dec_stream_open,
+    FrameType.DATA: _dec_data,
+    FrameType.STREAM_END: _dec_stream_end,
+    FrameType.STREAM_ABORT: _dec_stream_abort,
+}
+#: Frame types that carry a typed record.
+RECORD_FRAMES = frozenset(_RECORD_DECODERS)
+
+
+def record_frame_type(record: Record) -> FrameType:
+    """The frame type that carries *record*."""
+    return _RECORD_ENCODERS[type(record)][0]
+
+
+#: Record type -> the name of the frame type that carries it (for messages).
+RECORD_FRAME_NAMES: dict[type[Any], str] = {cls: ftype.name for cls, (ftype, _) in _RECORD_ENCODERS.items()}
+
+
+def record_decoder(ftype: FrameType) -> Callable[[memoryview], Record] | None:
+    """The decoder of *ftype*'s payload into a record, None if *ftype* carries none."""
+    return _RECORD_DECODERS.get(ftype)
+
+
+def frame_type(frame: Frame) -> FrameType:
+    if type(frame) is RecordFrame:
+        return _RECORD_ENCODERS[type(frame.record)][0]
+    return _FRAME_ENCODERS[type(frame)][0]
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+def encode_record(record: Record) -> tuple[FrameType, list[Buffer]]:
+    """The frame type and the non-empty payload buffers of *record*, validated.
+
+    Bulk data (page contents, device blobs) is the record's own buffer: nothing is copied.
+    """
+    try:
+        ftype, encoder = _RECORD_ENCODERS[type(record)]
+    except KeyError:
+        raise TypeError(f"not a record: {record!r}") from None
+    return ftype, [p for p in encoder(record) if len(p)]
+
+
+def encode_parts(frame: Frame) -> list[Buffer]:
+    """Header and payload buffers of *frame*, ready for ``sendmsg``/writev.
+
+    Bulk payloads (data, page contents, device blobs, RPC bodies) appear as
+    the very objects the frame holds: nothing is copied.
+    """
+    if type(frame) is RecordFrame:
+        ftype, parts = encode_record(frame.record)
+    else:
+        try:
+            ftype, encoder = _FRAME_ENCODERS[type(frame)]
+        except KeyError:
+            raise TypeError(f"not a frame: {frame!r}") from None
+        parts = [p for p in encoder(frame) if len(p)]
+    if ftype in CONNECTION_FRAMES:
+        if frame.stream_id != 0:
+            raise LocalProtocolError(f"{ftype.name} frames belong to stream 0")
+    elif ftype is not FrameType.WINDOW_UPDATE and frame.stream_id == 0:
+        raise LocalProtocolError(f"{ftype.name} frames need a stream id")
+    _check_u32("stream id", frame.stream_id)
+    length = sum(len(p) for p in parts)
+    return [HEADER.pack(length, ftype, 0, 0, frame.stream_id), *parts]
+
+
+def encode(frame: Frame) -> bytes:
+    """The whole frame as one bytes object (copies; for small frames and tests)."""
+    return b"".join(encode_parts(frame))
+
+
+# ---------------------------------------------------------------------------
+# Decoding
 
 
 def check_header(ftype_raw: int, flags: int, reserved: int, stream_id: int, length: int, max_frame_size: int) -> FrameType:
@@ -525,128 +790,18 @@ def decode(frame_bytes: Buffer, max_frame_size: int = 2**32 - 1) -> Frame:
     return decode_payload(ftype, stream_id, view[HEADER_SIZE:])
 
 
+def decode_record(ftype: FrameType, payload: memoryview) -> Record:
+    """The record in a record frame's payload (*ftype* in :data:`RECORD_FRAMES`)."""
+    return _RECORD_DECODERS[ftype](payload)
+
+
 def decode_payload(ftype: FrameType, stream_id: int, payload: memoryview) -> Frame:
     """Decode one complete payload whose header passed :func:`check_header`.
 
     Bulk fields are memoryview slices of *payload* (no copy).  Anything
     malformed raises :class:`RemoteProtocolError` with the matching code.
     """
-    n = len(payload)
-
-    if ftype is FrameType.DATA:
-        return Data(stream_id=stream_id, data=payload)
-    if ftype is FrameType.PAGES or ftype is FrameType.ZERO_PAGES or ftype is FrameType.ZSTD_PAGES:
-        _need(payload, _PAGES.size, ftype)
-        region, count, page_size, reserved2 = _PAGES.unpack_from(payload)
-        if reserved2:
-            raise _bad(f"{ftype.name} reserved field is not zero")
-        if not _page_size_ok(page_size):
-            raise _bad(f"{ftype.name} page size {page_size} is not a power of two in 512..2 MiB")
-        mask = page_size - 1
-        if ftype is FrameType.PAGES or ftype is FrameType.ZSTD_PAGES:
-            # count is bounded by the frame length before anything is allocated.
-            if ftype is FrameType.PAGES:
-                _exact(payload, _PAGES.size + count * (8 + page_size), ftype)
-            else:
-                _need(payload, _PAGES.size + count * 8 + 1, ftype)  # at least one byte of zstd frame
-            addresses = struct.unpack_from(f">{count}Q", payload, _PAGES.size)
-            for address in addresses:
-                if address & mask:
-                    raise _bad(f"page address {address:#x} is not a multiple of {page_size}")
-            rest = payload[_PAGES.size + 8 * count :]
-            if ftype is FrameType.ZSTD_PAGES:
-                return ZstdPages(stream_id=stream_id, region=region, page_size=page_size, addresses=addresses, compressed=rest)
-            return Pages(stream_id=stream_id, region=region, page_size=page_size, addresses=addresses, data=rest)
-        _exact(payload, _PAGES.size + count * 16, ftype)
-        flat = struct.unpack_from(f">{2 * count}Q", payload, _PAGES.size)
-        runs = tuple(zip(flat[0::2], flat[1::2]))
-        for address, pages in runs:
-            if address & mask or pages == 0:
-                raise _bad(f"bad zero-page run ({address:#x}, {pages})")
-        return ZeroPages(stream_id=stream_id, region=region, page_size=page_size, runs=runs)
-    if ftype is FrameType.RPC_CALL or ftype is FrameType.RPC_REPLY:
-        _need(payload, _RPC.size, ftype)
-        program, version, procedure, serial = _RPC.unpack_from(payload)
-        cls = RpcCall if ftype is FrameType.RPC_CALL else RpcReply
-        return cls(program=program, version=version, procedure=procedure, serial=serial, body=payload[_RPC.size :])
-    if ftype is FrameType.RPC_ERROR:
-        _need(payload, _RPC_ERR.size, ftype)
-        program, version, procedure, serial, code = _RPC_ERR.unpack_from(payload)
-        return RpcError(
-            program=program,
-            version=version,
-            procedure=procedure,
-            serial=serial,
-            error_code=code,
-            message=_text(payload[_RPC_ERR.size :], "RPC error message"),
-        )
-    if ftype is FrameType.DEVICE_STATE:
-        _need(payload, _DEVICE.size, ftype)
-        version, name_len = _DEVICE.unpack_from(payload)
-        _need(payload, _DEVICE.size + name_len, ftype)
-        end = _DEVICE.size + name_len
-        return DeviceState(
-            stream_id=stream_id,
-            name=_text(payload[_DEVICE.size : end], "device name"),
-            version=version,
-            data=payload[end:],
-        )
-    if ftype is FrameType.STREAM_OPEN:
-        _need(payload, _OPEN.size, ftype)
-        kind, digest, reserved2, migration_id = _OPEN.unpack_from(payload)
-        if reserved2:
-            raise _bad("STREAM_OPEN reserved field is not zero")
-        if digest not in _DIGEST_SIZES:
-            raise _bad(f"unknown digest algorithm {digest}")
-        return StreamOpen(
-            stream_id=stream_id,
-            kind=kind,
-            digest=digest,
-            migration_id=migration_id,
-            label=_text(payload[_OPEN.size :], "stream label"),
-        )
-    if ftype is FrameType.ITERATION:
-        _exact(payload, _ITERATION.size, ftype)
-        iteration, flags = _ITERATION.unpack_from(payload)
-        if flags & ~ITERATION_FINAL:
-            raise _bad(f"ITERATION flags {flags:#x} has undefined bits set")
-        return Iteration(stream_id=stream_id, iteration=iteration, final=bool(flags))
-    if ftype is FrameType.STREAM_END:
-        _need(payload, _END.size, ftype)
-        total, algorithm, digest_len, reserved2 = _END.unpack_from(payload)
-        if reserved2:
-            raise _bad("STREAM_END reserved field is not zero")
-        if algorithm not in _DIGEST_SIZES:
-            raise _bad(f"unknown digest algorithm {algorithm}")
-        if digest_len != _DIGEST_SIZES[DigestAlgorithm(algorithm)]:
-            raise _bad(f"digest length {digest_len} does not match algorithm {algorithm}")
-        _exact(payload, _END.size + digest_len, ftype)
-        return StreamEnd(
-            stream_id=stream_id,
-            total_bytes=total,
-            digest_algorithm=algorithm,
-            digest=bytes(payload[_END.size :]),
-        )
-    if ftype is FrameType.STREAM_ABORT:
-        _need(payload, _ABORT.size, ftype)
-        (code,) = _ABORT.unpack_from(payload)
-        return StreamAbort(stream_id=stream_id, error_code=code, reason=_text(payload[_ABORT.size :], "abort reason"))
-    if ftype is FrameType.WINDOW_UPDATE:
-        _exact(payload, _WINDOW.size, ftype)
-        (increment,) = _WINDOW.unpack_from(payload)
-        if not 1 <= increment <= MAX_WINDOW:
-            raise _bad(f"window increment {increment} outside 1..2**31-1", ErrorCode.FLOW_CONTROL_ERROR)
-        return WindowUpdate(stream_id=stream_id, increment=increment)
-    if ftype is FrameType.PING or ftype is FrameType.PONG:
-        _exact(payload, 8, ftype)
-        cls2 = Ping if ftype is FrameType.PING else Pong
-        return cls2(opaque=bytes(payload))
-    if ftype is FrameType.GOODBYE:
-        _need(payload, _GOODBYE.size, ftype)
-        last, code = _GOODBYE.unpack_from(payload)
-        return Goodbye(last_stream_id=last, error_code=code, reason=_text(payload[_GOODBYE.size :], "goodbye reason"))
-    if ftype is FrameType.SETTINGS:
-        if n % _SETTING.size:
-            raise _bad(f"SETTINGS length {n} is not a multiple of 6", ErrorCode.FRAME_SIZE_ERROR)
-        return SettingsFrame(settings=tuple(_SETTING.iter_unpack(payload)))
-    raise AssertionError(ftype)  # pragma: no cover - every FrameType is handled above
+    record_decoder = _RECORD_DECODERS.get(ftype)
+    if record_decoder is not None:
+        return RecordFrame(stream_id=stream_id, record=record_decoder(payload))
+    return _FRAME_DECODERS[ftype](stream_id, payload)

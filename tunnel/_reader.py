@@ -15,10 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._errors import RemoteProtocolError
-from ._frames import FLOW_CONTROLLED, HEADER, HEADER_SIZE, Buffer, Frame, FrameType, check_header, decode_payload
+from ._frames import (
+    HEADER,
+    HEADER_SIZE,
+    Buffer,
+    Frame,
+    FrameType,
+    check_header,
+    decode_payload,
+    record_decoder,
+)
+from ._records import Record
 from ._settings import MAGIC, PREFACE
 
-__all__ = ["DataChunk", "DataStart", "FrameReader", "Preface", "Record"]
+__all__ = ["DataChunk", "DataStart", "FrameReader", "Preface", "RecordItem"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +46,12 @@ class DataStart:
 
 
 @dataclass(frozen=True, slots=True)
-class Record:
-    """A record frame other than DATA (PAGES, ZERO_PAGES, DEVICE_STATE, ITERATION,
-    ZSTD_PAGES) with its payload as received."""
+class RecordItem:
+    """A typed record (PAGES, ZERO_PAGES, DEVICE_STATE, ITERATION, ZSTD_PAGES)
+    with the payload it was decoded from (for the digest and flow control)."""
 
-    frame: Frame
+    stream_id: int
+    record: Record
     payload: memoryview
 
 
@@ -50,7 +61,7 @@ class DataChunk:
     data: memoryview
 
 
-Item = Preface | Frame | Record | DataStart | DataChunk
+Item = Preface | Frame | RecordItem | DataStart | DataChunk
 
 
 class FrameReader:
@@ -170,6 +181,8 @@ class FrameReader:
         return out
 
     @staticmethod
-    def _decode(ftype: FrameType, stream_id: int, payload: memoryview) -> Frame | Record:
-        frame = decode_payload(ftype, stream_id, payload)
-        return Record(frame, payload) if ftype in FLOW_CONTROLLED else frame
+    def _decode(ftype: FrameType, stream_id: int, payload: memoryview) -> Frame | RecordItem:
+        decoder = record_decoder(ftype)
+        if decoder is not None:
+            return RecordItem(stream_id, decoder(payload), payload)
+        return decode_payload(ftype, stream_id, payload)

@@ -9,7 +9,8 @@ groups, see :mod:`tunnel.endpoints._registry`).  Moving records between a
 reader, a tunnel stream and a writer, with back-pressure, is the job of
 :mod:`tunnel.endpoints._pump`; a plug-in never touches the stream.
 
-The records are the transport's own dataclasses:
+The records are the core's own dataclasses (:mod:`tunnel._records`, re-exported
+by :mod:`tunnel.transport`), the same objects the stream sends and receives:
 
 * ``bytes`` / ``memoryview``: opaque chunks of a byte stream (``DATA``);
 * :class:`~tunnel.transport.PagesRecord`: guest pages of one size, each with
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .._errors import TunnelError
-from ..transport import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
+from ..transport import Record
 
 __all__ = [
     "DestinationWriter",
@@ -48,7 +49,8 @@ __all__ = [
 ]
 
 #: What a reader yields and a writer is given.
-SourceRecord = bytes | memoryview | PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord
+#: What a source yields and a destination writes: the stream's own record type.
+SourceRecord = Record
 
 
 class EndpointError(TunnelError):

@@ -25,15 +25,8 @@ import trio
 
 from .._errors import ErrorCode, FrameTooLargeError, StreamAborted
 from .._frames import DigestAlgorithm
-from ..transport import (
-    DeviceStateRecord,
-    IterationRecord,
-    PagesRecord,
-    StreamStatistics,
-    TunnelConnection,
-    TunnelStream,
-    ZeroPagesRecord,
-)
+from .._records import RECORD_TYPES, Record, split, units
+from ..transport import StreamStatistics, TunnelConnection, TunnelStream
 from ._api import DestinationWriter, EndpointError, FdDestination, FdSource, Progress, SourceReader, SourceRecord
 
 __all__ = ["TransferResult", "receive_into", "send_from", "send_source"]
@@ -81,68 +74,40 @@ def _sink_fd(writer: object) -> int | None:
 
 
 class _RecordSender:
-    """Sends records on a stream, splitting page records the peer cannot take whole."""
+    """Sends records on a stream, splitting those the peer cannot take whole.
+
+    A page or zero-page record larger than the peer's frames or windows is
+    sent in pieces (:func:`tunnel._records.split`); the largest piece that
+    worked is remembered per record type, so later records are cut up front.
+    """
 
     def __init__(self, stream: TunnelStream) -> None:
         self.stream = stream
-        self.max_pages: int | None = None  # learned from the first record that was too large
-        self.max_runs: int | None = None
+        #: Record type -> most units (pages, runs) one record of it may carry.
+        self.most: dict[type[object], int] = {}
 
     async def send(self, record: SourceRecord) -> None:
-        stream = self.stream
         if isinstance(record, bytes | memoryview | bytearray):
-            await stream.send_all(record)
-        elif isinstance(record, IterationRecord):
-            await stream.send_iteration(record.iteration, final=record.final)
-        elif isinstance(record, PagesRecord):
-            await self._send_pages(record)
-        elif isinstance(record, ZeroPagesRecord):
-            await self._send_zero(record)
-        elif isinstance(record, DeviceStateRecord):
-            await stream.send_record(record)
+            await self.stream.send_all(record)
+        elif isinstance(record, RECORD_TYPES):
+            await self._send(record)
         else:
             raise EndpointError(f"a source reader yielded {type(record).__name__}, which is not a record")
 
-    async def _send_pages(self, record: PagesRecord) -> None:
-        count = len(record.addresses)
-        if self.max_pages is not None and count > self.max_pages:
-            await self._split_pages(record, self.max_pages)
+    async def _send(self, record: Record) -> None:
+        most = self.most.get(type(record))
+        if most is not None and units(record) > most:
+            for piece in split(record, most):
+                await self._send(piece)
             return
         try:
             await self.stream.send_record(record)
         except FrameTooLargeError:
+            count = units(record)
             if count <= 1:
                 raise
-            self.max_pages = count // 2 if self.max_pages is None else min(self.max_pages, count // 2)
-            await self._split_pages(record, self.max_pages)
-
-    async def _split_pages(self, record: PagesRecord, size: int) -> None:
-        data = memoryview(record.data)
-        page = record.page_size
-        for i in range(0, len(record.addresses), size):
-            part = record.addresses[i : i + size]
-            piece = PagesRecord(
-                region=record.region, page_size=page, addresses=part, data=data[i * page : (i + len(part)) * page]
-            )
-            await self._send_pages(piece)
-
-    async def _send_zero(self, record: ZeroPagesRecord) -> None:
-        count = len(record.runs)
-        if self.max_runs is not None and count > self.max_runs:
-            await self._split_zero(record, self.max_runs)
-            return
-        try:
-            await self.stream.send_record(record)
-        except FrameTooLargeError:
-            if count <= 1:
-                raise
-            self.max_runs = count // 2 if self.max_runs is None else min(self.max_runs, count // 2)
-            await self._split_zero(record, self.max_runs)
-
-    async def _split_zero(self, record: ZeroPagesRecord, size: int) -> None:
-        for i in range(0, len(record.runs), size):
-            piece = ZeroPagesRecord(region=record.region, page_size=record.page_size, runs=record.runs[i : i + size])
-            await self._send_zero(piece)
+            self.most[type(record)] = count // 2 if most is None else min(most, count // 2)
+            await self._send(record)  # now in pieces
 
 
 async def _abort(stream: TunnelStream, exc: BaseException) -> None:

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from ..transport import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
+from .._records import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
 from ._api import EndpointError, SourceRecord
 from ._fsutil import commit_file, create_temp, pwrite_all, remove_quietly
 from ._imagefile import HEADER_NAME, ImageHeader, image_digest
@@ -90,19 +92,10 @@ class MemoryImageWriter:
     async def write(self, record: SourceRecord) -> None:
         if self.committed:
             raise EndpointError("the image was already committed")
-        if isinstance(record, PagesRecord):
-            self._pages(record)
-        elif isinstance(record, ZeroPagesRecord):
-            self._zero_pages(record)
-        elif isinstance(record, IterationRecord):
-            if self.final:
-                raise EndpointError("an iteration record after the final one")
-            self.iterations = record.iteration + 1
-            self.final = record.final
-        elif isinstance(record, DeviceStateRecord):
-            self._device_state(record)
-        else:
+        apply = _APPLY.get(type(record))
+        if apply is None:
             raise EndpointError(f"a memory image takes pages, not {type(record).__name__} records")
+        apply(self, record)
         await trio.lowlevel.checkpoint()
 
     async def commit(self) -> None:
@@ -155,6 +148,12 @@ class MemoryImageWriter:
         if page_size != self.page_size:
             raise EndpointError(f"a record with {page_size}-byte pages, this image has {self.page_size}")
         return self._fd
+
+    def _iteration(self, record: IterationRecord) -> None:
+        if self.final:
+            raise EndpointError("an iteration record after the final one")
+        self.iterations = record.iteration + 1
+        self.final = record.final
 
     def _pages(self, record: PagesRecord) -> None:
         fd = self._check(record.region, record.page_size)
@@ -233,3 +232,12 @@ def _consecutive(addresses: tuple[int, ...], page_size: int) -> list[tuple[int, 
             start = i
     runs.append((start, len(addresses) - start))
     return runs
+
+
+#: How each record type is applied to the image (bytes chunks are refused).
+_APPLY: dict[type[Any], Callable[[MemoryImageWriter, Any], None]] = {
+    PagesRecord: MemoryImageWriter._pages,
+    ZeroPagesRecord: MemoryImageWriter._zero_pages,
+    IterationRecord: MemoryImageWriter._iteration,
+    DeviceStateRecord: MemoryImageWriter._device_state,
+}

@@ -5,13 +5,19 @@
         s = await conn.open_stream(label="qemu")
         await s.send_all(data)
         await s.send_eof()
+
+The record types (``PagesRecord`` and the rest) are the core's own
+(:mod:`tunnel._records`), re-exported here: the same objects go from a
+source reader through the stream, the core and the wire to the peer's
+writer.
 """
 
 from __future__ import annotations
 
+from .._records import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord, ZstdPagesRecord
 from ._connection import Handler, TunnelConnection, open_connection
 from ._stats import ConnectionStatistics, StreamStatistics
-from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, Record, TunnelStream, ZeroPagesRecord
+from ._stream import Record, TunnelStream
 from ._tls import TLSStream, tune_context
 
 __all__ = [
@@ -26,6 +32,7 @@ __all__ = [
     "TunnelConnection",
     "TunnelStream",
     "ZeroPagesRecord",
+    "ZstdPagesRecord",
     "open_connection",
     "tune_context",
 ]

@@ -26,7 +26,6 @@ allocated, and nothing larger than that size is ever allocated.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 from typing import TypeVar
 
@@ -40,7 +39,6 @@ __all__ = [
     "MAX_WINDOW",
     "PAYS",
     "ZSTD_LEVEL",
-    "CompressedPages",
     "CompressionError",
     "PageCompressor",
     "PageDecompressor",
@@ -86,18 +84,6 @@ def _zstd() -> ModuleType:
     import zstandard
 
     return zstandard
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CompressedPages:
-    """A page batch as the writer sends it: one ZSTD_PAGES frame."""
-
-    region: int
-    page_size: int
-    addresses: tuple[int, ...]
-    compressed: bytes
-    #: Page bytes before compression (``len(addresses) * page_size``).
-    raw_size: int
 
 
 class PageCompressor:

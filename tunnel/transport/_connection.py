@@ -46,30 +46,27 @@ from .._events import (
     CallReceived,
     ConnectionTerminated,
     DataReceived,
-    DeviceStateReceived,
     Event,
     HandshakeComplete,
-    IterationReceived,
-    PagesReceived,
     PongReceived,
+    RecordReceived,
     ReplyReceived,
     StreamEnded,
     StreamOpened,
     StreamReset,
     WindowUpdated,
-    ZeroPagesReceived,
-    ZstdPagesReceived,
 )
 from .._frames import Buffer, DigestAlgorithm, StreamKind
+from .._records import Record, bulk_of, with_bulk
 from .._settings import Feature, Settings
 from .._state import StreamState
 from ._buffers import BufferPool, ReadBuffer
-from ._compress import CompressedPages, zstd_available
+from ._compress import zstd_available
 from ._io import BufferWriter, raw_socket, tune_socket
 from ._reading import SMALL_READ_SIZE, Reading
 from ._splice import SinkQueue, can_splice
 from ._stats import ConnectionStatistics
-from ._stream import DeviceStateRecord, IterationRecord, PagesRecord, TunnelStream, ZeroPagesRecord, _Outgoing, record_size
+from ._stream import TunnelStream, _Outgoing
 from ._util import BrokenConnection, Signal, aborted
 
 __all__ = ["Handler", "TunnelConnection", "open_connection"]
@@ -358,8 +355,8 @@ class TunnelConnection(Reading):
     def _forget(self, stream: TunnelStream) -> None:
         self._streams.pop(stream.stream_id, None)
 
-    def _check_record_fits(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord) -> None:
-        size = record_size(record)
+    def _check_record_fits(self, size: int) -> None:
+        """A record of *size* flow-controlled bytes can ever be sent (else FrameTooLargeError)."""
         peer = self.peer_settings
         limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
         if size > limit:
@@ -428,24 +425,16 @@ class TunnelConnection(Reading):
                 if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data) == len(data.obj):
                     data = data.obj  # a whole read: hand out the bytes object itself
                 stream._on_record(data, event.flow_controlled_length, buf)
-        elif isinstance(event, PagesReceived | ZeroPagesReceived | DeviceStateReceived | IterationReceived | ZstdPagesReceived):
+        elif isinstance(event, RecordReceived):
             stream = self._streams.get(event.stream_id)
             if stream is None:
                 self._acknowledge(event.stream_id, event.flow_controlled_length)
-            elif isinstance(event, ZeroPagesReceived | IterationReceived):
-                stream._on_record(event, event.flow_controlled_length, None)
-            elif isinstance(event, ZstdPagesReceived):
-                # Decompressed by the stream's consumer (receive_record), not here:
-                # the reader never waits for CPU work on one stream's behalf.
-                compressed, buf = self._lend(event.compressed)
-                if compressed is not event.compressed:
-                    event = dataclasses.replace(event, compressed=compressed)
-                stream._on_record(event, event.flow_controlled_length, buf)
             else:
-                data, buf = self._lend(event.data)
-                if data is not event.data:
-                    event = dataclasses.replace(event, data=data)
-                stream._on_record(event, event.flow_controlled_length, buf)
+                # A ZSTD_PAGES record is decompressed by the stream's consumer
+                # (receive_record), not here: the reader never waits for CPU
+                # work on one stream's behalf.
+                record, buf = self._lend_record(event.record)
+                stream._on_record(record, event.flow_controlled_length, buf)
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
                 for stream in self._streams.values():
@@ -495,6 +484,14 @@ class TunnelConnection(Reading):
             self._fail(BrokenConnection(f"the peer closed the connection ({ErrorCode.name_of(event.error_code)}: {reason})"))
         elif isinstance(event, HandshakeComplete):
             self._handshake.set()
+
+    def _lend_record(self, record: Record) -> tuple[Record, ReadBuffer | None]:
+        """*record* with its bulk bytes kept alive in the read buffer, or copied out of it."""
+        bulk = bulk_of(record)
+        if bulk is None:
+            return record, None
+        kept, buf = self._lend(bulk)
+        return (record if kept is bulk else with_bulk(record, kept)), buf
 
     def _start_handler(self, event: CallReceived) -> None:
         handler = self._handlers.get((event.program, event.version, event.procedure))
@@ -594,12 +591,12 @@ class TunnelConnection(Reading):
                     return None
                 continue
             if out.record is not None:
-                size = record_size(out.record)  # type: ignore[arg-type]
+                size = out.size
                 if window < size:
                     _blocked(stream, now)
                     continue
                 try:
-                    _send_record(core, stream.stream_id, out.record)
+                    core.send_record(stream.stream_id, out.record)
                 except LocalProtocolError as exc:  # an invalid record fails its send, not the connection
                     stream._outgoing = None
                     self._senders.remove(stream)
@@ -732,23 +729,6 @@ def _unblocked(stream: TunnelStream, now: float) -> None:
     if stream._blocked_since is not None:
         stream._blocked_total += now - stream._blocked_since
         stream._blocked_since = None
-
-
-def _send_record(core: Connection, stream_id: int, record: object) -> None:
-    if isinstance(record, PagesRecord):
-        core.send_pages(stream_id, region=record.region, page_size=record.page_size, addresses=record.addresses, data=record.data)
-    elif isinstance(record, ZeroPagesRecord):
-        core.send_zero_pages(stream_id, region=record.region, page_size=record.page_size, runs=record.runs)
-    elif isinstance(record, DeviceStateRecord):
-        core.send_device_state(stream_id, name=record.name, version=record.version, data=record.data)
-    elif isinstance(record, IterationRecord):
-        core.send_iteration(stream_id, record.iteration, final=record.final)
-    elif isinstance(record, CompressedPages):
-        core.send_zstd_pages(
-            stream_id, region=record.region, page_size=record.page_size, addresses=record.addresses, compressed=record.compressed
-        )
-    else:  # pragma: no cover
-        raise TypeError(record)
 
 
 def _with_compression(settings: Settings | None, compression: bool | None) -> Settings:

@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
 from .._errors import ErrorCode, TunnelError
-from .._events import DeviceStateReceived, IterationReceived, PagesReceived, ZeroPagesReceived, ZstdPagesReceived
 from .._frames import Buffer, DigestAlgorithm
+from .._records import (
+    DeviceStateRecord,
+    IterationRecord,
+    PagesRecord,
+    ZeroPagesRecord,
+    ZstdPagesRecord,
+    payload_size,
+)
+from .._records import Record as TypedRecord
 from .._state import StreamState
 from ._buffers import ReadBuffer
 from ._compress import (
     COMPRESS_THREAD_MIN,
     DECOMPRESS_THREAD_MIN,
-    CompressedPages,
     CompressionError,
     PageCompressor,
     PageDecompressor,
@@ -42,56 +48,34 @@ from ._util import BrokenStream, ConflictGuard, Signal, aborted
 if TYPE_CHECKING:
     from ._connection import TunnelConnection
 
-__all__ = ["DeviceStateRecord", "IterationRecord", "PagesRecord", "Record", "TunnelStream", "ZeroPagesRecord", "record_size"]
+__all__ = ["Record", "TunnelStream"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PagesRecord:
-    region: int
-    page_size: int
-    addresses: tuple[int, ...]
-    data: Buffer
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ZeroPagesRecord:
-    region: int
-    page_size: int
-    runs: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceStateRecord:
-    name: str
-    version: int
-    data: Buffer
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IterationRecord:
-    """A pre-copy pass boundary: the records that follow belong to pass *iteration* (0 first)."""
-
-    iteration: int
-    #: The last pass (stop-and-copy).
-    final: bool = False
-
-
-#: What :meth:`TunnelStream.receive_record` returns; ``b""`` means end of stream.
+#: What :meth:`TunnelStream.receive_record` returns (``b""`` means end of stream)
+#: and :meth:`TunnelStream.send_record` takes: a chunk of stream bytes or a typed
+#: record (``send_record`` also takes a :class:`ZstdPagesRecord`, which
+#: ``receive_record`` hands out decompressed, as a ``PagesRecord``).
 Record = bytes | memoryview | PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord
+#: What the reader puts in a stream's backlog.
+_Item = Buffer | TypedRecord
 
 
 class _Outgoing:
     """The one piece of work a stream has handed to the writer.
 
-    Either a caller's buffer (*data*), one typed *record*, or a *source*
-    file descriptor staged through a kernel pipe (``send_fd``).
+    Either a caller's buffer (*data*), one typed *record* of *size*
+    flow-controlled bytes, or a *source* file descriptor staged through a
+    kernel pipe (``send_fd``).
     """
 
-    __slots__ = ("abandoned", "data", "done", "drained", "error", "record", "source", "wait_scope", "writing")
+    __slots__ = ("abandoned", "data", "done", "drained", "error", "record", "size", "source", "wait_scope", "writing")
 
-    def __init__(self, data: memoryview | None, record: object | None, source: PipeSource | None = None) -> None:
+    def __init__(
+        self, data: memoryview | None, record: TypedRecord | None = None, size: int = 0, source: PipeSource | None = None
+    ) -> None:
         self.data = data
         self.record = record
+        self.size = size
         self.source = source
         #: ``send_fd`` returned while the writer was splicing: the writer closes the pipe.
         self.abandoned = False
@@ -148,7 +132,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         # receive side
         self._recv_guard = ConflictGuard("another task is receiving on this stream")
         # (item, flow-controlled length, pooled read buffer the item is a slice of)
-        self._backlog: deque[tuple[object, int, ReadBuffer | None]] = deque()
+        self._backlog: deque[tuple[_Item, int, ReadBuffer | None]] = deque()
         self._lent: ReadBuffer | None = None  # buffer behind the last item handed out
         self._buffered = 0
         self._head_offset = 0  # bytes of the first backlog item already taken
@@ -168,7 +152,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------
     # Called by the connection
 
-    def _on_record(self, item: object, length: int, buf: ReadBuffer | None) -> None:
+    def _on_record(self, item: _Item, length: int, buf: ReadBuffer | None) -> None:
         if self._closed or self._error is not None:
             self._conn._acknowledge(self.stream_id, length)
             if buf is not None:
@@ -295,33 +279,34 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Whether page batches sent on this stream are compressed (asked for, and ZSTD negotiated)."""
         return self._compressor is not None
 
-    async def send_record(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord) -> None:
-        """Send one typed record, in order with the stream's data.
+    async def send_record(self, record: Record | ZstdPagesRecord) -> None:
+        """Send one typed record (or a chunk of bytes, as :meth:`send_all`), in order with the stream's data.
 
         On a stream opened with ``compress=True`` a page batch goes as
         ZSTD_PAGES when compressing pays, else as PAGES; the peer reads a
         ``PagesRecord`` either way.  The batch must fit uncompressed.
         """
+        if isinstance(record, bytes | bytearray | memoryview):
+            await self.send_all(record)
+            return
         with self._send_guard:
             self._check_send()
-            self._conn._check_record_fits(record)
-            wire: object = record
-            if isinstance(record, PagesRecord) and self._compressor is not None and len(record.data):
+            size = payload_size(record)
+            self._conn._check_record_fits(size)
+            wire: TypedRecord = record
+            if type(record) is PagesRecord and self._compressor is not None and len(record.data):
                 raw = len(record.data)
                 compressed = await run_sized(raw, COMPRESS_THREAD_MIN, self._compressor.compress, record.data)
                 self._check_send()  # the stream may have failed meanwhile
                 if compressed is not None:
-                    wire = CompressedPages(
-                        region=record.region,
-                        page_size=record.page_size,
-                        addresses=record.addresses,
-                        compressed=compressed,
-                        raw_size=raw,
+                    wire = ZstdPagesRecord(
+                        region=record.region, page_size=record.page_size, addresses=record.addresses, compressed=compressed
                     )
-            await self._hand_over(_Outgoing(None, wire))
-            if isinstance(record, PagesRecord):
+                    size = payload_size(wire)
+            await self._hand_over(_Outgoing(None, wire, size))
+            if type(record) is PagesRecord:
                 self._pages_raw_bytes += len(record.data)
-                self._pages_wire_bytes += len(wire.compressed) if isinstance(wire, CompressedPages) else len(record.data)
+                self._pages_wire_bytes += len(wire.compressed) if type(wire) is ZstdPagesRecord else len(record.data)
 
     async def send_pages(self, *, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> None:
         await self.send_record(PagesRecord(region=region, page_size=page_size, addresses=tuple(addresses), data=data))
@@ -446,10 +431,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.checkpoint()
                 return b""
             item, length, buf = self._backlog[0]
-            if isinstance(item, ZstdPagesReceived):
+            if isinstance(item, ZstdPagesRecord):
                 return await self._take_compressed(item, length, buf)
             data: Record
-            if isinstance(item, (bytes, memoryview)):
+            if isinstance(item, (bytes, bytearray, memoryview)):
                 chunk = self._take_bytes(None, view_ok=True)
                 assert not isinstance(chunk, bytearray)  # slices of the backlog's bytes or views
                 data = chunk
@@ -458,18 +443,18 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 self._lent = buf
                 self._buffered -= length
                 self._conn._acknowledge(self.stream_id, length)
-                data = _record_of(item)
+                data = item  # a typed record, as the core decoded it
             if not blocked:
                 await trio.lowlevel.checkpoint()
             return data
 
-    async def _take_compressed(self, item: ZstdPagesReceived, length: int, buf: ReadBuffer | None) -> PagesRecord:
+    async def _take_compressed(self, item: ZstdPagesRecord, length: int, buf: ReadBuffer | None) -> PagesRecord:
         """Decompress the ZSTD_PAGES record at the head of the backlog into a PagesRecord.
 
         A corrupt frame or a wrong size is a stream error PROTOCOL_ERROR
         (protocol.md §4.17): the stream is aborted and the error raised.
         """
-        size = len(item.addresses) * item.page_size
+        size = item.raw_size
         if self._decompressor is None:
             self._decompressor = PageDecompressor()
         if buf is not None:
@@ -562,7 +547,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def _send_fd_spliced(self, fd: int, limit: int | None) -> int:
         source = PipeSource(fd, limit)
-        out = _Outgoing(None, None, source)
+        out = _Outgoing(None, source=source)
         self._outgoing = out
         try:
             while True:
@@ -740,28 +725,3 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def __repr__(self) -> str:
         return f"<TunnelStream {self.stream_id} {self.label!r}>"
-
-
-def _record_of(event: object) -> Record:
-    if isinstance(event, PagesReceived):
-        return PagesRecord(region=event.region, page_size=event.page_size, addresses=event.addresses, data=event.data)
-    if isinstance(event, ZeroPagesReceived):
-        return ZeroPagesRecord(region=event.region, page_size=event.page_size, runs=event.runs)
-    if isinstance(event, IterationReceived):
-        return IterationRecord(iteration=event.iteration, final=event.final)
-    assert isinstance(event, DeviceStateReceived)
-    return DeviceStateRecord(name=event.name, version=event.version, data=event.data)
-
-
-def record_size(record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord | CompressedPages) -> int:
-    """Flow-controlled payload size of *record* on the wire (uncompressed, for a PagesRecord)."""
-    if isinstance(record, PagesRecord):
-        return 16 + 8 * len(record.addresses) + len(record.data)
-    if isinstance(record, CompressedPages):
-        return 16 + 8 * len(record.addresses) + len(record.compressed)
-    if isinstance(record, ZeroPagesRecord):
-        return 16 + 16 * len(record.runs)
-    if isinstance(record, IterationRecord):
-        return 8
-    return 6 + len(record.name.encode("utf-8")) + len(record.data)
-
