@@ -57,8 +57,8 @@ from tunnel._records import (
     ZeroPagesRecord,
     bulk_of,
     payload_size,
-    split,
-    units,
+    record_units,
+    split_record,
     with_bulk,
 )
 from tunnel._settings import MAGIC, PREFACE
@@ -856,12 +856,12 @@ def test_record_round_trip(kind: str, data: st.DataObject) -> None:
 @settings(max_examples=100, deadline=None)
 @given(S.records(), st.integers(1, 5))
 def test_split_keeps_every_unit_in_order(record: Any, size: int) -> None:
-    pieces = list(split(record, size))
+    pieces = list(split_record(record, size))
     if type(record) not in (PagesRecord, ZeroPagesRecord):
-        assert pieces == [record] and units(record) == 1
+        assert pieces == [record] and record_units(record) == 1
         return
-    assert all(type(p) is type(record) and units(p) <= size for p in pieces)
-    assert sum(units(p) for p in pieces) == units(record)
+    assert all(type(p) is type(record) and record_units(p) <= size for p in pieces)
+    assert sum(record_units(p) for p in pieces) == record_units(record)
     if isinstance(record, PagesRecord):
         assert sum((p.addresses for p in pieces), ()) == record.addresses
         assert b"".join(bytes(p.data) for p in pieces) == bytes(record.data)

@@ -36,12 +36,23 @@ from ._events import (
     WindowUpdated,
 )
 from ._frames import DigestAlgorithm, FrameType, StreamKind
-from ._records import DeviceStateRecord, IterationRecord, PagesRecord, Record, ZeroPagesRecord, ZstdPagesRecord
+from ._records import (
+    RECORD_TYPES,
+    DeviceStateRecord,
+    IterationRecord,
+    PagesRecord,
+    Record,
+    ZeroPagesRecord,
+    ZstdPagesRecord,
+    record_units,
+    split_record,
+)
 from ._settings import PROTOCOL_VERSION, Feature, SettingId, Settings
 from ._state import StreamState
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "RECORD_TYPES",
     "CallFailed",
     "CallReceived",
     "Connection",
@@ -81,4 +92,6 @@ __all__ = [
     "WindowUpdated",
     "ZeroPagesRecord",
     "ZstdPagesRecord",
+    "record_units",
+    "split_record",
 ]

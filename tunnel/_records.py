@@ -34,8 +34,8 @@ __all__ = [
     "ZstdPagesRecord",
     "bulk_of",
     "payload_size",
-    "split",
-    "units",
+    "record_units",
+    "split_record",
     "with_bulk",
 ]
 
@@ -176,18 +176,18 @@ _UNITS: dict[type[Any], Callable[[Any], int]] = {
 _SPLIT: dict[type[Any], Callable[[Any, int], Iterator[Any]]] = {PagesRecord: _split_pages, ZeroPagesRecord: _split_zero}
 
 
-def units(record: Record) -> int:
+def record_units(record: Record) -> int:
     """How many pieces *record* can be split into: pages, zero runs, or 1 (indivisible)."""
     count = _UNITS.get(type(record))
     return 1 if count is None else count(record)
 
 
-def split(record: Record, size: int) -> Iterator[Record]:
-    """*record* in order, as records of at most *size* units each (see :func:`units`)."""
+def split_record(record: Record, size: int) -> Iterator[Record]:
+    """*record* in order, as records of at most *size* units each (see :func:`record_units`)."""
     if size < 1:
         raise ValueError("size must be >= 1")
     splitter = _SPLIT.get(type(record))
-    if splitter is None or units(record) <= size:
+    if splitter is None or record_units(record) <= size:
         yield record
         return
     yield from splitter(record, size)

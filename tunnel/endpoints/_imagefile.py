@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .._records import DeviceStateRecord
+from .. import DeviceStateRecord
 from ._api import EndpointError
 
 __all__ = ["HEADER_NAME", "ImageHeader", "data_extents", "image_digest", "page_extents", "read_into"]

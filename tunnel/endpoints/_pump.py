@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import trio
 
+from .. import RECORD_TYPES, Record, record_units, split_record
 from .._errors import ErrorCode, FrameTooLargeError, StreamAborted
 from .._frames import DigestAlgorithm
-from .._records import RECORD_TYPES, Record, split, units
 from ..transport import StreamStatistics, TunnelConnection, TunnelStream
 from ._api import DestinationWriter, EndpointError, FdDestination, FdSource, Progress, SourceReader, SourceRecord
 
@@ -77,7 +77,7 @@ class _RecordSender:
     """Sends records on a stream, splitting those the peer cannot take whole.
 
     A page or zero-page record larger than the peer's frames or windows is
-    sent in pieces (:func:`tunnel._records.split`); the largest piece that
+    sent in pieces (:func:`tunnel.split_record`); the largest piece that
     worked is remembered per record type, so later records are cut up front.
     """
 
@@ -96,14 +96,14 @@ class _RecordSender:
 
     async def _send(self, record: Record) -> None:
         most = self.most.get(type(record))
-        if most is not None and units(record) > most:
-            for piece in split(record, most):
+        if most is not None and record_units(record) > most:
+            for piece in split_record(record, most):
                 await self._send(piece)
             return
         try:
             await self.stream.send_record(record)
         except FrameTooLargeError:
-            count = units(record)
+            count = record_units(record)
             if count <= 1:
                 raise
             self.most[type(record)] = count // 2 if most is None else min(most, count // 2)

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from .._records import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
+from .. import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
 from ._api import EndpointError, SourceRecord
 from ._fsutil import commit_file, create_temp, pwrite_all, remove_quietly
 from ._imagefile import HEADER_NAME, ImageHeader, image_digest
