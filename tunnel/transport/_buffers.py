@@ -47,7 +47,7 @@ class ReadBuffer:
         self.refs -= 1
         if self.refs == 0 and self.retired:
             self.retired = False
-            self.pool._put(self)
+            self.pool.put_back(self)
 
 
 class BufferPool:
@@ -74,11 +74,12 @@ class BufferPool:
     def retire(self, buf: ReadBuffer) -> None:
         """The reader is done filling *buf*: free it now or when its last slice goes."""
         if buf.refs == 0:
-            self._put(buf)
+            self.put_back(buf)
         else:
             buf.retired = True
 
-    def _put(self, buf: ReadBuffer) -> None:
+    def put_back(self, buf: ReadBuffer) -> None:
+        """*buf* is free (retired, and its last slice released): keep it for reuse or drop it."""
         self.in_use -= 1
         if len(self._free) < self.keep and not self._closed:
             self._free.append(buf)
