@@ -118,7 +118,7 @@ async def test_rpc_only_connections_never_take_large_buffers() -> None:
         server.register(PROG, 1, echo)
         for size in (10, 1000, 10 * KiB):
             assert await client.call(PROG, 1, b"x" * size) == b"x" * size
-        assert server._pool is None and client._pool is None
+        assert server._reader.pool is None and client._reader.pool is None
         # Bulk data switches to the large buffers.
         stream = await client.open_stream(digest=tunnel.DigestAlgorithm.NONE)
         incoming = await server.accept_stream()
@@ -133,7 +133,7 @@ async def test_rpc_only_connections_never_take_large_buffers() -> None:
             while chunk := await incoming.receive_some():
                 total += len(chunk)
         assert total == 4 * MiB
-        assert server._pool is not None
+        assert server._reader.pool is not None
 
 
 # ---------------------------------------------------------------------------
@@ -184,10 +184,10 @@ async def test_call_flood_from_a_peer_that_never_reads_stops_the_reader(autojump
                 )
                 await peer.send_all(batch)
                 sent += 1
-                most = max(most, conn._core.pending_control_bytes + conn._writing_control)
+                most = max(most, conn._core.pending_control_bytes + conn._writer.writing_control)
                 await trio.lowlevel.checkpoint()
         assert scope.cancelled_caught, "the reader never stopped"
-        most = max(most, conn._core.pending_control_bytes + conn._writing_control)
+        most = max(most, conn._core.pending_control_bytes + conn._writer.writing_control)
         # Above the bound by at most the answers to one read (16 KiB of calls).
         assert most <= limit + 100 * KiB
         assert conn._core.pending_output <= limit + 100 * KiB

@@ -1,92 +1,54 @@
 """The trio driver: RPC and streams multiplexed on one trio stream.
 
-Theory of operation.  Three background tasks serve one
-:class:`tunnel.Connection` core.  The *reader* reads from the transport and
-dispatches the core's events to streams, calls and handlers; it never waits
-for an application, so one slow consumer cannot stall the others (each
-stream's backlog is bounded by its window instead).  It lives in
-:mod:`._reading`, with how it keeps reads and wakeups few.  The *writer* is the
-only task that writes: each round it first drains what the core has queued
-(RPC, window updates, pongs, opens, ends, aborts) and only then writes one
-data frame, taken round-robin from the streams that have data, credit and
-bandwidth budget.  So control traffic waits behind at most one data frame,
-and N busy streams get equal shares.  The *watchdog* task pings an idle
-peer and declares it dead after the keepalive timeout, and drops a peer
-whose frame stays incomplete for ``frame_timeout``.
+:class:`TunnelConnection` is a composition of parts, each owning its state
+and talking to the others through a few methods (the theory of operation
+of the whole package is in :mod:`tunnel.transport`):
 
-What one connection costs is bounded whatever the peer does.  The reader
-starts with a small buffer and takes large pooled ones only once the
-handshake is done and reads fill the small one (:mod:`._reading`).  It
-stops reading while the answers it owes the peer and has not yet written
-exceed ``max_control_backlog`` (counted by the core,
-``Connection.pending_control_bytes``), so a peer that sends without
-reading is throttled by its own socket, not buffered for.
+* the sans-I/O core (:class:`tunnel.Connection`), the protocol state;
+* the :class:`~._reading.Reader` task, which feeds the core and routes its events;
+* the :class:`~._writer.Writer` task, the only one that writes;
+* the :class:`~._rpc.CallTable`, calls in both directions;
+* the :class:`~._keepalive.Keepalive`, pings and the watchdog task;
+* the :class:`~._stream.StreamTable` of streams, each talking to the
+  connection only through its :class:`~._link.StreamLink`.
 
 Every failure (transport error, protocol error, keepalive timeout, GOODBYE)
-goes through :meth:`TunnelConnection._fail`, which fails every stream and
-pending call with :class:`tunnel.ConnectionLost`; the writer then flushes any
-GOODBYE the core queued and closes the transport.
+goes through :meth:`TunnelConnection._fail`, which records it in the shared
+:class:`~._util.Health` and fails every stream and pending call with
+:class:`tunnel.ConnectionLost`; the writer then flushes any GOODBYE the core
+queued, and the connection closes the transport.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import socket
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
 
 from .._connection import Connection
-from .._errors import ErrorCode, FrameTooLargeError, LocalProtocolError, RPCError
-from .._events import (
-    CallFailed,
-    CallReceived,
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    HandshakeComplete,
-    PongReceived,
-    RecordReceived,
-    ReplyReceived,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    WindowUpdated,
-)
+from .._errors import ErrorCode
+from .._events import StreamOpened
 from .._frames import Buffer, DigestAlgorithm, StreamKind
-from .._records import Record, bulk_of, with_bulk
 from .._settings import Feature, Settings
-from .._state import StreamState
-from ._buffers import BufferPool, ReadBuffer
 from ._compress import zstd_available
+from ._inbox import SinkRegistry
 from ._io import BufferWriter, raw_socket, tune_socket
-from ._reading import SMALL_READ_SIZE, Reading
-from ._splice import SinkQueue, can_splice
+from ._keepalive import Keepalive
+from ._link import StreamLink
+from ._reading import Reader
+from ._rpc import CallTable, Handler
+from ._splice import can_splice
 from ._stats import ConnectionStatistics
-from ._stream import TunnelStream, _Outgoing
-from ._util import BrokenConnection, Signal, aborted
+from ._stream import StreamTable, TunnelStream
+from ._util import BrokenConnection, Health
+from ._writer import CLOSE_TIMEOUT, Writer
 
 __all__ = ["Handler", "TunnelConnection", "open_connection"]
 
-#: An RPC handler: takes the call body, returns the reply body.
-Handler = Callable[[bytes], Awaitable[Buffer]]
 
-_CLOSE_TIMEOUT = 5.0
-
-
-class _Call:
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result = b""
-        self.error: BaseException | None = None
-
-
-class TunnelConnection(Reading):
+class TunnelConnection:
     """RPC and migration streams over one trio stream.  Create with :func:`open_connection`."""
 
     def __init__(
@@ -102,61 +64,45 @@ class TunnelConnection(Reading):
     ) -> None:
         self._transport = transport
         self._core = core
-        self._out = BufferWriter(transport)
-        self._sock = raw_socket(transport)
-        if self._sock is not None:
-            tune_socket(self._sock)
-        #: Large read buffers, made once the connection carries bulk data.
-        self._pool: BufferPool | None = None
-        #: Small read buffers: the handshake and RPC need no more.
-        self._small_pool = BufferPool(SMALL_READ_SIZE, max_buffers=8, keep=1)
-        #: Reads fill small buffers: take large ones from now on.
-        self._grow = False
-        self._buffer: ReadBuffer | None = None
-        self.frame_timeout = frame_timeout
-        self.max_control_backlog = max_control_backlog
-        #: When the frame now arriving began (None between frames), and
-        #: core.frames_received when it was last looked at.
-        self._partial_since: float | None = None
-        self._frames_seen = 0
-        #: Answers to the peer in the batch the writer is writing now.
-        self._writing_control = 0
-        #: Set when the writer finishes a write, for a reader paused on the backlog.
-        self._drained: trio.Event | None = None
-        #: Streams whose payload the reader splices into a file descriptor.
-        self._sinks: dict[int, SinkQueue] = {}
-        #: Streams whose sink got payload since the reader last flushed: it
-        #: flushes them once per batch, before it waits or checkpoints.
-        self._dirty: list[TunnelStream] = []
-        #: The reader just spliced a payload to its end: the next byte starts a frame.
-        self._at_boundary = False
-        self._can_splice = self._sock is not None and can_splice()
-        self._tcp = self._sock is not None and self._sock.family in (socket.AF_INET, socket.AF_INET6)
-        self._lowat = 1  # the socket's SO_RCVLOWAT
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.chunk_size = chunk_size
-        self._kick_event = trio.Event()
-        self._senders: deque[TunnelStream] = deque()
-        self._streams: dict[int, TunnelStream] = {}
-        self._incoming: deque[TunnelStream] = deque()
-        self._incoming_signal = Signal()
-        self._calls: dict[int, _Call] = {}
-        self._handlers: dict[tuple[int, int, int], Handler] = {}
-        #: The versions registered for each program, for UNKNOWN_PROCEDURE messages.
-        self._versions: dict[int, set[int]] = {}
-        self._handshake = trio.Event()
-        self._error: BaseException | None = None
+        sock = raw_socket(transport)
+        if sock is not None:
+            tune_socket(sock)
+        self._health = Health()
+        self._writer = Writer(core, BufferWriter(transport), self._health, chunk_size)
+        self._streams = StreamTable(self._health)
+        self._sinks = SinkRegistry()
+        self._link = StreamLink(
+            core, self._health, self._writer, forget=self._streams.forget, can_splice=sock is not None and can_splice()
+        )
+        self._rpc = CallTable(core, self._health, self._writer.kick)
+        self._keepalive = Keepalive(
+            core,
+            self._health,
+            self._writer.kick,
+            self._fail,
+            interval=keepalive_interval,
+            timeout=keepalive_timeout,
+            frame_timeout=frame_timeout,
+        )
+        self._reader = Reader(
+            transport,
+            sock,
+            core,
+            self._health,
+            self._writer,
+            sinks=self._sinks,
+            streams=self._streams,
+            rpc=self._rpc,
+            keepalive=self._keepalive,
+            acknowledge=self._link.acknowledge,
+            opened=self._opened,
+            fail=self._fail,
+            max_control_backlog=max_control_backlog,
+        )
+        #: A background task failed with a bug (not a connection failure).
         self._internal_error: BaseException | None = None
         self._closed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._last_rx = trio.current_time()
-        self._bytes_received = 0
-        self._frames_sent = 0
-        self._calls_served = 0
-        self._pings = 0
-        #: ping() calls waiting, by sequence number (their opaque bytes).
-        self._pong_waiters: dict[int, trio.Event] = {}
 
     # ------------------------------------------------------------------
     # Public API
@@ -173,11 +119,16 @@ class TunnelConnection(Reading):
     @property
     def compression(self) -> bool:
         """Whether both sides set the ZSTD feature, so streams may send compressed pages."""
-        return bool(self._core.features & Feature.ZSTD)
+        return self._link.compression
 
     @property
     def is_closed(self) -> bool:
-        return self._error is not None
+        return not self._health.alive
+
+    @property
+    def chunk_size(self) -> int:
+        """Largest DATA frame payload this side writes."""
+        return self._writer.chunk_size
 
     def register(self, program: int, procedure: int, handler: Handler, *, version: int = 1) -> None:
         """Serve calls to (*program*, *version*, *procedure*) with ``await handler(body) -> reply body``.
@@ -187,8 +138,7 @@ class TunnelConnection(Reading):
         Calls to a version with no handler are answered ``UNKNOWN_PROCEDURE``
         with the versions that are served.
         """
-        self._handlers[(program, version, procedure)] = handler
-        self._versions.setdefault(program, set()).add(version)
+        self._rpc.register(program, procedure, handler, version)
 
     async def call(self, program: int, procedure: int, body: Buffer = b"", *, version: int = 1) -> bytes:
         """Call a procedure on the peer and return its reply body.
@@ -196,20 +146,7 @@ class TunnelConnection(Reading):
         Raises :class:`tunnel.RPCError` with the peer's code and message, or
         :class:`tunnel.ConnectionLost`.  Cancelling leaves the connection usable.
         """
-        self._check_alive()
-        serial = self._core.send_call(program, version, procedure, body)
-        call = _Call()
-        self._calls[serial] = call
-        self._kick()
-        try:
-            await call.done.wait()
-        finally:
-            if not call.done.is_set():
-                del self._calls[serial]
-                self._core.cancel_call(serial)
-        if call.error is not None:
-            raise call.error
-        return call.result
+        return await self._rpc.call(program, procedure, body, version)
 
     async def open_stream(
         self,
@@ -227,10 +164,11 @@ class TunnelConnection(Reading):
         pays, if both sides negotiated ZSTD (:attr:`compression`); otherwise
         the flag changes nothing.  The peer reads ordinary ``PagesRecord``s.
         """
-        self._check_alive()
+        self._health.check()
         stream_id = self._core.open_stream(kind=kind, digest=digest, migration_id=migration_id, label=label)
         stream = TunnelStream(
-            self,
+            self._link,
+            self._sinks,
             stream_id,
             kind=kind,
             digest=digest,
@@ -239,55 +177,40 @@ class TunnelConnection(Reading):
             bandwidth=bandwidth,
             compress=compress,
         )
-        self._streams[stream_id] = stream
-        self._kick()
+        self._streams.add(stream)
+        self._writer.kick()
         await trio.lowlevel.checkpoint()
         return stream
 
     async def accept_stream(self) -> TunnelStream:
         """The next stream the peer opened (its kind, label and migration id are attributes)."""
-        while not self._incoming:
-            self._check_alive()
-            await self._incoming_signal.wait()
-        stream = self._incoming.popleft()
-        await trio.lowlevel.checkpoint()
-        return stream
+        return await self._streams.accept()
 
     async def ping(self) -> float:
         """Round-trip time of one PING, in seconds."""
-        self._check_alive()
-        waiter = trio.Event()
-        seq = self._send_ping()
-        self._pong_waiters[seq] = waiter
-        start = trio.current_time()
-        try:
-            await waiter.wait()
-        finally:
-            self._pong_waiters.pop(seq, None)
-        self._check_alive()
-        return trio.current_time() - start
+        return await self._keepalive.ping()
 
     def statistics(self) -> ConnectionStatistics:
         return ConnectionStatistics(
-            bytes_sent=self._out.written,
-            bytes_received=self._bytes_received,
-            frames_sent=self._frames_sent,
+            bytes_sent=self._writer.bytes_written,
+            bytes_received=self._reader.bytes_received,
+            frames_sent=self._writer.frames_sent,
             connection_credit=self._core.connection_credit,
             connection_window=self._core.connection_window,
             buffered=self._core.buffered_received,
-            calls_outstanding=len(self._calls),
-            calls_served=self._calls_served,
-            streams=tuple(s.statistics() for s in self._streams.values()),
-            idle_s=trio.current_time() - self._last_rx,
+            calls_outstanding=self._rpc.outstanding,
+            calls_served=self._rpc.served,
+            streams=self._streams.statistics(),
+            idle_s=trio.current_time() - self._reader.last_rx,
         )
 
     async def aclose(self) -> None:
         """Orderly shutdown: GOODBYE, flush, close the transport, stop the tasks."""
-        if self._error is None:
+        if self._health.alive:
             self._core.close(ErrorCode.NO_ERROR, "closing")
             self._fail(BrokenConnection("the connection was closed locally"))
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(_CLOSE_TIMEOUT + 1):
+            with trio.move_on_after(CLOSE_TIMEOUT + 1):
                 await self._closed.wait()
             if not self._closed.is_set():  # pragma: no cover - writer stuck past its own timeout
                 await trio.aclose_forcefully(self._transport)
@@ -295,106 +218,41 @@ class TunnelConnection(Reading):
                     self._nursery.cancel_scope.cancel()
 
     # ------------------------------------------------------------------
-    # Used by streams
+    # Wiring
 
-    def _send_ping(self) -> int:
-        """Queue a PING; returns its sequence number, which is also its payload.
-
-        The peer may answer only the newest of several PINGs (protocol.md
-        8.1), so a PONG answers every PING up to the one it echoes.
-        """
-        self._pings += 1
-        self._core.ping(self._pings.to_bytes(8, "big"))
-        self._kick()
-        return self._pings
-
-    def _check_alive(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _kick(self) -> None:
-        self._kick_event.set()
-
-    def _schedule(self, stream: TunnelStream) -> None:
-        if stream not in self._senders:
-            self._senders.append(stream)
-        self._kick()
-
-    def _send_window(self, stream_id: int) -> int:
-        self._check_alive()
-        return self._core.send_window(stream_id)
-
-    def _acknowledge(self, stream_id: int, size: int) -> None:
-        if size and self._error is None:
-            self._core.acknowledge_received(stream_id, size)
-            if self._core.pending_output:
-                self._kick()
-
-    def _end_stream(self, stream_id: int) -> None:
-        self._check_alive()
-        self._core.end_stream(stream_id)
-        self._kick()
-
-    def _abort_stream(self, stream_id: int, error_code: int, reason: str) -> None:
-        if self._error is None:
-            self._core.abort_stream(stream_id, error_code, reason)
-            self._kick()
-
-    def _close_stream(self, stream: TunnelStream) -> None:
-        """aclose(): end our direction, abort the peer's if it is still sending."""
-        if self._error is not None:
-            return
-        state = self._core.stream_state(stream.stream_id)
-        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and not stream._eof_sent:
-            self._core.end_stream(stream.stream_id)
-            state = self._core.stream_state(stream.stream_id)
-        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
-            self._core.abort_stream(stream.stream_id, ErrorCode.CANCEL, "the receiver closed the stream")
-        self._kick()
-
-    def _forget(self, stream: TunnelStream) -> None:
-        self._streams.pop(stream.stream_id, None)
-
-    def _check_record_fits(self, size: int) -> None:
-        """A record of *size* flow-controlled bytes can ever be sent (else FrameTooLargeError)."""
-        peer = self.peer_settings
-        limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
-        if size > limit:
-            raise FrameTooLargeError(
-                f"a record of {size} bytes can never be sent: the peer accepts frames and windows of {limit} bytes"
-            )
-
-    # ------------------------------------------------------------------
-    # Failure
+    def _opened(self, event: StreamOpened) -> None:
+        """The peer opened a stream: it waits for accept_stream."""
+        stream = TunnelStream(
+            self._link,
+            self._sinks,
+            event.stream_id,
+            kind=event.kind,
+            digest=event.digest,
+            migration_id=event.migration_id,
+            label=event.label,
+        )
+        self._streams.add_incoming(stream)
 
     def _fail(self, error: BaseException) -> None:
-        if self._error is not None:
+        """The connection failed (or is closing): every part learns it once, with *error*."""
+        if not self._health.alive:
             return
-        self._error = error
-        for stream in list(self._streams.values()) + list(self._incoming):
-            stream._on_error(error)
-        for call in self._calls.values():
-            call.error = error
-            call.done.set()
-        self._calls.clear()
-        for waiter in self._pong_waiters.values():
-            waiter.set()
-        if self._drained is not None:
-            self._drained.set()
-        self._incoming_signal.fire()
-        self._handshake.set()
-        self._kick()
-
-    # ------------------------------------------------------------------
-    # Background tasks
+        self._health.error = error
+        self._streams.fail_all(error)
+        self._rpc.fail(error)
+        self._keepalive.fail()
+        self._writer.wake_all()
+        self._reader.handshake.set()
+        self._reader.released.set()
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._guard, self._reader)
-            nursery.start_soon(self._guard, self._writer)
-            if self.keepalive_interval is not None or self.frame_timeout is not None:
-                nursery.start_soon(self._guard, self._watchdog)
+            self._rpc.nursery = nursery
+            nursery.start_soon(self._guard, self._reader.run)
+            nursery.start_soon(self._guard, self._write)
+            if self._keepalive.needed:
+                nursery.start_soon(self._guard, self._watch)
             task_status.started()
 
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
@@ -404,155 +262,10 @@ class TunnelConnection(Reading):
             self._internal_error = exc
             self._fail(BrokenConnection(f"internal error in the tunnel: {exc!r}"))
 
-    async def _dispatch_all(self, events: list[Event] | tuple[()]) -> None:
-        for event in events:
-            self._dispatch(event)
-            if isinstance(event, HandshakeComplete):
-                # open_connection's body runs (it was woken just now: the next
-                # batch) before anything behind the handshake, in this read or
-                # the next, is dispatched: handlers it registers at once find
-                # a call that came right behind.
-                await trio.lowlevel.checkpoint()
-                await trio.lowlevel.checkpoint()
-
-    def _dispatch(self, event: Event) -> None:
-        if isinstance(event, DataReceived):
-            stream = self._streams.get(event.stream_id)
-            if stream is None or event.data is None:
-                self._acknowledge(event.stream_id, event.flow_controlled_length)
-            else:
-                data, buf = self._lend(event.data)
-                if isinstance(data, memoryview) and isinstance(data.obj, bytes) and len(data) == len(data.obj):
-                    data = data.obj  # a whole read: hand out the bytes object itself
-                stream._on_record(data, event.flow_controlled_length, buf)
-        elif isinstance(event, RecordReceived):
-            stream = self._streams.get(event.stream_id)
-            if stream is None:
-                self._acknowledge(event.stream_id, event.flow_controlled_length)
-            else:
-                # A ZSTD_PAGES record is decompressed by the stream's consumer
-                # (receive_record), not here: the reader never waits for CPU
-                # work on one stream's behalf.
-                record, buf = self._lend_record(event.record)
-                stream._on_record(record, event.flow_controlled_length, buf)
-        elif isinstance(event, WindowUpdated):
-            if event.stream_id == 0:
-                for stream in self._streams.values():
-                    stream._on_credit()
-            else:
-                stream = self._streams.get(event.stream_id)
-                if stream is not None:
-                    stream._on_credit()
-            self._kick()
-        elif isinstance(event, StreamOpened):
-            stream = TunnelStream(
-                self,
-                event.stream_id,
-                kind=event.kind,
-                digest=event.digest,
-                migration_id=event.migration_id,
-                label=event.label,
-            )
-            self._streams[event.stream_id] = stream
-            self._incoming.append(stream)
-            self._incoming_signal.fire()
-        elif isinstance(event, StreamEnded):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._on_eof()
-        elif isinstance(event, StreamReset):
-            stream = self._streams.get(event.stream_id)
-            if stream is not None:
-                stream._on_error(aborted(event.error_code, event.reason, remote=event.remote))
-            self._kick()
-        elif isinstance(event, CallReceived):
-            self._start_handler(event)
-        elif isinstance(event, ReplyReceived | CallFailed):
-            call = self._calls.pop(event.serial, None)
-            if call is not None:
-                if isinstance(event, ReplyReceived):
-                    call.result = bytes(event.body)
-                else:
-                    call.error = RPCError(event.error_code, event.message)
-                call.done.set()
-        elif isinstance(event, PongReceived):
-            seq = int.from_bytes(event.opaque, "big")
-            for answered in [n for n in self._pong_waiters if n <= seq]:
-                self._pong_waiters.pop(answered).set()
-        elif isinstance(event, ConnectionTerminated):
-            reason = event.reason or "no reason given"
-            self._fail(BrokenConnection(f"the peer closed the connection ({ErrorCode.name_of(event.error_code)}: {reason})"))
-        elif isinstance(event, HandshakeComplete):
-            self._handshake.set()
-
-    def _lend_record(self, record: Record) -> tuple[Record, ReadBuffer | None]:
-        """*record* with its bulk bytes kept alive in the read buffer, or copied out of it."""
-        bulk = bulk_of(record)
-        if bulk is None:
-            return record, None
-        kept, buf = self._lend(bulk)
-        return (record if kept is bulk else with_bulk(record, kept)), buf
-
-    def _start_handler(self, event: CallReceived) -> None:
-        handler = self._handlers.get((event.program, event.version, event.procedure))
-        if handler is None:
-            self._core.send_error(event.serial, ErrorCode.UNKNOWN_PROCEDURE, self._unknown(event))
-            self._kick()
-            return
-        assert self._nursery is not None
-        self._nursery.start_soon(self._serve, handler, event.serial, bytes(event.body))
-
-    def _unknown(self, call: CallReceived) -> str:
-        program = f"program 0x{call.program:08x}"
-        versions = self._versions.get(call.program)
-        if not versions:
-            return f"{program} is not served here"
-        if call.version not in versions:
-            supported = ", ".join(str(v) for v in sorted(versions))
-            return f"{program} version {call.version} is not supported (supported: {supported})"
-        return f"{program} version {call.version} has no procedure {call.procedure}"
-
-    async def _serve(self, handler: Handler, serial: int, body: bytes) -> None:
+    async def _write(self) -> None:
+        """The writer task; the connection owns the transport and closes it when the writer is done."""
         try:
-            reply = await handler(body)
-        except RPCError as exc:
-            code, message = exc.code, exc.message
-        except Exception as exc:  # noqa: BLE001 - the handler's failure goes back to the caller
-            code, message = ErrorCode.APPLICATION_ERROR, f"{type(exc).__name__}: {exc}"
-        else:
-            if self._error is not None:
-                return
-            try:
-                self._core.send_reply(serial, reply)
-            except FrameTooLargeError as exc:
-                self._core.send_error(serial, ErrorCode.APPLICATION_ERROR, f"reply too large: {exc}")
-            self._calls_served += 1
-            self._kick()
-            return
-        if self._error is None:
-            self._core.send_error(serial, code, message)
-            self._calls_served += 1
-            self._kick()
-
-    async def _writer(self) -> None:
-        try:
-            while self._error is None:
-                if self._kick_event.is_set():
-                    self._kick_event = trio.Event()  # kicks from here on wake the wait below
-                deadline = await self._write_round()
-                if deadline is None:
-                    continue
-                if deadline == math.inf:  # nothing to do until kicked: no timeout scope needed
-                    await self._kick_event.wait()
-                else:
-                    with trio.move_on_at(deadline):
-                        await self._kick_event.wait()
-            # Flush what the core queued last (a GOODBYE), then close.
-            with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                buffers = self._take_output()
-                if buffers:
-                    await self._out.write(buffers)
+            await self._writer.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(BrokenConnection(f"the connection broke: {exc or type(exc).__name__}"))
         finally:
@@ -562,173 +275,24 @@ class TunnelConnection(Reading):
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
 
-    async def _write_round(self) -> float | None:
-        """Write one batch; returns None if it did, else when to look again."""
-        core = self._core
-        buffers = self._take_output()
-        if buffers:
-            self._frames_sent += 1
-            await self._out.write(buffers)
-            self._wrote()
-            return None
-        now = trio.current_time()
-        deadline = math.inf
-        for _ in range(len(self._senders)):
-            stream = self._senders[0]
-            self._senders.rotate(-1)
-            out = stream._outgoing
-            if out is None:
-                self._senders.remove(stream)
-                continue
-            ready_at = stream._rate.ready_at(now)
-            if ready_at > now:
-                deadline = min(deadline, ready_at)
-                continue
-            window = core.send_window(stream.stream_id)
-            if out.source is not None:
-                if await self._write_spliced(stream, out, window, now):
-                    await trio.lowlevel.checkpoint()  # one per data frame, whatever the socket did
-                    return None
-                continue
-            if out.record is not None:
-                size = out.size
-                if window < size:
-                    _blocked(stream, now)
-                    continue
-                try:
-                    core.send_record(stream.stream_id, out.record)
-                except LocalProtocolError as exc:  # an invalid record fails its send, not the connection
-                    stream._outgoing = None
-                    self._senders.remove(stream)
-                    out.fail(exc)
-                    return None
-                finished = True
-            else:
-                assert out.data is not None
-                if window <= 0:
-                    _blocked(stream, now)
-                    continue
-                size = min(len(out.data), window, stream._rate.chunk(self.chunk_size))
-                core.send_data(stream.stream_id, out.data[:size])
-                out.data = out.data[size:]
-                finished = not out.data
-            _unblocked(stream, now)
-            stream._rate.spend(size, now)
-            stream._frames_sent += 1
-            stream._bytes_sent += size  # statistics() falls back to it once the core forgets the stream
-            if finished:
-                stream._outgoing = None
-                self._senders.remove(stream)
-            self._frames_sent += 1
-            await self._out.write(self._take_output())
-            self._wrote()
-            if finished:
-                out.done.set()
-            await trio.lowlevel.checkpoint()  # one per data frame, whatever the socket did
-            return None
-        return deadline
-
-    def _take_output(self) -> list[Buffer]:
-        """What the core queued; its answers to the peer count as being written until _wrote()."""
-        self._writing_control = self._core.pending_control_bytes
-        return self._core.data_to_send()
-
-    def _wrote(self) -> None:
-        self._writing_control = 0
-        if self._drained is not None:
-            self._drained.set()
-            self._drained = None
-
-    async def _write_spliced(self, stream: TunnelStream, out: _Outgoing, window: int, now: float) -> bool:
-        """One DATA frame whose payload goes from the stream's pipe into the socket."""
-        source = out.source
-        assert source is not None
-        pipe = source.pipe
-        if window > 0:
-            source.fill()  # top up first: the frame carries all the source has ready
-        if pipe.level == 0 or source.error is not None:
-            # Nothing to send: send_fd's task waits for the source (or ends, or raises).
-            self._senders.remove(stream)
-            out.drained.fire()
-            return False
-        if window <= 0:
-            _blocked(stream, now)
-            return False
-        _unblocked(stream, now)
-        size = min(pipe.level, window, stream._rate.chunk(self.chunk_size))
-        head = self._core.prepare_external_data(stream.stream_id, size)
-        out.writing = True
-        try:
-            await self._out.write_spliced(head, pipe.read_fd, size)
-        finally:
-            out.writing = False
-        pipe.level -= size
-        stream._bytes_spliced += size
-        stream._frames_sent += 1
-        stream._bytes_sent += size
-        stream._rate.spend(size, now)
-        self._frames_sent += 1
-        if out.abandoned:
-            pipe.close()  # send_fd returned while we were splicing
-        return True
-
-    async def _watchdog(self) -> None:
-        """Keepalive (ping an idle peer, drop a silent one) and the frame timeout."""
+    async def _watch(self) -> None:
         # Not before the handshake: open_connection bounds that wait itself.
-        await self._handshake.wait()
-        interval = self.keepalive_interval
-        frame_timeout = self.frame_timeout
-        pinged_at = -math.inf
-        while self._error is None:
-            now = trio.current_time()
-            wake = math.inf
-            if interval is not None:
-                idle = now - self._last_rx
-                if idle >= self.keepalive_timeout:
-                    self._time_out(
-                        f"nothing received for {idle:.1f} s",
-                        f"keepalive timeout: nothing received from the peer for {idle:.1f} s (timeout {self.keepalive_timeout} s)",
-                    )
-                    return
-                # <=: a reply that arrives in the same clock tick as the ping still
-                # counts (else the loop would spin, sleeping until a past time).
-                if idle >= interval and pinged_at <= self._last_rx:
-                    pinged_at = now
-                    self._send_ping()
-                    wake = self._last_rx + self.keepalive_timeout
-                else:
-                    wake = self._last_rx + min(interval, self.keepalive_timeout)
-            if frame_timeout is not None:
-                since = self._partial_since
-                if since is None:
-                    # The reader does not wake this task when a frame begins (it
-                    # would cost every read): look again soon enough that a stalled
-                    # frame is dropped within 1.25 frame_timeout.
-                    wake = min(wake, now + frame_timeout / 4)
-                elif now - since >= frame_timeout:
-                    self._time_out(
-                        f"a frame stayed incomplete for {now - since:.1f} s",
-                        f"frame timeout: a frame from the peer stayed incomplete for {now - since:.1f} s (timeout {frame_timeout} s)",
-                    )
-                    return
-                else:
-                    wake = min(wake, since + frame_timeout)
-            await trio.sleep_until(wake)
+        await self._reader.handshake.wait()
+        await self._keepalive.watch(self._reader)
 
-    def _time_out(self, reason: str, message: str) -> None:
-        self._core.close(ErrorCode.KEEPALIVE_TIMEOUT, reason)
-        self._fail(BrokenConnection(message))
+    async def _handshake(self, timeout: float) -> None:
+        """Wait for the peer's handshake (at most *timeout* s); then the connection is ready for its body."""
+        with trio.move_on_after(timeout):
+            await self._reader.handshake.wait()
+        if not self._reader.handshake.is_set():
+            self._core.close(ErrorCode.KEEPALIVE_TIMEOUT, f"no handshake within {timeout} s")
+            self._fail(BrokenConnection(f"no handshake from the peer within {timeout} s"))
+        self._health.check()
+        self._writer.chunk_size = min(self._writer.chunk_size, self._core.max_send_frame)
 
-
-def _blocked(stream: TunnelStream, now: float) -> None:
-    if stream._blocked_since is None:
-        stream._blocked_since = now
-
-
-def _unblocked(stream: TunnelStream, now: float) -> None:
-    if stream._blocked_since is not None:
-        stream._blocked_total += now - stream._blocked_since
-        stream._blocked_since = None
+    def _release(self) -> None:
+        """The body of open_connection starts now: the reader may dispatch what came behind the handshake."""
+        self._reader.released.set()
 
 
 def _with_compression(settings: Settings | None, compression: bool | None) -> Settings:
@@ -816,13 +380,11 @@ async def open_connection(
         async with trio.open_nursery() as nursery:
             await nursery.start(conn._run)
             try:
-                with trio.move_on_after(handshake_timeout):
-                    await conn._handshake.wait()
-                if not conn._handshake.is_set():
-                    core.close(ErrorCode.KEEPALIVE_TIMEOUT, f"no handshake within {handshake_timeout} s")
-                    conn._fail(BrokenConnection(f"no handshake from the peer within {handshake_timeout} s"))
-                conn._check_alive()
-                conn.chunk_size = min(conn.chunk_size, core.max_send_frame)
+                await conn._handshake(handshake_timeout)
+                # The reader goes on once the body runs (and, if it registers
+                # handlers at once, after it did): set here, right before the
+                # yield, it cannot run earlier, whatever order trio picks.
+                conn._release()
                 yield conn
             finally:
                 await conn.aclose()

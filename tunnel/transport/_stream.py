@@ -1,25 +1,25 @@
 """One tunnel stream, as a ``trio.abc.HalfCloseableStream`` with typed records.
 
-Theory of operation.  A stream never writes to the transport itself.
-``send_all`` hands the caller's buffer (not a copy) to the connection's
-writer task and waits until the writer has put all of it on the wire, one
-frame at a time, as credit and the bandwidth limit allow; so each stream
-holds at most one caller buffer and nothing is queued behind it.  Received
-records are appended by the connection's reader task to ``_backlog``; the
-peer cannot send more than the stream window, so the backlog is bounded by
-it.  Credit goes back to the peer only when ``receive_*`` hands a record to
-the application.
+A stream is two parts and a link.  Its :class:`~._outbox.Outbox` holds the
+one piece of work ``send_all``/``send_record``/``send_fd`` has handed to the
+connection's writer task (the caller's buffer, not a copy), and the stream
+waits until the writer has put all of it on the wire; so each stream holds
+at most one caller buffer and nothing is queued behind it.  Its
+:class:`~._inbox.Inbox` holds what the connection's reader delivered and the
+application has not taken; credit goes back to the peer only when
+``receive_*`` hands an item to the application.  Everything the stream asks
+of its connection goes through its :class:`~._link.StreamLink`.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from .._errors import ErrorCode, TunnelError
+from .._errors import ErrorCode
 from .._frames import Buffer, DigestAlgorithm
 from .._records import (
     DeviceStateRecord,
@@ -31,66 +31,21 @@ from .._records import (
 )
 from .._records import Record as TypedRecord
 from .._state import StreamState
-from ._buffers import ReadBuffer
-from ._compress import (
-    COMPRESS_THREAD_MIN,
-    DECOMPRESS_THREAD_MIN,
-    CompressionError,
-    PageCompressor,
-    PageDecompressor,
-    run_sized,
-)
-from ._ratelimit import RateLimit
-from ._splice import KernelPipe, PipeSource, SinkQueue, is_spliceable, widen_pipe
+from ._compress import COMPRESS_THREAD_MIN, PageCompressor, run_sized
+from ._inbox import Inbox, SinkRegistry
+from ._link import StreamLink
+from ._outbox import Outbox, Work
+from ._splice import PipeSource, is_spliceable, widen_pipe
 from ._stats import StreamStatistics
-from ._util import BrokenStream, ConflictGuard, Signal, aborted
+from ._util import ConflictGuard, Health, Signal, aborted
 
-if TYPE_CHECKING:
-    from ._connection import TunnelConnection
-
-__all__ = ["Record", "TunnelStream"]
-
+__all__ = ["Record", "StreamTable", "TunnelStream"]
 
 #: What :meth:`TunnelStream.receive_record` returns (``b""`` means end of stream)
 #: and :meth:`TunnelStream.send_record` takes: a chunk of stream bytes or a typed
 #: record (``send_record`` also takes a :class:`ZstdPagesRecord`, which
 #: ``receive_record`` hands out decompressed, as a ``PagesRecord``).
 Record = bytes | memoryview | PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord
-#: What the reader puts in a stream's backlog.
-_Item = Buffer | TypedRecord
-
-
-class _Outgoing:
-    """The one piece of work a stream has handed to the writer.
-
-    Either a caller's buffer (*data*), one typed *record* of *size*
-    flow-controlled bytes, or a *source* file descriptor staged through a
-    kernel pipe (``send_fd``).
-    """
-
-    __slots__ = ("abandoned", "data", "done", "drained", "error", "record", "size", "source", "wait_scope", "writing")
-
-    def __init__(
-        self, data: memoryview | None, record: TypedRecord | None = None, size: int = 0, source: PipeSource | None = None
-    ) -> None:
-        self.data = data
-        self.record = record
-        self.size = size
-        self.source = source
-        #: ``send_fd`` returned while the writer was splicing: the writer closes the pipe.
-        self.abandoned = False
-        self.writing = False
-        self.drained = Signal()
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-        self.wait_scope: trio.CancelScope | None = None
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-        self.drained.fire()
-        if self.wait_scope is not None:
-            self.wait_scope.cancel()
 
 
 class TunnelStream(trio.abc.HalfCloseableStream):
@@ -98,7 +53,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self,
-        conn: TunnelConnection,
+        link: StreamLink,
+        sinks: SinkRegistry,
         stream_id: int,
         *,
         kind: int,
@@ -108,135 +64,42 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         bandwidth: int = 0,
         compress: bool = False,
     ) -> None:
-        self._conn = conn
+        self._link = link
         self.stream_id = stream_id
         self.kind = kind
         self.digest = digest
         self.migration_id = migration_id
         self.label = label
-        self._rate = RateLimit(bandwidth)
-        # send side
+        #: The send side, which the connection's writer serves.
+        self.outbox = Outbox(stream_id, link.schedule, bandwidth)
+        #: The receive side, which the connection's reader fills.
+        self.inbox = Inbox(stream_id, link, sinks)
         self._send_guard = ConflictGuard("another task is sending on this stream")
-        self._outgoing: _Outgoing | None = None
+        self._recv_guard = ConflictGuard("another task is receiving on this stream")
         self._eof_sent = False
-        self._credit_signal = Signal()
-        self._blocked_since: float | None = None
-        self._blocked_total = 0.0
-        self._frames_sent = 0
-        self._bytes_sent = 0
-        self._bytes_spliced = 0
         # Page batches are compressed only when asked for and both sides set ZSTD.
-        self._compressor: PageCompressor | None = PageCompressor() if compress and conn.compression else None
+        self._compressor: PageCompressor | None = PageCompressor() if compress and link.compression else None
         self._pages_raw_bytes = 0
         self._pages_wire_bytes = 0
-        # receive side
-        self._recv_guard = ConflictGuard("another task is receiving on this stream")
-        # (item, flow-controlled length, pooled read buffer the item is a slice of)
-        self._backlog: deque[tuple[_Item, int, ReadBuffer | None]] = deque()
-        self._lent: ReadBuffer | None = None  # buffer behind the last item handed out
-        self._buffered = 0
-        self._head_offset = 0  # bytes of the first backlog item already taken
-        self._eof_received = False
-        self._recv_signal = Signal()
-        self._sink: SinkQueue | None = None
-        self._sink_dirty = False  # queued for the reader's next flush
         #: Waits on a file descriptor (send_fd and receive_fd may both wait at once), woken on failure.
         self._fd_scopes: set[trio.CancelScope] = set()
-        self._frames_received = 0
-        self._bytes_received = 0
-        self._decompressor: PageDecompressor | None = None  # created by the first ZSTD_PAGES
-        # both
         self._closed = False
         self._error: BaseException | None = None
 
     # ------------------------------------------------------------------
     # Called by the connection
 
-    def _on_record(self, item: _Item, length: int, buf: ReadBuffer | None) -> None:
-        if self._closed or self._error is not None:
-            self._conn._acknowledge(self.stream_id, length)
-            if buf is not None:
-                buf.release()
-            return
-        self._buffered += length
-        self._bytes_received += length
-        self._frames_received += 1
-        sink = self._sink
-        if sink is not None and isinstance(item, (bytes, memoryview)):
-            sink.add_memory(item, buf)
-            self._conn._sink_dirty(self)  # the reader flushes it before it next waits
-            return
-        self._backlog.append((item, length, buf))
-        self._recv_signal.fire()
-
-    def _on_spliced(self, pipe: KernelPipe, size: int) -> None:
-        """The reader spliced *size* payload bytes into *pipe*, one of this stream's sink's."""
-        sink = self._sink
-        assert sink is not None
-        sink.add_pipe(pipe, size)
-        self._buffered += size
-        self._bytes_received += size
-        self._conn._sink_dirty(self)
-
-    def _flush_sink(self, sink: SinkQueue) -> None:
-        """Move what the sink takes without blocking, and return its credit."""
-        moved, spliced = sink.flush()
-        if moved:
-            self._bytes_spliced += spliced
-            self._buffered -= moved
-            self._conn._acknowledge(self.stream_id, moved)
-        if sink.blocked or sink.error is not None:
-            sink.signal.fire()  # receive_fd's task waits for the sink, or raises
-
-    def _on_eof(self) -> None:
-        self._eof_received = True
-        if self._sink is not None:
-            self._sink.signal.fire()
-        self._recv_signal.fire()
-
-    def _on_error(self, error: BaseException) -> None:
-        """The stream was aborted or the connection died."""
+    def failed(self, error: BaseException) -> None:
+        """The stream was aborted (by the peer, or on a stream error) or the connection died."""
         if self._error is None:
             self._error = error
-        if not self._eof_received or not isinstance(error, BrokenStream):
-            self._drop_backlog()
-        out, self._outgoing = self._outgoing, None
-        if out is not None:
-            out.fail(error)
-        self._wake_sink()
-        self._recv_signal.fire()
-        self._credit_signal.fire()
+        self.inbox.fail(error)
+        self.outbox.fail(error)
+        self._cancel_fd_waits()
 
-    def _wake_sink(self) -> None:
-        if self._sink is not None:
-            self._sink.signal.fire()
+    def _cancel_fd_waits(self) -> None:
         for scope in self._fd_scopes:
             scope.cancel()
-
-    def _release_lent(self) -> None:
-        if self._lent is not None:
-            self._lent.release()
-            self._lent = None
-
-    def _on_credit(self) -> None:
-        self._credit_signal.fire()
-
-    def _drop_backlog(self) -> None:
-        if self._buffered:
-            self._conn._acknowledge(self.stream_id, self._buffered)
-        for _, _, buf in self._backlog:
-            if buf is not None:
-                buf.release()
-        self._backlog.clear()
-        if self._sink is not None:
-            self._conn._sinks.pop(self.stream_id, None)
-            for _, buf in self._sink.release():
-                if buf is not None:
-                    buf.release()
-            self._sink = None
-        self._release_lent()
-        self._buffered = 0
-        self._head_offset = 0
 
     # ------------------------------------------------------------------
     # Sending
@@ -249,19 +112,17 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._error is not None:
             raise self._error
 
-    async def _hand_over(self, out: _Outgoing) -> None:
-        self._outgoing = out
-        self._conn._schedule(self)
+    async def _hand_over(self, work: Work) -> None:
+        self.outbox.hand_over(work)
         try:
-            await out.done.wait()
+            await work.done.wait()
         except BaseException:
-            if self._outgoing is out:
-                self._outgoing = None
+            self.outbox.take_back(work)
             raise
-        if out.error is not None:
+        if work.error is not None:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed") from None
-            raise out.error
+            raise work.error
 
     async def send_all(self, data: Buffer) -> None:
         with self._send_guard:
@@ -272,7 +133,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if not len(view):
                 await trio.lowlevel.checkpoint()
                 return
-            await self._hand_over(_Outgoing(view, None))
+            await self._hand_over(Work(view))
 
     @property
     def compress(self) -> bool:
@@ -292,7 +153,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         with self._send_guard:
             self._check_send()
             size = payload_size(record)
-            self._conn._check_record_fits(size)
+            self._link.check_record_fits(size)
             wire: TypedRecord = record
             if type(record) is PagesRecord and self._compressor is not None and len(record.data):
                 raw = len(record.data)
@@ -303,7 +164,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                         region=record.region, page_size=record.page_size, addresses=record.addresses, compressed=compressed
                     )
                     size = payload_size(wire)
-            await self._hand_over(_Outgoing(None, wire, size))
+            await self._hand_over(Work(None, wire, size))
             if type(record) is PagesRecord:
                 self._pages_raw_bytes += len(record.data)
                 self._pages_wire_bytes += len(wire.compressed) if type(wire) is ZstdPagesRecord else len(record.data)
@@ -324,8 +185,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
             self._check_send()
-            while self._conn._send_window(self.stream_id) <= 0:
-                await self._credit_signal.wait()
+            while self._link.send_window(self.stream_id) <= 0:
+                await self.outbox.credit.wait()
                 self._check_send()
             await trio.lowlevel.checkpoint()
 
@@ -338,57 +199,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise self._error
                 self._eof_sent = True
-                self._conn._end_stream(self.stream_id)
+                self._link.end_stream(self.stream_id)
             await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------
     # Receiving
-
-    async def _wait_item(self) -> tuple[bool, bool]:
-        """Wait for a backlog item: (False at end of stream, whether it blocked).
-
-        A receive that blocked here has had its checkpoint; one that did not
-        still owes one.
-        """
-        self._release_lent()  # what the previous receive returned is no longer needed
-        blocked = False
-        while not self._backlog:
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            if self._eof_received:
-                return False, blocked
-            if self._error is not None:
-                raise self._error
-            await self._recv_signal.wait()
-            blocked = True
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
-        return True, blocked
-
-    def _take_bytes(self, max_bytes: int | None, view_ok: bool) -> Buffer:
-        item, length, buf = self._backlog[0]
-        if not isinstance(item, (bytes, memoryview)):
-            raise TunnelError(f"the next item on stream {self.stream_id} is a {type(item).__name__}: use receive_record()")
-        start = self._head_offset
-        end = length if max_bytes is None else min(length, start + max_bytes)
-        taken = end - start
-        if end == length:
-            self._backlog.popleft()
-            self._head_offset = 0
-        else:
-            self._head_offset = end
-            buf = None  # still held by the backlog entry
-        self._buffered -= taken
-        self._conn._acknowledge(self.stream_id, taken)
-        if start == 0 and end == length and isinstance(item, bytes):
-            return item
-        chunk = memoryview(item)[start:end]
-        if view_ok:
-            self._lent = buf
-            return chunk
-        if buf is not None:
-            buf.release()
-        return bytes(chunk)
 
     def _check_max(self, max_bytes: int | None) -> None:
         if max_bytes is not None:
@@ -401,8 +216,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Up to *max_bytes* of stream data; ``b""`` only at end of stream."""
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
-            data = self._take_bytes(max_bytes, view_ok=False) if ready else b""
+            ready, blocked = await self.inbox.wait_item()
+            data = self.inbox.take_bytes(max_bytes, view_ok=False) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
             assert isinstance(data, bytes)
@@ -416,8 +231,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
-            data = self._take_bytes(max_bytes, view_ok=True) if ready else b""
+            ready, blocked = await self.inbox.wait_item()
+            data = self.inbox.take_bytes(max_bytes, view_ok=True) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
             return data
@@ -425,66 +240,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def receive_record(self) -> Record:
         """The next data chunk or typed record; ``b""`` at end of stream."""
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
+            ready, blocked = await self.inbox.wait_item()
             if not ready:
                 if not blocked:
                     await trio.lowlevel.checkpoint()
                 return b""
-            item, length, buf = self._backlog[0]
-            if isinstance(item, ZstdPagesRecord):
-                return await self._take_compressed(item, length, buf)
-            data: Record
-            if isinstance(item, (bytes, bytearray, memoryview)):
-                chunk = self._take_bytes(None, view_ok=True)
-                assert not isinstance(chunk, bytearray)  # slices of the backlog's bytes or views
-                data = chunk
-            else:
-                self._backlog.popleft()
-                self._lent = buf
-                self._buffered -= length
-                self._conn._acknowledge(self.stream_id, length)
-                data = item  # a typed record, as the core decoded it
-            if not blocked:
+            item, checkpointed = await self.inbox.take_item()
+            if not blocked and not checkpointed:
                 await trio.lowlevel.checkpoint()
-            return data
-
-    async def _take_compressed(self, item: ZstdPagesRecord, length: int, buf: ReadBuffer | None) -> PagesRecord:
-        """Decompress the ZSTD_PAGES record at the head of the backlog into a PagesRecord.
-
-        A corrupt frame or a wrong size is a stream error PROTOCOL_ERROR
-        (protocol.md §4.17): the stream is aborted and the error raised.
-        """
-        size = item.raw_size
-        if self._decompressor is None:
-            self._decompressor = PageDecompressor()
-        if buf is not None:
-            buf.refs += 1  # the compressed bytes stay put even if the backlog is dropped meanwhile
-        failure: CompressionError | None = None
-        try:
-            data = await run_sized(size, DECOMPRESS_THREAD_MIN, self._decompressor.decompress, item.compressed, size)
-        except CompressionError as exc:
-            failure = exc
-        finally:
-            if buf is not None:
-                buf.release()
-        if not self._backlog or self._backlog[0][0] is not item:
-            # Closed or failed while decompressing: the backlog was dropped (and acknowledged).
-            if self._closed:
-                raise trio.ClosedResourceError("the stream was closed")
-            assert self._error is not None
-            raise self._error
-        if failure is not None:
-            reason = f"bad ZSTD_PAGES: {failure}"
-            self._conn._abort_stream(self.stream_id, ErrorCode.PROTOCOL_ERROR, reason)
-            error = aborted(ErrorCode.PROTOCOL_ERROR, reason, remote=False)
-            self._on_error(error)  # drops the backlog, this record included, and gives its credit back
-            raise error
-        self._backlog.popleft()
-        if buf is not None:
-            buf.release()
-        self._buffered -= length
-        self._conn._acknowledge(self.stream_id, length)
-        return PagesRecord(region=item.region, page_size=item.page_size, addresses=item.addresses, data=data)
+            return item
 
     # ------------------------------------------------------------------
     # File descriptors: the data path of a real hypervisor
@@ -505,12 +269,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._check_send()
             os.set_blocking(fd, False)
             widen_pipe(fd)
-            if self._conn._can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd):
+            if self._spliceable(fd):
                 return await self._send_fd_spliced(fd, limit)
             return await self._send_fd_copied(fd, limit)
 
+    def _spliceable(self, fd: int) -> bool:
+        return self._link.can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd)
+
     async def _send_fd_copied(self, fd: int, limit: int | None) -> int:
-        buf = bytearray(self._conn.chunk_size)
+        buf = bytearray(self._link.chunk_size)
         view = memoryview(buf)
         total = 0
         while limit is None or total < limit:
@@ -523,23 +290,23 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if not size:
                 break
             self._check_send()  # the stream may have failed while we waited for the fd: nobody would fail this hand-over
-            await self._hand_over(_Outgoing(view[:size], None))
+            await self._hand_over(Work(view[:size]))
             total += size
         await trio.lowlevel.checkpoint()
         return total
 
-    async def _wait_fd(self, wait: object, fd: int, out: _Outgoing | None) -> None:
+    async def _wait_fd(self, wait: Callable[[int], Awaitable[None]], fd: int, work: Work | None) -> None:
         """Wait on *fd*, but wake with the stream's error if it fails meanwhile."""
         with trio.CancelScope() as scope:
-            if out is not None:
-                out.wait_scope = scope
+            if work is not None:
+                work.wait_scope = scope
             self._fd_scopes.add(scope)
             try:
-                await wait(fd)  # type: ignore[operator]
+                await wait(fd)
             finally:
                 self._fd_scopes.discard(scope)
-        if out is not None:
-            out.wait_scope = None
+        if work is not None:
+            work.wait_scope = None
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         if self._error is not None:
@@ -547,33 +314,32 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def _send_fd_spliced(self, fd: int, limit: int | None) -> int:
         source = PipeSource(fd, limit)
-        out = _Outgoing(None, source=source)
-        self._outgoing = out
+        work = Work(None, source=source)
+        self.outbox.work = work
         try:
             while True:
-                if out.error is not None:
-                    raise out.error
+                if work.error is not None:
+                    raise work.error
                 if source.fill():
-                    self._conn._schedule(self)
+                    self.outbox.schedule()
                 if source.error is not None:
                     raise source.error
                 if source.pipe.level:
                     # The writer sends it, topping the pipe up from the source before
                     # each frame, and wakes us once the pipe ran empty.
-                    await out.drained.wait()
+                    await work.drained.wait()
                 elif source.eof:
                     break
                 else:
-                    await self._wait_fd(trio.lowlevel.wait_readable, fd, out)
+                    await self._wait_fd(trio.lowlevel.wait_readable, fd, work)
         finally:
-            if self._outgoing is out:
-                self._outgoing = None
-            if out.writing:
-                out.abandoned = True  # the writer closes the pipe when its splice is done
+            self.outbox.take_back(work)
+            if work.writing:
+                work.abandoned = True  # the writer closes the pipe when its splice is done
             else:
                 source.pipe.close()
-        if out.error is not None:
-            raise out.error
+        if work.error is not None:
+            raise work.error
         await trio.lowlevel.checkpoint()
         return source.total
 
@@ -587,22 +353,27 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         *fd* is made non-blocking and, if a pipe, widened as for :meth:`send_fd`.
         """
         with self._recv_guard:
-            self._release_lent()
+            self.inbox.release_lent()
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed")
             os.set_blocking(fd, False)
             widen_pipe(fd)
-            if self._conn._can_splice and self.digest == DigestAlgorithm.NONE and is_spliceable(fd):
-                return await self._receive_fd_spliced(fd)
-            total = 0
-            while True:
-                if not (await self._wait_item())[0]:
-                    break
-                data = self._take_bytes(None, view_ok=True)
-                total += await self._write_fd(fd, memoryview(data))
-                self._release_lent()
+            if self._spliceable(fd):
+                total = await self.inbox.drain_into(fd, self._wait_writable, self._abort_write)
+            else:
+                total = 0
+                while (await self.inbox.wait_item())[0]:
+                    data = self.inbox.take_bytes(None, view_ok=True)
+                    total += await self._write_fd(fd, memoryview(data))
+                    self.inbox.release_lent()
             await trio.lowlevel.checkpoint()
             return total
+
+    async def _wait_writable(self, fd: int) -> None:
+        await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
+
+    async def _abort_write(self, reason: str) -> None:
+        await self.abort(ErrorCode.APPLICATION_ERROR, reason)
 
     async def _write_fd(self, fd: int, view: memoryview) -> int:
         written = 0
@@ -610,75 +381,29 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             try:
                 written += os.write(fd, view[written:])
             except BlockingIOError:
-                await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
+                await self._wait_writable(fd)
             except OSError as exc:
-                await self.abort(ErrorCode.APPLICATION_ERROR, f"destination write failed: {exc}")
+                await self._abort_write(f"destination write failed: {exc}")
                 raise
         return written
-
-    async def _receive_fd_spliced(self, fd: int) -> int:
-        for item, _, _ in self._backlog:
-            if not isinstance(item, (bytes, memoryview)):
-                raise TunnelError(f"stream {self.stream_id} carries typed records: use receive_record()")
-        # Pipes for the whole receive window: the reader never has to copy this payload through memory.
-        sink = SinkQueue(fd, self._conn._core.local_settings.initial_stream_window)
-        while self._backlog:
-            item, _, buf = self._backlog.popleft()
-            start, self._head_offset = self._head_offset, 0
-            sink.add_memory(memoryview(item)[start:], buf)  # type: ignore[arg-type]
-        self._sink = sink
-        self._conn._sinks[self.stream_id] = sink
-        try:
-            while True:
-                if self._closed:
-                    raise trio.ClosedResourceError("the stream was closed")
-                if self._error is not None and not self._eof_received:
-                    raise self._error
-                if sink.error is not None:
-                    await self.abort(ErrorCode.APPLICATION_ERROR, f"destination write failed: {sink.error}")
-                    raise sink.error
-                if sink.blocked:
-                    await self._wait_fd(trio.lowlevel.wait_writable, fd, None)
-                    sink.blocked = False
-                    if self._sink is sink:
-                        self._flush_sink(sink)
-                elif sink.segments:
-                    self._flush_sink(sink)
-                elif self._eof_received:
-                    break
-                else:
-                    await sink.signal.wait()  # the reader moves the data on while the sink keeps up
-        finally:
-            self._sink = None
-            self._conn._sinks.pop(self.stream_id, None)
-            leftover = sink.release()
-            if not self._closed and self._error is None:
-                for data, buf in reversed(leftover):  # back to the backlog, in order
-                    self._backlog.appendleft((data, len(data), buf))
-            else:
-                for _, buf in leftover:
-                    if buf is not None:
-                        buf.release()
-        await trio.lowlevel.checkpoint()
-        return sink.written
 
     # ------------------------------------------------------------------
     # Control
 
     def set_bandwidth(self, bytes_per_second: int) -> None:
         """Limit this stream's send rate (0 for none); takes effect at once."""
-        self._rate.set_rate(bytes_per_second)
-        self._conn._schedule(self)
+        self.outbox.rate.set_rate(bytes_per_second)
+        self.outbox.schedule()
 
     @property
     def bandwidth(self) -> int:
-        return self._rate.rate
+        return self.outbox.rate.rate
 
     async def abort(self, error_code: int = ErrorCode.CANCEL, reason: str = "aborted by the application") -> None:
         """Abort both directions; the peer's operations raise StreamAborted with *reason*."""
         if not self._closed and self._error is None:
-            self._conn._abort_stream(self.stream_id, error_code, reason)
-            self._on_error(aborted(error_code, reason, remote=False))
+            self._link.abort_stream(self.stream_id, error_code, reason)
+            self.failed(aborted(error_code, reason, remote=False))
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -686,42 +411,92 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             if self._error is None:
-                self._conn._close_stream(self)
-            self._drop_backlog()
-            out, self._outgoing = self._outgoing, None
-            if out is not None:
-                out.fail(trio.ClosedResourceError("the stream was closed"))
-            self._wake_sink()
-            self._recv_signal.fire()
-            self._credit_signal.fire()
-            self._conn._forget(self)
+                self._link.close_stream(self.stream_id, eof_sent=self._eof_sent)
+            self.inbox.close()
+            self.outbox.fail(trio.ClosedResourceError("the stream was closed"))
+            self._cancel_fd_waits()
+            self._link.forget(self.stream_id)
         await trio.lowlevel.checkpoint()
 
     @property
     def state(self) -> StreamState:
-        return self._conn._core.stream_state(self.stream_id)
+        return self._link.stream_state(self.stream_id)
 
     def statistics(self) -> StreamStatistics:
-        info = self._conn._core.stream_info(self.stream_id)
-        blocked = self._blocked_total
-        if self._blocked_since is not None:
-            blocked += trio.current_time() - self._blocked_since
+        info = self._link.stream_info(self.stream_id)
+        inbox, outbox = self.inbox, self.outbox
         return StreamStatistics(
             stream_id=self.stream_id,
             label=self.label,
-            bytes_sent=info.bytes_sent if info else self._bytes_sent,
-            bytes_received=self._bytes_received,
-            frames_sent=self._frames_sent,
-            frames_received=self._frames_received,
+            bytes_sent=info.bytes_sent if info else outbox.bytes_sent,
+            bytes_received=inbox.bytes_received,
+            frames_sent=outbox.frames_sent,
+            frames_received=inbox.frames_received,
             send_credit=info.send_credit if info else 0,
             receive_window=info.receive_window if info else 0,
-            buffered=self._buffered,
-            blocked_on_credit_s=blocked,
-            bandwidth_limit=self._rate.rate,
-            bytes_spliced=self._bytes_spliced,
+            buffered=inbox.buffered,
+            blocked_on_credit_s=outbox.blocked_seconds(trio.current_time()),
+            bandwidth_limit=outbox.rate.rate,
+            bytes_spliced=outbox.bytes_spliced + inbox.bytes_spliced,
             pages_raw_bytes=self._pages_raw_bytes,
             pages_wire_bytes=self._pages_wire_bytes,
         )
 
     def __repr__(self) -> str:
         return f"<TunnelStream {self.stream_id} {self.label!r}>"
+
+
+class StreamTable:
+    """The connection's streams by id, and those the peer opened that wait for ``accept_stream``.
+
+    Owned by the connection: the reader routes events through it, the
+    application's ``open_stream``/``accept_stream`` add and take streams, and
+    a stream's ``aclose`` removes it (through its link).
+    """
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+        self._by_id: dict[int, TunnelStream] = {}
+        self._incoming: deque[TunnelStream] = deque()
+        self._arrived = Signal()
+
+    def get(self, stream_id: int) -> TunnelStream | None:
+        return self._by_id.get(stream_id)
+
+    def add(self, stream: TunnelStream) -> None:
+        self._by_id[stream.stream_id] = stream
+
+    def add_incoming(self, stream: TunnelStream) -> None:
+        self._by_id[stream.stream_id] = stream
+        self._incoming.append(stream)
+        self._arrived.fire()
+
+    def forget(self, stream_id: int) -> None:
+        self._by_id.pop(stream_id, None)
+
+    def statistics(self) -> tuple[StreamStatistics, ...]:
+        return tuple(s.statistics() for s in self._by_id.values())
+
+    def credit_granted(self, stream_id: int) -> None:
+        """WINDOW_UPDATE: wake the stream's sender, or every sender for the connection window (0)."""
+        if stream_id == 0:
+            for each in self._by_id.values():
+                each.outbox.credit.fire()
+        else:
+            stream = self._by_id.get(stream_id)
+            if stream is not None:
+                stream.outbox.credit.fire()
+
+    async def accept(self) -> TunnelStream:
+        while not self._incoming:
+            self._health.check()
+            await self._arrived.wait()
+        stream = self._incoming.popleft()
+        await trio.lowlevel.checkpoint()
+        return stream
+
+    def fail_all(self, error: BaseException) -> None:
+        """The connection failed: every stream (accepted or not) fails with *error*."""
+        for stream in list(self._by_id.values()) + list(self._incoming):
+            stream.failed(error)
+        self._arrived.fire()

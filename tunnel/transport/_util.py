@@ -6,7 +6,7 @@ import trio
 
 from .._errors import ConnectionLost, StreamAborted
 
-__all__ = ["BrokenConnection", "BrokenStream", "ConflictGuard", "Signal", "aborted"]
+__all__ = ["BrokenConnection", "BrokenStream", "ConflictGuard", "Health", "Signal", "aborted"]
 
 
 class BrokenStream(StreamAborted, trio.BrokenResourceError):
@@ -54,3 +54,24 @@ class ConflictGuard:
     def __exit__(self, *exc: object) -> None:
         self._busy = False
 
+
+
+class Health:
+    """Whether the connection still works: the first failure, which every part reports from then on.
+
+    Owned by the connection (only :meth:`TunnelConnection._fail` sets it);
+    the reader, writer, RPC table and streams read it.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
