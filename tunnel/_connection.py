@@ -32,8 +32,10 @@ replaces that PONG's payload instead of queueing another (protocol.md 8.1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Any
 
 from ._digest import RunningDigest
 from ._errors import (
@@ -439,45 +441,41 @@ class Connection:
         if self.state is ConnectionState.HANDSHAKE:
             self._handshake(item, events)
             return
-        if isinstance(item, DataChunk):
-            s = self._streams.get(item.stream_id)
-            if s is not None and s.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
-                s.received.update(item.data)
-                events.append(DataReceived(stream_id=item.stream_id, data=item.data, flow_controlled_length=len(item.data)))
-            else:
-                self._give_back_connection(len(item.data))  # dropped: the stream is gone
-            return
-        if isinstance(item, DataStart):
-            self._record_stream(item.stream_id, item.length, "DATA", events, drop_credit=False)
-        elif isinstance(item, RecordItem):
-            self._on_record(item, events)
-        elif isinstance(item, RpcCall):
-            self._on_call(item, events)
-        elif isinstance(item, RpcReply | RpcError):
-            self._on_reply(item, events)
-        elif isinstance(item, StreamOpen):
-            self._on_open(item, events)
-        elif isinstance(item, StreamEnd):
-            self._on_end(item, events)
-        elif isinstance(item, StreamAbort):
-            s = self._known_stream(item.stream_id, "STREAM_ABORT")
-            if s is not None:
-                self._advance(s, StreamInput.RECV_ABORT)
-                events.append(StreamReset(stream_id=item.stream_id, error_code=item.error_code, reason=item.reason, remote=True))
-        elif isinstance(item, WindowUpdate):
-            self._on_window(item, events)
-        elif isinstance(item, Ping):
-            self._pong(item.opaque)
-        elif isinstance(item, Pong):
-            events.append(PongReceived(opaque=item.opaque))
-        elif isinstance(item, Goodbye):
-            self.state = ConnectionState.CLOSED
-            self.close_reason = f"peer said goodbye: {ErrorCode.name_of(item.error_code)}: {item.reason}"
-            events.append(ConnectionTerminated(error_code=item.error_code, last_stream_id=item.last_stream_id, reason=item.reason))
-        elif isinstance(item, SettingsFrame):
-            raise RemoteProtocolError("SETTINGS sent twice")
-        else:  # pragma: no cover - the reader yields a Preface only first
+        handler = _HANDLERS.get(type(item))
+        if handler is None:  # pragma: no cover - the reader yields a Preface only first
             raise RemoteProtocolError(f"unexpected {type(item).__name__}")
+        handler(self, item, events)
+
+    def _on_data_chunk(self, item: DataChunk, events: list[Event]) -> None:
+        s = self._streams.get(item.stream_id)
+        if s is not None and s.state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            s.received.update(item.data)
+            events.append(DataReceived(stream_id=item.stream_id, data=item.data, flow_controlled_length=len(item.data)))
+        else:
+            self._give_back_connection(len(item.data))  # dropped: the stream is gone
+
+    def _on_data_start(self, item: DataStart, events: list[Event]) -> None:
+        self._record_stream(item.stream_id, item.length, "DATA", events, drop_credit=False)
+
+    def _on_abort(self, item: StreamAbort, events: list[Event]) -> None:
+        s = self._known_stream(item.stream_id, "STREAM_ABORT")
+        if s is not None:
+            self._advance(s, StreamInput.RECV_ABORT)
+            events.append(StreamReset(stream_id=item.stream_id, error_code=item.error_code, reason=item.reason, remote=True))
+
+    def _on_ping(self, item: Ping, events: list[Event]) -> None:
+        self._pong(item.opaque)
+
+    def _on_pong(self, item: Pong, events: list[Event]) -> None:
+        events.append(PongReceived(opaque=item.opaque))
+
+    def _on_goodbye(self, item: Goodbye, events: list[Event]) -> None:
+        self.state = ConnectionState.CLOSED
+        self.close_reason = f"peer said goodbye: {ErrorCode.name_of(item.error_code)}: {item.reason}"
+        events.append(ConnectionTerminated(error_code=item.error_code, last_stream_id=item.last_stream_id, reason=item.reason))
+
+    def _on_settings(self, item: SettingsFrame, events: list[Event]) -> None:
+        raise RemoteProtocolError("SETTINGS sent twice")
 
     def _handshake(self, item: object, events: list[Event]) -> None:
         if not self._got_preface:
@@ -893,6 +891,25 @@ class Connection:
         self._queue(Goodbye(last_stream_id=self._highest_peer_stream, error_code=error_code, reason=reason))
         self.state = ConnectionState.CLOSED
         self.close_reason = f"closed locally: {ErrorCode.name_of(error_code)}: {reason}"
+
+
+#: What the connection does with each item the reader yields once the handshake is done.
+_HANDLERS: dict[type[object], Callable[[Connection, Any, list[Event]], None]] = {
+    DataChunk: Connection._on_data_chunk,
+    DataStart: Connection._on_data_start,
+    RecordItem: Connection._on_record,
+    RpcCall: Connection._on_call,
+    RpcReply: Connection._on_reply,
+    RpcError: Connection._on_reply,
+    StreamOpen: Connection._on_open,
+    StreamEnd: Connection._on_end,
+    StreamAbort: Connection._on_abort,
+    WindowUpdate: Connection._on_window,
+    Ping: Connection._on_ping,
+    Pong: Connection._on_pong,
+    Goodbye: Connection._on_goodbye,
+    SettingsFrame: Connection._on_settings,
+}
 
 
 def _name(item: object) -> str:
