@@ -63,9 +63,23 @@ def _machine_text(machine: dict[str, Any]) -> str:
     return (
         f"{machine['cores']} cores ({machine.get('cpu')}), {machine['memory_GiB']} GiB, {machine['kernel']}; "
         f"Python {machine['python']}, trio {machine['trio']}, {machine['openssl']}; "
-        f"QEMU {machine['qemu'] or 'not installed'} ({machine['accel'].upper()}, KVM {'present' if machine['kvm_available'] else 'absent'}); "
+        f"{machine['qemu'] or 'QEMU not installed'} ({machine['accel'].upper()}, KVM {'present' if machine['kvm_available'] else 'absent'}); "
         f"tunnel {machine['tunnel_commit']}"
     )
+
+
+def _reread(run_dir: str) -> dict[str, Any]:
+    """An earlier run's summary, its rows evaluated again from its scripts' JSON files against today's targets."""
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+        summary: dict[str, Any] = json.load(f)
+    outcomes = {}
+    for name in summary["scripts"]:
+        path = os.path.join(run_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                outcomes[name] = json.load(f)
+    summary["rows"] = _summary.evaluate(outcomes, judged=summary["level"] != "dry")
+    return summary
 
 
 def print_summary(summary: dict[str, Any], *, markdown: bool) -> None:
@@ -89,15 +103,16 @@ def print_summary(summary: dict[str, Any], *, markdown: bool) -> None:
     if summary.get("plots_skipped"):
         print(f"\n{summary['plots_skipped']}")
     if markdown:
-        print()
+        print(
+            f"\nMeasured by `{summary['command']}` ({summary['level']}) on {summary['date']}: {_machine_text(summary['machine'])}.\n"
+        )
         print(_summary.markdown(summary["rows"], judged=judged))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.from_dir:
-        with open(os.path.join(args.from_dir, "summary.json"), encoding="utf-8") as f:
-            print_summary(json.load(f), markdown=args.markdown)
+        print_summary(_reread(args.from_dir), markdown=args.markdown)
         return 0
     level = "dry" if args.dry_run else "quick" if args.quick else "full"
     names = args.only.split(",") if args.only else [b.name for b in SUITE]

@@ -62,8 +62,21 @@ def spread(values: list[float | None]) -> dict[str, float | int] | None:
     return {"median": statistics.median(numbers), "min": min(numbers), "max": max(numbers), "n": len(numbers)}
 
 
+def _flat(outcomes: dict[str, dict[str, Any]], runs_key: str | None, key: str | None) -> list[float | None]:
+    """Samples of a figure: its per-run list in every round where the script keeps one, else one value per round."""
+    if runs_key:
+        return [v for runs in _runs(outcomes, runs_key) for v in runs]
+    return _per_round(outcomes, key) if key else []
+
+
 def _samples(outcomes: dict[str, dict[str, Any]], row: Row) -> tuple[list[float | None], list[float | None], list[float | None]]:
-    """(figure samples, baseline samples, ratio samples) for *row*."""
+    """(figure samples, baseline samples, ratio samples) for *row*.
+
+    Ratios pair runs of one round (``figure_runs`` with ``baseline_runs``),
+    or take the script's own ratio per round (``ratio_key``), or pair
+    rounds.  Where figure and baseline come from scripts with different
+    numbers of samples, each figure sample is divided by the baseline's median.
+    """
     if row.figure_runs and row.baseline_runs:
         figure: list[float | None] = []
         baseline: list[float | None] = []
@@ -71,16 +84,16 @@ def _samples(outcomes: dict[str, dict[str, Any]], row: Row) -> tuple[list[float 
             pairs = list(zip(f_runs, b_runs, strict=False))
             figure += [f for f, _ in pairs]
             baseline += [b for _, b in pairs]
-    elif row.figure_runs:
-        figure = [v for runs in _runs(outcomes, row.figure_runs) for v in runs]
-        baseline = _per_round(outcomes, row.baseline) if row.baseline else []
     else:
-        figure = _per_round(outcomes, row.figure)
-        baseline = _per_round(outcomes, row.baseline) if row.baseline else []
+        figure = _flat(outcomes, row.figure_runs, row.figure)
+        baseline = _flat(outcomes, row.baseline_runs, row.baseline)
     if row.ratio_key:
         ratios = _per_round(outcomes, row.ratio_key)
+    elif row.baseline and len(figure) == len(baseline):
+        ratios = [f / b if f is not None and b else None for f, b in zip(figure, baseline, strict=True)]
     elif row.baseline:
-        ratios = [f / b if f is not None and b else None for f, b in zip(figure, baseline, strict=False)]
+        middle = spread(baseline)
+        ratios = [f / middle["median"] if f is not None and middle and middle["median"] else None for f in figure]
     else:
         ratios = []
     return figure, baseline, ratios
@@ -96,15 +109,21 @@ def _status(outcomes: dict[str, dict[str, Any]], path: str | None) -> str | None
         return "not run"
     if outcome["status"] == "ok":
         return None
-    return f"{outcome['status']}: {outcome.get('reason') or ''}".strip()
+    return f"{script} {outcome['status']}"  # the scripts' list gives the reason
 
 
 def evaluate(outcomes: dict[str, dict[str, Any]], *, judged: bool = True) -> list[dict[str, Any]]:
-    """One summary row per target row; *judged* False (a dry run) leaves ``met`` undecided."""
+    """One summary row per target row whose script ran; *judged* False (a dry run) leaves ``met`` undecided."""
     rows = []
     for row in ROWS:
+        if row.figure.split(".", 1)[0] not in outcomes:  # a run of some scripts only (--only, --skip)
+            continue
         figure, baseline, ratios = _samples(outcomes, row)
         f, b, r = spread(figure), spread(baseline), spread(ratios)
+        if f is not None and f["n"] == 1 and row.figure_range:
+            low, high = (_per_round(outcomes, key)[-1:] or [None] for key in row.figure_range)
+            if low[0] is not None and high[0] is not None:
+                f = {**f, "min": low[0], "max": high[0]}
         judged_on = r if row.baseline else f
         met: bool | None = None
         if row.target is not None and judged_on is not None and judged:
@@ -156,7 +175,7 @@ def _cell(s: dict[str, Any] | None, unit: str = "") -> str:
     if s is None:
         return "—"
     text = _num(s["median"])
-    if s["n"] > 1:
+    if s["n"] > 1 or s["min"] != s["max"]:
         text += f" [{_num(s['min'])}–{_num(s['max'])}]"
     return f"{text} {unit}".rstrip()
 

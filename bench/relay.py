@@ -84,7 +84,10 @@ async def exit_end(listen_fd: int, target_port: int) -> None:
         with socket.create_connection(("127.0.0.1", target_port)) as sock:
             await s.receive_fd(sock.fileno())
             sock.shutdown(socket.SHUT_WR)
-            await trio.to_thread.run_sync(sock.recv, 1)  # the receiver closes once it has everything
+            await trio.lowlevel.wait_readable(
+                sock
+            )  # the receiver closes once it has everything (receive_fd made sock non-blocking)
+            sock.recv(1)
         await s.send_eof()
     emit({"cpu": cpu_seconds() - started})
 
@@ -123,7 +126,7 @@ def _wait_cpu(proc: subprocess.Popen[str]) -> tuple[str, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"{proc.args[:3]} failed with exit status {proc.returncode}")
+        raise SystemExit(f"{proc.args!r} failed with exit status {proc.returncode}")
     return out, usage.ru_utime + usage.ru_stime
 
 
@@ -152,7 +155,7 @@ def run_once(mode: str, total: int) -> dict[str, float]:
         front_sock.close()
     for proc in (receiver, *relays[1:]):  # nothing is timed until every process is up (the exit is, once the entry is)
         if proc.stdout is not None and proc.stdout.readline().strip() != "ready":
-            raise SystemExit(f"{mode}: {proc.args[:3]} did not start")
+            raise SystemExit(f"{mode}: {proc.args!r} did not start")
     sender = _spawn([sys.executable, copy, "send", str(front), str(total)])
     try:
         sent = json.loads(sender.communicate(timeout=600)[0])
