@@ -40,9 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="every script at its smallest size, to check that it runs (figures not judged)"
     )
-    p.add_argument("--only", help="comma-separated scripts to run (default: all): " + ",".join(b.name for b in SUITE))
-    p.add_argument("--skip", help="comma-separated scripts not to run")
-    p.add_argument("--results-dir", default=DEFAULT_RESULTS, help="where the run's directory goes (default bench/results)")
+    p.add_argument(
+        "--only", metavar="NAMES", help="comma-separated scripts to run (default: all): " + ",".join(b.name for b in SUITE)
+    )
+    p.add_argument("--skip", metavar="NAMES", help="comma-separated scripts not to run")
+    p.add_argument(
+        "--results-dir", metavar="DIR", default=DEFAULT_RESULTS, help="where the run's directory goes (default bench/results)"
+    )
     p.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--from", dest="from_dir", metavar="RUN_DIR", help="print the summary of an earlier run instead of running")
