@@ -665,14 +665,16 @@ class TunnelConnection(Reading):
             await self._out.write_spliced(head, pipe.read_fd, size)
         finally:
             out.writing = False
+            if out.abandoned:
+                # send_fd returned during the splice and handed the pipe to us:
+                # close it on every path (a broken socket, a cancel) or it leaks.
+                pipe.close()
         pipe.level -= size
         stream._bytes_spliced += size
         stream._frames_sent += 1
         stream._bytes_sent += size
         stream._rate.spend(size, now)
         self._frames_sent += 1
-        if out.abandoned:
-            pipe.close()  # send_fd returned while we were splicing
         return True
 
     async def _watchdog(self) -> None:

@@ -93,7 +93,8 @@ class _Outgoing:
         self.data = data
         self.record = record
         self.source = source
-        #: ``send_fd`` returned while the writer was splicing: the writer closes the pipe.
+        #: ``send_fd`` returned while the writer was splicing: the pipe is the
+        #: writer's now, which closes it once that splice ends, however it ends.
         self.abandoned = False
         self.writing = False
         self.drained = Signal()

@@ -1,0 +1,78 @@
+"""Who closes what: pipes, fds and lent buffers on the failure paths of the transport.
+
+Each test here failed before the fix it names.  fds are counted from
+/proc/self/fd (tests/fdcheck.py); nothing measures time, timeouts run on
+the ``autojump_clock``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+from conftest import connected, unix_pair
+from fdcheck import no_fd_leak
+
+import tunnel
+from tunnel.transport import open_connection
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+#: Windows far larger than the socket buffers: a sender blocks on the socket, not on credit.
+_WIDE = tunnel.Settings(initial_stream_window=256 * MiB, connection_window=256 * MiB)
+
+
+async def _handshake(transport: trio.abc.Stream) -> tunnel.Connection:
+    """Play the server's side of the handshake by hand; then nobody reads *transport*."""
+    core = tunnel.Connection(client=False, settings=_WIDE)
+    await transport.send_all(core.bytes_to_send())
+    while core.state is tunnel.ConnectionState.HANDSHAKE:
+        data = await transport.receive_some(64 * KiB)
+        assert data, "the peer closed during the handshake"
+        core.receive_data(data)
+    await transport.send_all(core.bytes_to_send())
+    return core
+
+
+async def _feed_forever(fd: int) -> None:
+    """Keep the pipe *fd* full (until cancelled); never EOF."""
+    chunk = b"x" * MiB
+    while True:
+        try:
+            os.write(fd, chunk)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
+@pytest.mark.parametrize("ending", ["peer_reset", "connection_closed"])
+async def test_send_fd_cancelled_mid_splice_leaks_no_pipe(ending: str, autojump_clock: trio.testing.MockClock) -> None:
+    """Bug 1: send_fd cancelled while the writer splices from its pipe; then the
+    peer resets or the connection closes with the splice still blocked.  The
+    writer owns the pipe from then on and closes it on that path too."""
+    with trio.fail_after(60):
+        async with no_fd_leak():
+            src_r, src_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            async with unix_pair() as (ours, theirs), trio.open_nursery() as nursery:
+                nursery.start_soon(_handshake, theirs)
+                nursery.start_soon(_feed_forever, src_w)
+                try:
+                    async with open_connection(ours, client=True, keepalive_interval=None, frame_timeout=None) as conn:
+                        stream = await conn.open_stream(digest=tunnel.DigestAlgorithm.NONE)
+                        with trio.move_on_after(1) as scope:
+                            await stream.send_fd(src_r)
+                        assert scope.cancelled_caught
+                        # Nobody reads the socket: it filled, and the writer is stuck in a splice.
+                        assert stream.statistics().bytes_spliced > 0
+                        if ending == "peer_reset":
+                            await theirs.aclose()
+                            await trio.testing.wait_all_tasks_blocked()
+                except tunnel.ConnectionLost:
+                    assert ending == "peer_reset"
+                await theirs.aclose()
+                nursery.cancel_scope.cancel()
+            os.close(src_r)
+            os.close(src_w)
