@@ -76,3 +76,32 @@ async def test_send_fd_cancelled_mid_splice_leaks_no_pipe(ending: str, autojump_
                 nursery.cancel_scope.cancel()
             os.close(src_r)
             os.close(src_w)
+
+
+@pytest.mark.parametrize("ending", ["peer_abort", "local_abort"])
+async def test_lent_view_stays_valid_after_an_abort_until_the_next_receive(ending: str) -> None:
+    """Bug 2: receive_view()'s view is valid until the next receive call, also
+    when the stream is aborted meanwhile; the reader must not refill its buffer.
+    (5 KiB: pinned, not copied, and small enough that the reader keeps filling
+    the same buffer, from its start once nothing refers to it.)"""
+    with trio.fail_after(30):
+        async with connected() as (client, server):
+            first = await client.open_stream()
+            await first.send_all(b"a" * 5 * KiB)
+            r1 = await server.accept_stream()
+            view = await r1.receive_view()
+            assert isinstance(view, memoryview), "expected a view of the read buffer"
+            kept = bytes(view)
+            if ending == "peer_abort":
+                await first.abort()
+            else:
+                await r1.abort()
+            second = await client.open_stream()
+            await second.send_all(b"b" * 5 * KiB)
+            r2 = await server.accept_stream()
+            got = b""
+            while len(got) < 5 * KiB:
+                got += await r2.receive_some()
+            assert bytes(view) == kept
+            with pytest.raises(tunnel.StreamAborted):
+                await r1.receive_some()

@@ -251,7 +251,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if buf is not None:
                     buf.release()
             self._sink = None
-        self._release_lent()
+        # Not the lent buffer: the application may still hold a view of it,
+        # valid until its next receive call (or aclose), error or not.
         self._buffered = 0
         self._head_offset = 0
 
@@ -427,8 +428,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def receive_view(self, max_bytes: int | None = None) -> Buffer:
         """Like :meth:`receive_some` without a copy: may return a memoryview.
 
-        The view is valid until the next receive call on this stream (its
-        memory is then reused): copy what you need to keep.
+        The view is valid until the next receive call on this stream, or
+        :meth:`aclose` (its memory is then reused), also if the stream fails
+        meanwhile: copy what you need to keep.
         """
         self._check_max(max_bytes)
         with self._recv_guard:
@@ -704,6 +706,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if self._error is None:
                 self._conn._close_stream(self)
             self._drop_backlog()
+            self._release_lent()  # no receive comes after aclose
             out, self._outgoing = self._outgoing, None
             if out is not None:
                 out.fail(trio.ClosedResourceError("the stream was closed"))
