@@ -105,3 +105,62 @@ async def test_lent_view_stays_valid_after_an_abort_until_the_next_receive(endin
             assert bytes(view) == kept
             with pytest.raises(tunnel.StreamAborted):
                 await r1.receive_some()
+
+
+#: A stream window far smaller than what is sent: a send_all waits on credit part way.
+_NARROW = tunnel.Settings(initial_stream_window=64 * KiB)
+
+
+async def _read_to_end(stream: tunnel.TunnelStream) -> int:
+    total = 0
+    while chunk := await stream.receive_some():
+        total += len(chunk)
+    return total
+
+
+async def test_aclose_during_send_all_aborts_instead_of_ending() -> None:
+    """Bug 3: aclose() while a send_all is in flight used to send STREAM_END with the
+    count and digest of what was sent so far: the peer saw a clean, verified,
+    truncated stream.  It must see STREAM_ABORT."""
+    with trio.fail_after(5):
+        async with connected(server_settings=_NARROW) as (client, server), trio.open_nursery() as nursery:
+            s = await client.open_stream(digest=tunnel.DigestAlgorithm.CRC32)
+            sent = trio.Event()
+
+            async def send() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await s.send_all(b"x" * MiB)
+                sent.set()
+
+            nursery.start_soon(send)
+            r = await server.accept_stream()
+            assert len(await r.receive_some()) > 0  # the send is under way
+            await trio.testing.wait_all_tasks_blocked()  # and waits for credit
+            await s.aclose()
+            await sent.wait()
+            with pytest.raises(tunnel.StreamAborted):
+                await _read_to_end(r)
+
+
+async def test_cancelled_send_all_breaks_the_stream_and_aborts_it() -> None:
+    """Bug 3: a cancelled send_all leaves the stream broken, as trio's SSLStream
+    does: later sends raise trio.BrokenResourceError, and the peer never sees a
+    clean end."""
+    with trio.fail_after(5):
+        async with connected(server_settings=_NARROW) as (client, server):
+            s = await client.open_stream()
+            r = await server.accept_stream()
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(s.send_all, b"x" * MiB)
+                    assert len(await r.receive_some()) > 0
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            with pytest.raises(trio.BrokenResourceError):
+                await s.send_all(b"more")
+            with pytest.raises(trio.BrokenResourceError):
+                await s.send_eof()
+            await s.aclose()
+            with pytest.raises(tunnel.StreamAborted):
+                await _read_to_end(r)

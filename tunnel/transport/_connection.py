@@ -344,10 +344,17 @@ class TunnelConnection(Reading):
             self._kick()
 
     def _close_stream(self, stream: TunnelStream) -> None:
-        """aclose(): end our direction, abort the peer's if it is still sending."""
+        """aclose(): end our direction, abort the peer's if it is still sending.
+
+        With a send in flight, the peer has only part of it: abort, never end.
+        """
         if self._error is not None:
             return
         state = self._core.stream_state(stream.stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and stream._outgoing is not None:
+            self._core.abort_stream(stream.stream_id, ErrorCode.CANCEL, "the sender closed the stream during a send")
+            self._kick()
+            return
         if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and not stream._eof_sent:
             self._core.end_stream(stream.stream_id)
             state = self._core.stream_state(stream.stream_id)

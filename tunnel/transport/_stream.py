@@ -275,11 +275,26 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         except BaseException:
             if self._outgoing is out:
                 self._outgoing = None
+            if not out.done.is_set():
+                self._break_send()
             raise
         if out.error is not None:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed") from None
             raise out.error
+
+    def _break_send(self) -> None:
+        """A send was interrupted part way (cancelled): break the stream.
+
+        The peer may have part of it, and the writer may still be writing
+        slices of the caller's buffer.  As trio's SSLStream does, the stream
+        is broken from now on (``trio.BrokenResourceError``), and the peer
+        gets STREAM_ABORT: a half-done send must never end cleanly.
+        """
+        if self._error is None and not self._closed:
+            reason = "a send on the stream was interrupted part way"
+            self._conn._abort_stream(self.stream_id, ErrorCode.CANCEL, reason)
+            self._on_error(aborted(ErrorCode.CANCEL, reason, remote=False))
 
     async def send_all(self, data: Buffer) -> None:
         with self._send_guard:
@@ -583,6 +598,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     break
                 else:
                     await self._wait_fd(trio.lowlevel.wait_readable, fd, out)
+        except BaseException:
+            if out.error is None and source.error is None:
+                self._break_send()  # cancelled: bytes taken from fd may never be sent
+            raise
         finally:
             if self._outgoing is out:
                 self._outgoing = None
