@@ -333,6 +333,13 @@ class TunnelConnection(Reading):
             if self._core.pending_output:
                 self._kick()
 
+    def _request_data(self, stream_id: int, size: int | None) -> None:
+        """A stream's consumer waits with nothing buffered: credit for a peer that has none (window 0)."""
+        if self._error is None:
+            self._core.request_data(stream_id, size or self._core.local_settings.max_frame_size)
+            if self._core.pending_output:
+                self._kick()
+
     def _end_stream(self, stream_id: int) -> None:
         self._check_alive()
         self._core.end_stream(stream_id)
@@ -368,7 +375,8 @@ class TunnelConnection(Reading):
     def _check_record_fits(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord) -> None:
         size = record_size(record)
         peer = self.peer_settings
-        limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
+        # A window of 0 opens on demand, a frame's worth at a time (_request_data).
+        limit = min(peer.max_frame_size, peer.initial_stream_window or math.inf, peer.connection_window or math.inf)
         if size > limit:
             raise FrameTooLargeError(
                 f"a record of {size} bytes can never be sent: the peer accepts frames and windows of {limit} bytes"

@@ -376,11 +376,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------
     # Receiving
 
-    async def _wait_item(self) -> tuple[bool, bool]:
+    async def _wait_item(self, want: int | None = None) -> tuple[bool, bool]:
         """Wait for a backlog item: (False at end of stream, whether it blocked).
 
         A receive that blocked here has had its checkpoint; one that did not
-        still owes one.
+        still owes one.  *want* is how much the caller asked for (None: a
+        frame's worth), granted to a peer that holds no credit (window 0).
         """
         self._release_lent()  # what the previous receive returned is no longer needed
         blocked = False
@@ -391,6 +392,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 return False, blocked
             if self._error is not None:
                 raise self._error
+            self._conn._request_data(self.stream_id, want)
             await self._recv_signal.wait()
             blocked = True
         if self._closed:
@@ -433,7 +435,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Up to *max_bytes* of stream data; ``b""`` only at end of stream."""
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
+            ready, blocked = await self._wait_item(max_bytes)
             data = self._take_bytes(max_bytes, view_ok=False) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
@@ -449,7 +451,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
+            ready, blocked = await self._wait_item(max_bytes)
             data = self._take_bytes(max_bytes, view_ok=True) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
@@ -684,6 +686,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 elif self._eof_received:
                     break
                 else:
+                    self._conn._request_data(self.stream_id, None)
                     await sink.signal.wait()  # the reader moves the data on while the sink keeps up
         finally:
             self._sink = None
