@@ -164,3 +164,69 @@ async def test_cancelled_send_all_breaks_the_stream_and_aborts_it() -> None:
             await s.aclose()
             with pytest.raises(tunnel.StreamAborted):
                 await _read_to_end(r)
+
+
+async def _drain_forever(fd: int) -> None:
+    """Read the pipe *fd* until EOF (or cancelled)."""
+    while True:
+        try:
+            if not os.read(fd, MiB):
+                return
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+
+
+@pytest.mark.parametrize("failure", ["cancel_receive_fd", "cancel_send_fd", "peer_aborts", "connection_closed"])
+async def test_fd_transfer_failures_leak_no_fd(failure: str) -> None:
+    """send_fd -> receive_fd, spliced over a unix socket, stopped part way in each
+    way a transfer fails: every pipe the transport opened is closed again."""
+    with trio.fail_after(30):
+        async with no_fd_leak():
+            src_r, src_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            dst_r, dst_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                async with connected(unix_pair) as (client, server), trio.open_nursery() as nursery:
+                    nursery.start_soon(_feed_forever, src_w)
+                    nursery.start_soon(_drain_forever, dst_r)
+                    s = await client.open_stream(digest=tunnel.DigestAlgorithm.NONE)
+                    r = await server.accept_stream()
+                    outcome: dict[str, BaseException | int] = {}
+                    finished = {"send": trio.Event(), "receive": trio.Event()}
+
+                    async def run(name: str, op: object, fd: int, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                        with trio.CancelScope() as scope:
+                            task_status.started(scope)
+                            try:
+                                outcome[name] = await op(fd)  # type: ignore[operator]
+                            except (trio.BrokenResourceError, trio.ClosedResourceError, tunnel.TunnelError) as exc:
+                                outcome[name] = exc
+                        finished[name].set()
+
+                    send_scope = await nursery.start(run, "send", s.send_fd, src_r)
+                    receive_scope = await nursery.start(run, "receive", r.receive_fd, dst_w)
+                    while r.statistics().bytes_spliced < 4 * MiB:  # well under way
+                        await trio.sleep(0)
+                    if failure == "cancel_receive_fd":
+                        receive_scope.cancel()
+                        await finished["receive"].wait()
+                        await r.aclose()
+                        await finished["send"].wait()
+                        assert isinstance(outcome["send"], tunnel.StreamAborted)
+                    elif failure == "cancel_send_fd":
+                        send_scope.cancel()
+                        await finished["receive"].wait()
+                        assert isinstance(outcome.get("receive"), tunnel.StreamAborted)
+                    elif failure == "peer_aborts":
+                        await s.abort()
+                        await finished["receive"].wait()
+                        assert isinstance(outcome.get("receive"), tunnel.StreamAborted)
+                    else:
+                        await client.aclose()
+                        await finished["send"].wait()
+                        await finished["receive"].wait()
+                        assert isinstance(outcome.get("send"), trio.BrokenResourceError)
+                        assert isinstance(outcome.get("receive"), trio.BrokenResourceError), outcome
+                    nursery.cancel_scope.cancel()
+            finally:
+                for fd in (src_r, src_w, dst_r, dst_w):
+                    os.close(fd)

@@ -246,6 +246,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 buf.release()
         self._backlog.clear()
         if self._sink is not None:
+            self._sink.signal.fire()  # receive_fd's task may wait on it: it must wake and raise
             self._conn._sinks.pop(self.stream_id, None)
             for _, buf in self._sink.release():
                 if buf is not None:
