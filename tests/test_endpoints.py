@@ -466,7 +466,7 @@ class _FailingWriter:
         await trio.lowlevel.checkpoint()
 
 
-async def test_writer_failure_aborts_and_the_source_sees_why(tmp_path: Path) -> None:
+async def test_writer_failure_aborts_and_the_source_sees_why(tmp_path: Path, fd_leak_check: None) -> None:
     (tmp_path / "src").write_bytes(os.urandom(8 * MiB))
     writer = _FailingWriter(limit=3 * MiB)
     outcome = await migrate(FileReader(tmp_path / "src"), writer)
@@ -477,7 +477,7 @@ async def test_writer_failure_aborts_and_the_source_sees_why(tmp_path: Path) -> 
     assert writer.aborted is not None and "No space left" in writer.aborted and not writer.committed
 
 
-async def test_hypervisor_hangs_up_mid_stream() -> None:
+async def test_hypervisor_hangs_up_mid_stream(fd_leak_check: None) -> None:
     # The destination QEMU dies: writes to its pipe fail with EPIPE, and the source learns it.
     data = os.urandom(16 * MiB)
     src_r, src_w = os.pipe()
@@ -526,7 +526,7 @@ class _BrokenReader:
         await trio.lowlevel.checkpoint()
 
 
-async def test_source_failure_leaves_no_files(tmp_path: Path) -> None:
+async def test_source_failure_leaves_no_files(tmp_path: Path, fd_leak_check: None) -> None:
     reader = _BrokenReader(good=12)
     target = tmp_path / "restored"
     outcome = await migrate(reader, FileWriter(target))
@@ -536,7 +536,7 @@ async def test_source_failure_leaves_no_files(tmp_path: Path) -> None:
     assert not target.exists() and leftovers(str(tmp_path)) == []
 
 
-async def test_cancelled_migration_leaves_no_files(tmp_path: Path) -> None:
+async def test_cancelled_migration_leaves_no_files(tmp_path: Path, fd_leak_check: None) -> None:
     (tmp_path / "src").write_bytes(os.urandom(8 * MiB))
     target = tmp_path / "out"
     writer = FileWriter(target)
@@ -568,7 +568,7 @@ async def test_cancelled_migration_leaves_no_files(tmp_path: Path) -> None:
     assert not target.exists() and leftovers(str(tmp_path)) == []
 
 
-async def test_writer_rejects_records_it_cannot_apply(tmp_path: Path) -> None:
+async def test_writer_rejects_records_it_cannot_apply(tmp_path: Path, fd_leak_check: None) -> None:
     # A memory image sent to a file writer: the writer refuses, the migration fails cleanly.
     from test_endpoints_support import make_image
 

@@ -205,7 +205,7 @@ async def test_fd_transfer_failures_leak_no_fd(failure: str) -> None:
                     send_scope = await nursery.start(run, "send", s.send_fd, src_r)
                     receive_scope = await nursery.start(run, "receive", r.receive_fd, dst_w)
                     while r.statistics().bytes_spliced < 4 * MiB:  # well under way
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
                     if failure == "cancel_receive_fd":
                         receive_scope.cancel()
                         await finished["receive"].wait()
