@@ -293,7 +293,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         gets STREAM_ABORT: a half-done send must never end cleanly.
         """
         if self._error is None and not self._closed:
-            reason = "a send on the stream was interrupted part way"
+            reason = "the sender was cancelled during a send"
             self._conn._abort_stream(self.stream_id, ErrorCode.CANCEL, reason)
             self._on_error(aborted(ErrorCode.CANCEL, reason, remote=False))
 
