@@ -16,7 +16,7 @@ from conftest import connected, unix_pair
 from fdcheck import no_fd_leak
 
 import tunnel
-from tunnel.transport import open_connection
+from tunnel.transport import TunnelStream, open_connection
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -111,7 +111,7 @@ async def test_lent_view_stays_valid_after_an_abort_until_the_next_receive(endin
 _NARROW = tunnel.Settings(initial_stream_window=64 * KiB)
 
 
-async def _read_to_end(stream: tunnel.TunnelStream) -> int:
+async def _read_to_end(stream: TunnelStream) -> int:
     total = 0
     while chunk := await stream.receive_some():
         total += len(chunk)

@@ -8,7 +8,7 @@ import trio
 from conftest import connected
 
 import tunnel
-from tunnel.transport import PagesRecord
+from tunnel.transport import PagesRecord, TunnelStream
 
 KiB = 1024
 
@@ -57,3 +57,29 @@ async def test_window_0_carries_records() -> None:
                 assert isinstance(record, PagesRecord)
                 got.append((record.addresses, bytes(record.data)))
             assert got == [((i * 4096,), bytes([i]) * 4096) for i in range(3)]
+
+
+async def test_window_0_serves_several_waiting_streams() -> None:
+    """Each stream's grant brings its own connection credit: the peer cannot spend
+    one stream's request on another and leave the first waiting."""
+    settings = tunnel.Settings(initial_stream_window=0, connection_window=0)
+    with trio.fail_after(10):
+        async with connected(server_settings=settings) as (client, server), trio.open_nursery() as nursery:
+            streams = [await client.open_stream() for _ in range(3)]
+            for i, s in enumerate(streams):
+                nursery.start_soon(s.send_all, bytes([i]) * 64 * KiB)
+            received = [await server.accept_stream() for _ in streams]
+            got: dict[int, int] = {}
+
+            async def drain(r: TunnelStream, i: int) -> None:
+                total = 0
+                while total < 64 * KiB:
+                    chunk = await r.receive_some(8 * KiB)
+                    assert chunk == bytes([i]) * len(chunk)
+                    total += len(chunk)
+                got[i] = total
+
+            async with trio.open_nursery() as readers:
+                for i, r in enumerate(received):
+                    readers.start_soon(drain, r, i)
+            assert got == {0: 64 * KiB, 1: 64 * KiB, 2: 64 * KiB}

@@ -44,7 +44,12 @@ class ReceiveWindow:
         """
         if size <= 0 or self.available or self._unacknowledged or self.buffered:
             return 0
-        size = min(size, MAX_WINDOW)
+        return self.lend(size)
+
+    def lend(self, size: int) -> int:
+        """Grant *size* more bytes (within 2**31-1) that are not given back when
+        taken, as request() does; returns the increment to send."""
+        size = max(0, min(size, MAX_WINDOW - self.available))
         self._granted += size
         self.available += size
         return size
