@@ -1,8 +1,8 @@
 """Who closes what: pipes, fds and lent buffers on the failure paths of the transport.
 
-Each test here failed before the fix it names.  fds are counted from
-/proc/self/fd (tests/fdcheck.py); nothing measures time, timeouts run on
-the ``autojump_clock``.
+The tests named for a bug failed before its fix.  fds are counted from
+/proc/self/fd (tests/fdcheck.py); nothing measures time: timeouts run on
+the ``autojump_clock``, or bound a wait for an event.
 """
 
 from __future__ import annotations
