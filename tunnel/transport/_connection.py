@@ -333,6 +333,13 @@ class TunnelConnection(Reading):
             if self._core.pending_output:
                 self._kick()
 
+    def _request_data(self, stream_id: int, size: int | None) -> None:
+        """A stream's consumer waits with nothing buffered: credit for a peer that has none (window 0)."""
+        if self._error is None:
+            self._core.request_data(stream_id, size or self._core.local_settings.max_frame_size)
+            if self._core.pending_output:
+                self._kick()
+
     def _end_stream(self, stream_id: int) -> None:
         self._check_alive()
         self._core.end_stream(stream_id)
@@ -344,10 +351,17 @@ class TunnelConnection(Reading):
             self._kick()
 
     def _close_stream(self, stream: TunnelStream) -> None:
-        """aclose(): end our direction, abort the peer's if it is still sending."""
+        """aclose(): end our direction, abort the peer's if it is still sending.
+
+        With a send in flight, the peer has only part of it: abort, never end.
+        """
         if self._error is not None:
             return
         state = self._core.stream_state(stream.stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and stream._outgoing is not None:
+            self._core.abort_stream(stream.stream_id, ErrorCode.CANCEL, "the sender closed the stream during a send")
+            self._kick()
+            return
         if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and not stream._eof_sent:
             self._core.end_stream(stream.stream_id)
             state = self._core.stream_state(stream.stream_id)
@@ -361,7 +375,8 @@ class TunnelConnection(Reading):
     def _check_record_fits(self, record: PagesRecord | ZeroPagesRecord | DeviceStateRecord | IterationRecord) -> None:
         size = record_size(record)
         peer = self.peer_settings
-        limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
+        # A window of 0 opens on demand, a frame's worth at a time (_request_data).
+        limit = min(peer.max_frame_size, peer.initial_stream_window or math.inf, peer.connection_window or math.inf)
         if size > limit:
             raise FrameTooLargeError(
                 f"a record of {size} bytes can never be sent: the peer accepts frames and windows of {limit} bytes"
@@ -665,14 +680,16 @@ class TunnelConnection(Reading):
             await self._out.write_spliced(head, pipe.read_fd, size)
         finally:
             out.writing = False
+            if out.abandoned:
+                # send_fd returned during the splice and handed the pipe to us:
+                # close it on every path (a broken socket, a cancel) or it leaks.
+                pipe.close()
         pipe.level -= size
         stream._bytes_spliced += size
         stream._frames_sent += 1
         stream._bytes_sent += size
         stream._rate.spend(size, now)
         self._frames_sent += 1
-        if out.abandoned:
-            pipe.close()  # send_fd returned while we were splicing
         return True
 
     async def _watchdog(self) -> None:

@@ -93,7 +93,8 @@ class _Outgoing:
         self.data = data
         self.record = record
         self.source = source
-        #: ``send_fd`` returned while the writer was splicing: the writer closes the pipe.
+        #: ``send_fd`` returned while the writer was splicing: the pipe is the
+        #: writer's now, which closes it once that splice ends, however it ends.
         self.abandoned = False
         self.writing = False
         self.drained = Signal()
@@ -245,12 +246,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 buf.release()
         self._backlog.clear()
         if self._sink is not None:
+            self._sink.signal.fire()  # receive_fd's task may wait on it: it must wake and raise
             self._conn._sinks.pop(self.stream_id, None)
             for _, buf in self._sink.release():
                 if buf is not None:
                     buf.release()
             self._sink = None
-        self._release_lent()
+        # Not the lent buffer: the application may still hold a view of it,
+        # valid until its next receive call (or aclose), error or not.
         self._buffered = 0
         self._head_offset = 0
 
@@ -273,11 +276,26 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         except BaseException:
             if self._outgoing is out:
                 self._outgoing = None
+            if not out.done.is_set():
+                self._break_send()
             raise
         if out.error is not None:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed") from None
             raise out.error
+
+    def _break_send(self) -> None:
+        """A send was interrupted part way (cancelled): break the stream.
+
+        The peer may have part of it, and the writer may still be writing
+        slices of the caller's buffer.  As trio's SSLStream does, the stream
+        is broken from now on (``trio.BrokenResourceError``), and the peer
+        gets STREAM_ABORT: a half-done send must never end cleanly.
+        """
+        if self._error is None and not self._closed:
+            reason = "the sender was cancelled during a send"
+            self._conn._abort_stream(self.stream_id, ErrorCode.CANCEL, reason)
+            self._on_error(aborted(ErrorCode.CANCEL, reason, remote=False))
 
     async def send_all(self, data: Buffer) -> None:
         with self._send_guard:
@@ -359,11 +377,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     # ------------------------------------------------------------------
     # Receiving
 
-    async def _wait_item(self) -> tuple[bool, bool]:
+    async def _wait_item(self, want: int | None = None) -> tuple[bool, bool]:
         """Wait for a backlog item: (False at end of stream, whether it blocked).
 
         A receive that blocked here has had its checkpoint; one that did not
-        still owes one.
+        still owes one.  *want* is how much the caller asked for (None: a
+        frame's worth), granted to a peer that holds no credit (window 0).
         """
         self._release_lent()  # what the previous receive returned is no longer needed
         blocked = False
@@ -374,6 +393,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 return False, blocked
             if self._error is not None:
                 raise self._error
+            self._conn._request_data(self.stream_id, want)
             await self._recv_signal.wait()
             blocked = True
         if self._closed:
@@ -416,7 +436,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Up to *max_bytes* of stream data; ``b""`` only at end of stream."""
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
+            ready, blocked = await self._wait_item(max_bytes)
             data = self._take_bytes(max_bytes, view_ok=False) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
@@ -426,12 +446,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def receive_view(self, max_bytes: int | None = None) -> Buffer:
         """Like :meth:`receive_some` without a copy: may return a memoryview.
 
-        The view is valid until the next receive call on this stream (its
-        memory is then reused): copy what you need to keep.
+        The view is valid until the next receive call on this stream, or
+        :meth:`aclose` (its memory is then reused), also if the stream fails
+        meanwhile: copy what you need to keep.
         """
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self._wait_item()
+            ready, blocked = await self._wait_item(max_bytes)
             data = self._take_bytes(max_bytes, view_ok=True) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
@@ -580,6 +601,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     break
                 else:
                     await self._wait_fd(trio.lowlevel.wait_readable, fd, out)
+        except BaseException:
+            if out.error is None and source.error is None:
+                self._break_send()  # cancelled: bytes taken from fd may never be sent
+            raise
         finally:
             if self._outgoing is out:
                 self._outgoing = None
@@ -662,6 +687,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 elif self._eof_received:
                     break
                 else:
+                    self._conn._request_data(self.stream_id, None)
                     await sink.signal.wait()  # the reader moves the data on while the sink keeps up
         finally:
             self._sink = None
@@ -703,6 +729,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if self._error is None:
                 self._conn._close_stream(self)
             self._drop_backlog()
+            self._release_lent()  # no receive comes after aclose
             out, self._outgoing = self._outgoing, None
             if out is not None:
                 out.fail(trio.ClosedResourceError("the stream was closed"))
