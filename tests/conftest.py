@@ -128,6 +128,16 @@ async def connected(
                     done.set()
 
 
+@pytest.fixture
+async def fd_leak_check() -> AsyncIterator[None]:
+    """The test leaves no file descriptor open (tests/fdcheck.py).  Take it as an
+    argument: pytest-trio runs async fixtures named there, not in ``usefixtures``."""
+    from fdcheck import no_fd_leak
+
+    async with no_fd_leak():
+        yield
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Install QEMU for tests/test_qemu.py when it is missing and this run can (root, apt-get).
 

@@ -1612,3 +1612,42 @@ def test_send_record_refuses_an_invalid_record_and_queues_nothing() -> None:
     with pytest.raises(LocalProtocolError):
         a.send_record(sid, PagesRecord(region=0, page_size=4096, addresses=(100,), data=bytes(4096)))
     assert a.pending_output == 0 and a.send_window(sid) == before
+
+
+def test_window_0_opens_when_the_application_asks_for_data() -> None:
+    """A window of 0: no credit until the receiver's application asks (request_data);
+    then as much as it asked for, once, and again at the next request."""
+    a, b = make_pair(server=Settings(initial_stream_window=0, connection_window=0))
+    sid = a.open_stream()
+    exchange(a, b)
+    assert a.send_window(sid) == 0
+    b.request_data(sid, 1000)
+    exchange(a, b)
+    assert a.send_window(sid) == 1000
+    b.request_data(sid, 1000)  # the peer holds credit already: nothing more
+    assert b.pending_output == 0
+    a.send_data(sid, b"x" * 1000)
+    _, events = exchange(a, b)
+    assert sum(len(e.data or b"") for e in events if isinstance(e, DataReceived)) == 1000
+    b.request_data(sid, 500)  # 1000 bytes are buffered: nothing
+    assert b.pending_output == 0
+    b.acknowledge_received(sid, 1000)  # taken: the granted credit does not come back by itself
+    exchange(a, b)
+    assert a.send_window(sid) == 0 and b.buffered_received == 0
+    b.request_data(sid, 500)
+    exchange(a, b)
+    assert a.send_window(sid) == 500
+
+
+def test_request_data_grants_nothing_to_a_window_above_0() -> None:
+    a, b = make_pair(server=Settings(initial_stream_window=8192, connection_window=8192))
+    sid = a.open_stream()
+    exchange(a, b)
+    for _ in range(3):
+        b.request_data(sid, 4096)
+        assert b.pending_output == 0
+        a.send_data(sid, b"y" * a.send_window(sid))
+        exchange(a, b)
+        b.acknowledge_received(sid, 8192)  # all taken: credit comes back as always
+        exchange(a, b)
+        assert a.send_window(sid) == 8192

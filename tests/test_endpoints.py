@@ -11,6 +11,8 @@ import os
 import socket
 import sys
 import tomllib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,11 @@ from tunnel.endpoints import (
     receive_into,
     register_source,
     send_from,
+    send_source,
     source_reader,
 )
 from tunnel.endpoints._registry import BUILTIN_SOURCES, BUILTIN_WRITERS
+from tunnel.transport import TunnelConnection
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -466,7 +470,7 @@ class _FailingWriter:
         await trio.lowlevel.checkpoint()
 
 
-async def test_writer_failure_aborts_and_the_source_sees_why(tmp_path: Path) -> None:
+async def test_writer_failure_aborts_and_the_source_sees_why(tmp_path: Path, fd_leak_check: None) -> None:
     (tmp_path / "src").write_bytes(os.urandom(8 * MiB))
     writer = _FailingWriter(limit=3 * MiB)
     outcome = await migrate(FileReader(tmp_path / "src"), writer)
@@ -477,7 +481,7 @@ async def test_writer_failure_aborts_and_the_source_sees_why(tmp_path: Path) -> 
     assert writer.aborted is not None and "No space left" in writer.aborted and not writer.committed
 
 
-async def test_hypervisor_hangs_up_mid_stream() -> None:
+async def test_hypervisor_hangs_up_mid_stream(fd_leak_check: None) -> None:
     # The destination QEMU dies: writes to its pipe fail with EPIPE, and the source learns it.
     data = os.urandom(16 * MiB)
     src_r, src_w = os.pipe()
@@ -526,7 +530,7 @@ class _BrokenReader:
         await trio.lowlevel.checkpoint()
 
 
-async def test_source_failure_leaves_no_files(tmp_path: Path) -> None:
+async def test_source_failure_leaves_no_files(tmp_path: Path, fd_leak_check: None) -> None:
     reader = _BrokenReader(good=12)
     target = tmp_path / "restored"
     outcome = await migrate(reader, FileWriter(target))
@@ -536,7 +540,7 @@ async def test_source_failure_leaves_no_files(tmp_path: Path) -> None:
     assert not target.exists() and leftovers(str(tmp_path)) == []
 
 
-async def test_cancelled_migration_leaves_no_files(tmp_path: Path) -> None:
+async def test_cancelled_migration_leaves_no_files(tmp_path: Path, fd_leak_check: None) -> None:
     (tmp_path / "src").write_bytes(os.urandom(8 * MiB))
     target = tmp_path / "out"
     writer = FileWriter(target)
@@ -568,7 +572,80 @@ async def test_cancelled_migration_leaves_no_files(tmp_path: Path) -> None:
     assert not target.exists() and leftovers(str(tmp_path)) == []
 
 
-async def test_writer_rejects_records_it_cannot_apply(tmp_path: Path) -> None:
+async def _keep_full(fd: int) -> None:
+    chunk = b"q" * MiB
+    while True:
+        try:
+            os.write(fd, chunk)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+        except BrokenPipeError:
+            return
+
+
+async def _read_all(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, MiB):
+                return
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+
+
+@pytest.mark.parametrize("ending", ["connection_closed", "peer_reset"])
+async def test_connection_lost_mid_fd_transfer_leaks_no_fd(ending: str, fd_leak_check: None) -> None:
+    """The pumps over hypervisor pipes, spliced over a unix socket; the connection is
+    closed (or its socket reset under it) part way.  Both sides fail, and every fd
+    the transport and the endpoints opened or were given is closed."""
+    src_r, src_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    dst_r, dst_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    writer = ByteStreamWriter(dst_w)
+    failures: dict[str, BaseException] = {}
+    try:
+        with trio.fail_after(30):
+            async with unix_pair() as (a, b), connected(lambda: _given(a, b)) as (client, server), trio.open_nursery() as nursery:
+                nursery.start_soon(_keep_full, src_w)
+                nursery.start_soon(_read_all, dst_r)
+                done = {"source": trio.Event(), "destination": trio.Event()}
+
+                async def side(name: str, run: object) -> None:
+                    try:
+                        await run()  # type: ignore[operator]
+                    except (trio.BrokenResourceError, tunnel.TunnelError) as exc:
+                        failures[name] = exc
+                    done[name].set()
+
+                nursery.start_soon(side, "source", lambda: send_source(client, ByteStreamReader(src_r)))
+                nursery.start_soon(side, "destination", lambda: _receive(server, writer))
+                while server.statistics().bytes_received < 4 * MiB:  # well under way
+                    await trio.lowlevel.checkpoint()
+                if ending == "connection_closed":
+                    await client.aclose()
+                else:
+                    a.socket.shutdown(socket.SHUT_RDWR)  # the peer's socket is reset under the tunnel
+                await done["source"].wait()
+                await done["destination"].wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        for fd in (src_w, dst_r):
+            os.close(fd)
+    assert isinstance(failures.get("source"), tunnel.ConnectionLost), failures
+    assert isinstance(failures.get("destination"), tunnel.ConnectionLost | StreamAborted), failures
+
+
+async def _receive(server: TunnelConnection, writer: ByteStreamWriter) -> None:
+    await receive_into(await server.accept_stream(), writer)
+
+
+def _given(a: trio.abc.Stream, b: trio.abc.Stream) -> object:
+    @asynccontextmanager
+    async def pair() -> AsyncIterator[tuple[trio.abc.Stream, trio.abc.Stream]]:
+        yield a, b
+
+    return pair()
+
+
+async def test_writer_rejects_records_it_cannot_apply(tmp_path: Path, fd_leak_check: None) -> None:
     # A memory image sent to a file writer: the writer refuses, the migration fails cleanly.
     from test_endpoints_support import make_image
 

@@ -268,7 +268,7 @@ async def test_size_mismatch_is_refused(tmp_path: Path) -> None:
     assert leftovers(str(tmp_path)) == [] and not os.path.exists(target)
 
 
-async def test_cancelled_image_migration_leaves_no_temporary_file(tmp_path: Path) -> None:
+async def test_cancelled_image_migration_leaves_no_temporary_file(tmp_path: Path, fd_leak_check: None) -> None:
     source, target = str(tmp_path / "g.mem"), str(tmp_path / "g.out")
     make_image(source, [os.urandom(PAGE) for _ in range(2048)])
     writer = MemoryImageWriter(target)

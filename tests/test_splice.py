@@ -73,7 +73,7 @@ async def test_pipe_to_pipe(transport: str, digest: int) -> None:
     assert got == payload
 
 
-async def test_receive_fd_failure_aborts_the_stream() -> None:
+async def test_receive_fd_failure_aborts_the_stream(fd_leak_check: None) -> None:
     """A destination that stops reading (closed pipe) aborts the stream; the sender sees why."""
     dst_r, dst_w = os.pipe()
     os.close(dst_r)

@@ -829,6 +829,30 @@ class Connection:
             if increment:
                 self._answer_peer(WindowUpdate(stream_id=stream_id, increment=increment))
 
+    def request_data(self, stream_id: int, size: int) -> None:
+        """The application waits for data on *stream_id* and has none buffered.
+
+        Where the peer holds no credit on the stream and none is buffered or
+        due back (a window of 0), grant *size* bytes, and as much on the
+        connection so that each stream's grant can be used whatever other
+        streams do; else grant *size* on the connection if that is so
+        there.  Otherwise do nothing.  Without this a window of 0 never
+        carries data.
+        """
+        if self.state is ConnectionState.CLOSED:
+            return
+        s = self._streams.get(stream_id)
+        if s is None or (s.state, StreamInput.SEND_WINDOW) not in TRANSITIONS:
+            return
+        increment = s.window.request(size)
+        if increment:
+            self._answer_peer(WindowUpdate(stream_id=stream_id, increment=increment))
+            increment = self._conn_window.lend(increment)
+        else:
+            increment = self._conn_window.request(size)
+        if increment:
+            self._answer_peer(WindowUpdate(stream_id=0, increment=increment))
+
     # RPC
 
     def send_call(self, program: int, version: int, procedure: int, body: Buffer = b"") -> int:

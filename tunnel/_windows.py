@@ -18,18 +18,41 @@ __all__ = ["ReceiveWindow", "SendCredit"]
 class ReceiveWindow:
     """Credit this side has granted and not yet seen used."""
 
-    __slots__ = ("_unacknowledged", "available", "max_window")
+    __slots__ = ("_granted", "_unacknowledged", "available", "max_window")
 
     def __init__(self, max_window: int) -> None:
         self.max_window = max_window
         #: Bytes the peer may still send before it must wait for an update.
         self.available = max_window
         self._unacknowledged = 0
+        #: Credit lent by request() and not yet taken by the application.
+        self._granted = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet taken by the application."""
-        return self.max_window - self.available - self._unacknowledged
+        return self.max_window + self._granted - self.available - self._unacknowledged
+
+    def request(self, size: int) -> int:
+        """The application waits for data; returns credit to grant now, or 0.
+
+        Only when the peer holds no credit and none is buffered or waiting
+        to go back.  With a window above 0 that never lasts (acknowledge()
+        returns credit once it runs out), so this serves a window of 0: the
+        peer may send *size* bytes for this one request, and those bytes
+        are not given back when taken (the next request grants again).
+        """
+        if size <= 0 or self.available or self._unacknowledged or self.buffered:
+            return 0
+        return self.lend(size)
+
+    def lend(self, size: int) -> int:
+        """Grant *size* more bytes (within 2**31-1) that are not given back when
+        taken, as request() does; returns the increment to send."""
+        size = max(0, min(size, MAX_WINDOW - self.available))
+        self._granted += size
+        self.available += size
+        return size
 
     def consume(self, size: int, what: str) -> None:
         """The peer sent *size* flow-controlled bytes."""
@@ -47,7 +70,9 @@ class ReceiveWindow:
         peer has no credit left at all (so a window smaller than one frame can
         never deadlock).
         """
-        self._unacknowledged += size
+        lent = min(size, self._granted)  # request()'s credit is not given back
+        self._granted -= lent
+        self._unacknowledged += size - lent
         if self._unacknowledged and (
             self._unacknowledged * 2 >= self.max_window or self.available == 0
         ):

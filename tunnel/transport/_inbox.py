@@ -157,6 +157,7 @@ class Inbox:
         """aclose(): nothing more is received; what is buffered goes back as credit."""
         self.closed = True
         self._drop_backlog()
+        self.release_lent()  # no receive comes after aclose
         self._wake()
 
     def _wake(self) -> None:
@@ -172,12 +173,14 @@ class Inbox:
                 buf.release()
         self._backlog.clear()
         if self.sink is not None:
+            self.sink.signal.fire()  # receive_fd's task may wait on it: it must wake and raise
             self._sinks.remove(self)
             for _, buf in self.sink.release():
                 if buf is not None:
                     buf.release()
             self.sink = None
-        self.release_lent()
+        # Not the lent buffer: the application may still hold a view of it,
+        # valid until its next receive call (or aclose), error or not.
         self.buffered = 0
         self._head_offset = 0
 
@@ -193,11 +196,12 @@ class Inbox:
         if self.closed:
             raise trio.ClosedResourceError("the stream was closed")
 
-    async def wait_item(self) -> tuple[bool, bool]:
+    async def wait_item(self, want: int | None = None) -> tuple[bool, bool]:
         """Wait for a backlog item: (False at end of stream, whether it blocked).
 
         A receive that blocked here has had its checkpoint; one that did not
-        still owes one.
+        still owes one.  *want* is how much the caller asked for (None: a
+        frame's worth), granted to a peer that holds no credit (window 0).
         """
         self.release_lent()  # what the previous receive returned is no longer needed
         blocked = False
@@ -207,6 +211,7 @@ class Inbox:
                 return False, blocked
             if self.error is not None:
                 raise self.error
+            self._link.request_data(self.stream_id, want)
             await self._signal.wait()
             blocked = True
         self._check_open()
@@ -329,6 +334,7 @@ class Inbox:
                 elif self.eof:
                     break
                 else:
+                    self._link.request_data(self.stream_id, None)
                     await sink.signal.wait()  # the reader moves the data on while the sink keeps up
         finally:
             if self.sink is sink:

@@ -9,6 +9,7 @@ stream must learn of it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from .._connection import Connection, StreamInfo
@@ -64,7 +65,8 @@ class StreamLink:
         """A record of *size* flow-controlled bytes can ever be sent (else FrameTooLargeError)."""
         peer = self._core.peer_settings
         assert peer is not None
-        limit = min(peer.max_frame_size, peer.initial_stream_window, peer.connection_window)
+        # A window of 0 opens on demand, a frame's worth at a time (request_data).
+        limit = min(peer.max_frame_size, peer.initial_stream_window or math.inf, peer.connection_window or math.inf)
         if size > limit:
             raise FrameTooLargeError(
                 f"a record of {size} bytes can never be sent: the peer accepts frames and windows of {limit} bytes"
@@ -74,6 +76,16 @@ class StreamLink:
         """The application took *size* flow-controlled bytes: credit goes back to the peer."""
         if size and self._health.alive:
             self._core.acknowledge_received(stream_id, size)
+            if self._core.pending_output:
+                self._writer.kick()
+
+    def request_data(self, stream_id: int, size: int | None) -> None:
+        """A stream's consumer waits with nothing buffered: credit for a peer that has none (window 0).
+
+        *size* is how much the consumer asked for (None: a frame's worth).
+        """
+        if self._health.alive:
+            self._core.request_data(stream_id, size or self._core.local_settings.max_frame_size)
             if self._core.pending_output:
                 self._writer.kick()
 
@@ -87,12 +99,19 @@ class StreamLink:
             self._core.abort_stream(stream_id, error_code, reason)
             self._writer.kick()
 
-    def close_stream(self, stream_id: int, *, eof_sent: bool) -> None:
-        """aclose(): end our direction, abort the peer's if it is still sending."""
+    def close_stream(self, stream_id: int, *, eof_sent: bool, sending: bool) -> None:
+        """aclose(): end our direction, abort the peer's if it is still sending.
+
+        With a send in flight (*sending*), the peer has only part of it: abort, never end.
+        """
         if not self._health.alive:
             return
         core = self._core
         state = core.stream_state(stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and sending:
+            core.abort_stream(stream_id, ErrorCode.CANCEL, "the sender closed the stream during a send")
+            self._writer.kick()
+            return
         if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE) and not eof_sent:
             core.end_stream(stream_id)
             state = core.stream_state(stream_id)

@@ -118,11 +118,26 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             await work.done.wait()
         except BaseException:
             self.outbox.take_back(work)
+            if not work.done.is_set():
+                self._break_send()
             raise
         if work.error is not None:
             if self._closed:
                 raise trio.ClosedResourceError("the stream was closed") from None
             raise work.error
+
+    def _break_send(self) -> None:
+        """A send was interrupted part way (cancelled): break the stream.
+
+        The peer may have part of it, and the writer may still be writing
+        slices of the caller's buffer.  As trio's SSLStream does, the stream
+        is broken from now on (``trio.BrokenResourceError``), and the peer
+        gets STREAM_ABORT: a half-done send must never end cleanly.
+        """
+        if self._error is None and not self._closed:
+            reason = "the sender was cancelled during a send"
+            self._link.abort_stream(self.stream_id, ErrorCode.CANCEL, reason)
+            self.failed(aborted(ErrorCode.CANCEL, reason, remote=False))
 
     async def send_all(self, data: Buffer) -> None:
         with self._send_guard:
@@ -216,7 +231,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Up to *max_bytes* of stream data; ``b""`` only at end of stream."""
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self.inbox.wait_item()
+            ready, blocked = await self.inbox.wait_item(max_bytes)
             data = self.inbox.take_bytes(max_bytes, view_ok=False) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
@@ -226,12 +241,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def receive_view(self, max_bytes: int | None = None) -> Buffer:
         """Like :meth:`receive_some` without a copy: may return a memoryview.
 
-        The view is valid until the next receive call on this stream (its
-        memory is then reused): copy what you need to keep.
+        The view is valid until the next receive call on this stream, or
+        :meth:`aclose` (its memory is then reused), also if the stream fails
+        meanwhile: copy what you need to keep.
         """
         self._check_max(max_bytes)
         with self._recv_guard:
-            ready, blocked = await self.inbox.wait_item()
+            ready, blocked = await self.inbox.wait_item(max_bytes)
             data = self.inbox.take_bytes(max_bytes, view_ok=True) if ready else b""
             if not blocked:
                 await trio.lowlevel.checkpoint()
@@ -332,6 +348,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     break
                 else:
                     await self._wait_fd(trio.lowlevel.wait_readable, fd, work)
+        except BaseException:
+            if work.error is None and source.error is None:
+                self._break_send()  # cancelled: bytes taken from fd may never be sent
+            raise
         finally:
             self.outbox.take_back(work)
             if work.writing:
@@ -411,7 +431,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             if self._error is None:
-                self._link.close_stream(self.stream_id, eof_sent=self._eof_sent)
+                self._link.close_stream(self.stream_id, eof_sent=self._eof_sent, sending=self.outbox.work is not None)
             self.inbox.close()
             self.outbox.fail(trio.ClosedResourceError("the stream was closed"))
             self._cancel_fd_waits()
