@@ -9,8 +9,9 @@ Every frame is a 12-byte header followed by ``length`` payload bytes::
     6       2     reserved   MUST be zero
     8       4     stream_id  0 for connection-level frames
 
-All integers are unsigned and big-endian.  This module knows nothing about
-connection state: :func:`decode_payload` turns one complete payload into a
+All integers are unsigned and big-endian.  The frame types and their
+fields are defined in :mod:`._frametypes` and re-exported here; this
+module is the codec.  It knows nothing about connection state: :func:`decode_payload` turns one complete payload into a
 frame object or raises :class:`RemoteProtocolError`; :func:`encode_parts`
 turns a frame object into buffers whose bulk payload is the caller's own
 buffer, never a copy.
@@ -26,13 +27,45 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import IntEnum
 from functools import reduce
 from operator import or_
 from typing import Any
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._frametypes import (
+    CONNECTION_FRAMES,
+    DIGEST_SIZES,
+    FLOW_CONTROLLED,
+    HEADER,
+    HEADER_SIZE,
+    ITERATION_FINAL,
+    MAX_PAGE_SHIFT,
+    MAX_WINDOW,
+    MIN_PAGE_SHIFT,
+    Data,
+    DeviceState,
+    DigestAlgorithm,
+    Frame,
+    FrameType,
+    Goodbye,
+    Iteration,
+    Pages,
+    Ping,
+    Pong,
+    RecordFrame,
+    RpcCall,
+    RpcError,
+    RpcReply,
+    SettingsFrame,
+    StreamAbort,
+    StreamEnd,
+    StreamKind,
+    StreamOpen,
+    WindowUpdate,
+    ZeroPages,
+    ZstdPages,
+    header,
+)
 from ._records import (
     Buffer,
     DeviceStateRecord,
@@ -44,9 +77,14 @@ from ._records import (
 )
 
 __all__ = [
+    "CONNECTION_FRAMES",
+    "FLOW_CONTROLLED",
     "HEADER",
     "HEADER_SIZE",
     "ITERATION_FINAL",
+    "MAX_PAGE_SHIFT",
+    "MAX_WINDOW",
+    "MIN_PAGE_SHIFT",
     "RECORD_FRAMES",
     "RECORD_FRAME_NAMES",
     "Buffer",
@@ -85,10 +123,6 @@ __all__ = [
     "record_frame_type",
 ]
 
-HEADER = struct.Struct(">IBBHI")
-HEADER_SIZE = HEADER.size  # 12
-
-_U32 = struct.Struct(">I")
 _RPC = struct.Struct(">IIII")  # program, version, procedure, serial
 _RPC_ERR = struct.Struct(">IIIII")  # ... + error code
 _PAGES = struct.Struct(">IIII")  # region, count, page_size, reserved
@@ -101,212 +135,6 @@ _GOODBYE = struct.Struct(">II")  # last stream id, error code
 _WINDOW = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
 
-MAX_WINDOW = 2**31 - 1
-MIN_PAGE_SHIFT = 9
-MAX_PAGE_SHIFT = 21
-#: ITERATION flag: the last pass (stop-and-copy).  Every other bit MUST be zero.
-ITERATION_FINAL = 0x1
-
-
-class FrameType(IntEnum):
-    SETTINGS = 0x01
-    PING = 0x02
-    PONG = 0x03
-    GOODBYE = 0x04
-    WINDOW_UPDATE = 0x05
-    RPC_CALL = 0x10
-    RPC_REPLY = 0x11
-    RPC_ERROR = 0x12
-    STREAM_OPEN = 0x20
-    DATA = 0x21
-    PAGES = 0x22
-    ZERO_PAGES = 0x23
-    DEVICE_STATE = 0x24
-    STREAM_END = 0x25
-    STREAM_ABORT = 0x26
-    ITERATION = 0x27
-    ZSTD_PAGES = 0x28
-
-
-#: Frame types whose whole payload length counts against flow-control windows.
-FLOW_CONTROLLED = frozenset(
-    {
-        FrameType.DATA,
-        FrameType.PAGES,
-        FrameType.ZERO_PAGES,
-        FrameType.DEVICE_STATE,
-        FrameType.ITERATION,
-        FrameType.ZSTD_PAGES,
-    }
-)
-#: Frame types that MUST carry stream id 0.
-CONNECTION_FRAMES = frozenset(
-    {
-        FrameType.SETTINGS,
-        FrameType.PING,
-        FrameType.PONG,
-        FrameType.GOODBYE,
-        FrameType.RPC_CALL,
-        FrameType.RPC_REPLY,
-        FrameType.RPC_ERROR,
-    }
-)
-
-
-class StreamKind(IntEnum):
-    """What a stream carries; informative for the application."""
-
-    BYTES = 0  # an opaque hypervisor byte stream (QEMU's migration stream)
-    MEMORY = 1  # guest memory as page records
-    DEVICE = 2  # device state blobs
-    FILE = 3  # a saved guest image
-    CONTROL = 4  # application messages alongside a migration
-
-
-class DigestAlgorithm(IntEnum):
-    """End-of-stream digest, chosen per stream by the opener."""
-
-    NONE = 0
-    CRC32 = 1  # zlib.crc32, 4 bytes big-endian
-    SHA256 = 2  # 32 bytes
-
-    @property
-    def digest_size(self) -> int:
-        return _DIGEST_SIZES[self]
-
-
-_DIGEST_SIZES = {DigestAlgorithm.NONE: 0, DigestAlgorithm.CRC32: 4, DigestAlgorithm.SHA256: 32}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Frame:
-    """Base class of all frames."""
-
-    stream_id: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SettingsFrame(Frame):
-    #: ``(identifier, value)`` pairs in wire order.
-    settings: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Ping(Frame):
-    opaque: bytes = b"\0" * 8
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Pong(Frame):
-    opaque: bytes = b"\0" * 8
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Goodbye(Frame):
-    last_stream_id: int = 0
-    error_code: int = ErrorCode.NO_ERROR
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WindowUpdate(Frame):
-    increment: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RpcCall(Frame):
-    program: int
-    version: int
-    procedure: int
-    serial: int
-    body: Buffer = b""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RpcReply(Frame):
-    program: int
-    version: int
-    procedure: int
-    serial: int
-    body: Buffer = b""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RpcError(Frame):
-    program: int
-    version: int
-    procedure: int
-    serial: int
-    error_code: int
-    message: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StreamOpen(Frame):
-    kind: int = StreamKind.BYTES
-    digest: int = DigestAlgorithm.NONE
-    migration_id: bytes = b"\0" * 16
-    label: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Data(Frame):
-    data: Buffer
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecordFrame(Frame):
-    """A flow-controlled frame that carries one typed record (PAGES, ZERO_PAGES,
-    DEVICE_STATE, ITERATION, ZSTD_PAGES); its frame type follows from the record's."""
-
-    record: Record
-
-
-# Constructors of the RecordFrame for each record kind, named after the frame
-# types: hand-built frames (tests, protocol.md's vectors) read as the wire does.
-
-
-def Pages(*, stream_id: int = 0, region: int, page_size: int, addresses: tuple[int, ...], data: Buffer) -> RecordFrame:
-    return RecordFrame(stream_id=stream_id, record=PagesRecord(region=region, page_size=page_size, addresses=addresses, data=data))
-
-
-def ZeroPages(*, stream_id: int = 0, region: int, page_size: int, runs: tuple[tuple[int, int], ...]) -> RecordFrame:
-    return RecordFrame(stream_id=stream_id, record=ZeroPagesRecord(region=region, page_size=page_size, runs=runs))
-
-
-def DeviceState(*, stream_id: int = 0, name: str, version: int = 0, data: Buffer = b"") -> RecordFrame:
-    return RecordFrame(stream_id=stream_id, record=DeviceStateRecord(name=name, version=version, data=data))
-
-
-def Iteration(*, stream_id: int = 0, iteration: int, final: bool = False) -> RecordFrame:
-    return RecordFrame(stream_id=stream_id, record=IterationRecord(iteration=iteration, final=final))
-
-
-def ZstdPages(
-    *, stream_id: int = 0, region: int, page_size: int, addresses: tuple[int, ...], compressed: Buffer
-) -> RecordFrame:
-    return RecordFrame(
-        stream_id=stream_id, record=ZstdPagesRecord(region=region, page_size=page_size, addresses=addresses, compressed=compressed)
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StreamEnd(Frame):
-    #: Flow-controlled payload bytes sent in this direction of the stream.
-    total_bytes: int
-    digest_algorithm: int = DigestAlgorithm.NONE
-    digest: bytes = b""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StreamAbort(Frame):
-    error_code: int
-    reason: str = ""
-
-
-def header(ftype: int, stream_id: int, length: int) -> bytes:
-    """The 12-byte header of a frame whose payload the caller sends itself."""
-    return HEADER.pack(length, ftype, 0, 0, stream_id)
 
 
 # ---------------------------------------------------------------------------
@@ -415,7 +243,7 @@ def _enc_rpc_error(f: RpcError) -> list[Buffer]:
 def _enc_stream_open(f: StreamOpen) -> list[Buffer]:
     if len(f.migration_id) != 16:
         raise LocalProtocolError("migration id must be 16 bytes")
-    if not 0 <= f.kind <= 0xFF or f.digest not in _DIGEST_SIZES:
+    if not 0 <= f.kind <= 0xFF or f.digest not in DIGEST_SIZES:
         raise LocalProtocolError(f"bad stream kind {f.kind} or digest {f.digest}")
     return [_OPEN.pack(f.kind, f.digest, 0, f.migration_id) + _utf8(f.label)]
 
@@ -423,7 +251,7 @@ def _enc_stream_open(f: StreamOpen) -> list[Buffer]:
 def _enc_stream_end(f: StreamEnd) -> list[Buffer]:
     if not 0 <= f.total_bytes < 2**64:
         raise LocalProtocolError("total_bytes does not fit in 64 bits")
-    if f.digest_algorithm not in _DIGEST_SIZES or len(f.digest) != _DIGEST_SIZES[DigestAlgorithm(f.digest_algorithm)]:
+    if f.digest_algorithm not in DIGEST_SIZES or len(f.digest) != DIGEST_SIZES[DigestAlgorithm(f.digest_algorithm)]:
         raise LocalProtocolError("digest does not match its algorithm")
     return [_END.pack(f.total_bytes, f.digest_algorithm, len(f.digest), 0) + f.digest]
 
@@ -578,7 +406,7 @@ def _dec_stream_open(stream_id: int, payload: memoryview) -> StreamOpen:
     kind, digest, reserved, migration_id = _OPEN.unpack_from(payload)
     if reserved:
         raise _bad("STREAM_OPEN reserved field is not zero")
-    if digest not in _DIGEST_SIZES:
+    if digest not in DIGEST_SIZES:
         raise _bad(f"unknown digest algorithm {digest}")
     label = _text(payload[_OPEN.size :], "stream label")
     return StreamOpen(stream_id=stream_id, kind=kind, digest=digest, migration_id=migration_id, label=label)
@@ -589,9 +417,9 @@ def _dec_stream_end(stream_id: int, payload: memoryview) -> StreamEnd:
     total, algorithm, digest_len, reserved = _END.unpack_from(payload)
     if reserved:
         raise _bad("STREAM_END reserved field is not zero")
-    if algorithm not in _DIGEST_SIZES:
+    if algorithm not in DIGEST_SIZES:
         raise _bad(f"unknown digest algorithm {algorithm}")
-    if digest_len != _DIGEST_SIZES[DigestAlgorithm(algorithm)]:
+    if digest_len != DIGEST_SIZES[DigestAlgorithm(algorithm)]:
         raise _bad(f"digest length {digest_len} does not match algorithm {algorithm}")
     _exact(payload, _END.size + digest_len, FrameType.STREAM_END)
     return StreamEnd(stream_id=stream_id, total_bytes=total, digest_algorithm=algorithm, digest=bytes(payload[_END.size :]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from enum import IntEnum, IntFlag
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from ._frames import MAX_WINDOW, SettingsFrame
+from ._frametypes import MAX_WINDOW, SettingsFrame
 
 __all__ = [
     "MAGIC",

@@ -10,7 +10,7 @@ so that WINDOW_UPDATE frames stay rare.
 from __future__ import annotations
 
 from ._errors import ErrorCode, RemoteProtocolError
-from ._frames import MAX_WINDOW
+from ._frametypes import MAX_WINDOW
 
 __all__ = ["ReceiveWindow", "SendCredit"]
 
