@@ -41,7 +41,7 @@ from tunnel._errors import TunnelError
 from tunnel._frames import HEADER, HEADER_SIZE, FrameType
 from tunnel.client import Client, connect
 from tunnel.daemon import DaemonError
-from tunnel.daemon._rpc import Procedure
+from tunnel.control import Procedure
 
 __all__ = ["FAULTS", "POINTS", "Case", "Pair", "Relay", "Result", "Trigger", "make_ram", "random_case"]
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tunnel.daemon._qmpallow import check_qmp
-from tunnel.daemon._rpc import DaemonError
+from tunnel.control import DaemonError
 
 
 @pytest.fixture

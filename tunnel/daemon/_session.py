@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import ErrorCode, RPCError
-from .._frames import Buffer
+from .. import Buffer, ErrorCode, RPCError
+from ..control import PROGRAM, DaemonError, Procedure
 from ..qemu import QMPError
 from ..transport import Handler, TunnelConnection, TunnelStream
 from ._access import GRANTED_BY, PROCEDURE_ROLES, Role, describe
@@ -26,7 +26,7 @@ from ._jobstats import complete_jobinfo
 from ._net import Identity
 from ._qmpallow import check_qmp
 from ._recovery import outcome_reply
-from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler, public_message
+from ._rpc import field, json_handler, public_message
 from ._source import SourceJob
 
 if TYPE_CHECKING:
