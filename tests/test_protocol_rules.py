@@ -169,6 +169,16 @@ def test_zstd_window_rule_follows_rfc_8878_for_single_segment_frames() -> None:
                 d.decompress(compressed, size)
 
 
+
+def test_the_reference_compressor_keeps_to_the_window_rule() -> None:
+    from tunnel.transport._compress import MAX_WINDOW, PageCompressor
+
+    for size in (PAGE, 8 * MiB, 9 * MiB, 16 * MiB):
+        compressed = PageCompressor().compress(bytes(size))
+        assert compressed is not None
+        assert zstandard.get_frame_parameters(compressed).window_size <= MAX_WINDOW, size
+
+
 # ---------------------------------------------------------------------------
 # §6: when credit comes back
 
