@@ -39,12 +39,13 @@ from ._events import (
     ZeroPagesReceived,
     ZstdPagesReceived,
 )
-from ._frames import DigestAlgorithm, FrameType, StreamKind
+from ._frames import Buffer, DigestAlgorithm, FrameType, StreamKind
 from ._settings import PROTOCOL_VERSION, Feature, SettingId, Settings
 from ._state import StreamState
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Buffer",
     "CallFailed",
     "CallReceived",
     "Connection",

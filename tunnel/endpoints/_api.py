@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .._errors import TunnelError
+from .. import TunnelError
 from ..transport import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
 
 __all__ = [

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .._errors import ErrorCode, FrameTooLargeError, StreamAborted
-from .._frames import DigestAlgorithm
+from .. import DigestAlgorithm, ErrorCode, FrameTooLargeError, StreamAborted
 from ..transport import (
     DeviceStateRecord,
     IterationRecord,

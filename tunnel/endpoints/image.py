@@ -41,7 +41,7 @@ from typing import TypeVar
 
 import trio
 
-from .._frames import StreamKind
+from .. import StreamKind
 from ..transport import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
 from ._api import NotConverged, PausableGuest, Progress, SourceRecord
 from ._imagefile import ImageHeader, page_extents, read_into
