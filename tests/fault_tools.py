@@ -40,8 +40,8 @@ from qemu_fixtures import RANDOM_ADDR, RandomRam, base_args, file_digest, loader
 from tunnel._errors import TunnelError
 from tunnel._frames import HEADER, HEADER_SIZE, FrameType
 from tunnel.client import Client, connect
+from tunnel.control import Procedure
 from tunnel.daemon import DaemonError
-from tunnel.daemon._rpc import Procedure
 
 __all__ = ["FAULTS", "POINTS", "Case", "Pair", "Relay", "Result", "Trigger", "make_ram", "random_case"]
 

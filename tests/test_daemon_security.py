@@ -26,8 +26,8 @@ from qemu_fixtures import base_args, requires_qemu, run_dir
 
 from tunnel import ErrorCode, RPCError
 from tunnel.client import connect
+from tunnel.control import encode
 from tunnel.daemon import PROGRAM, DaemonError, PermissionDenied, Procedure, TLSFiles
-from tunnel.daemon._rpc import encode
 from tunnel.transport import open_connection
 
 __all__ = ["run_dir"]  # fixture, imported for pytest

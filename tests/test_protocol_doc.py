@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import uuid
 import zlib
 from pathlib import Path
 
 import pytest
+import trio
 import zstandard
 
 import tunnel
@@ -187,6 +189,8 @@ EXPECTED_FRAMES: dict[str, Frame] = {
     "zstd_pages": ZstdPages(stream_id=1, region=1, page_size=512, addresses=(0, 0x2000), compressed=ZSTD_FRAME),
 }
 HANDSHAKE_VECTORS = ("handshake_client", "handshake_server")
+#: The settings of the handshake vectors: the defaults, with ZSTD as the trio layer adds it (§10.1).
+LIVE_SETTINGS = Settings(features=Feature.DIGEST_SHA256 | Feature.ZSTD)
 
 
 def _plain(frame: Frame) -> Frame:
@@ -199,7 +203,7 @@ def _plain(frame: Frame) -> Frame:
 
 def _open_pair() -> tuple[Connection, Connection]:
     """A client and a server that have completed the handshake from the document's bytes."""
-    client, server = Connection(client=True), Connection(client=False)
+    client, server = Connection(client=True, settings=LIVE_SETTINGS), Connection(client=False, settings=LIVE_SETTINGS)
     assert client.bytes_to_send() == VECTORS["handshake_client"]
     assert server.bytes_to_send() == VECTORS["handshake_server"]
     server.receive_data(VECTORS["handshake_client"])
@@ -245,16 +249,19 @@ def test_handshake_vector_decodes(name: str) -> None:
     raw = VECTORS[name]
     assert PREFACE.unpack_from(raw) == (b"TUNL", 1, 1)
     frame = decode(raw[PREFACE.size :])
-    assert frame == Settings().to_frame()
-    assert Settings.from_frame(frame) == Settings()
+    assert frame == LIVE_SETTINGS.to_frame()
+    assert Settings.from_frame(frame) == LIVE_SETTINGS
     assert encode(frame) == raw[PREFACE.size :]
+    # The core's own default differs only in FEATURES, the last four bytes (§10.1).
+    core_default = PREFACE.pack(MAGIC, 1, 1) + encode(Settings().to_frame())
+    assert core_default[:-4] == raw[:-4] and core_default[-4:] == bytes.fromhex("00000001")
 
 
 def test_handshake_vectors_complete_a_handshake() -> None:
-    client, server = Connection(client=True), Connection(client=False)
+    client, server = Connection(client=True, settings=LIVE_SETTINGS), Connection(client=False, settings=LIVE_SETTINGS)
     events_server = server.receive_data(VECTORS["handshake_client"])
     events_client = client.receive_data(VECTORS["handshake_server"])
-    expected = [tunnel.HandshakeComplete(version=1, peer_settings=Settings())]
+    expected = [tunnel.HandshakeComplete(version=1, peer_settings=LIVE_SETTINGS)]
     assert events_server == expected
     assert events_client == expected
     assert client.state is server.state is tunnel.ConnectionState.OPEN
@@ -350,10 +357,7 @@ def test_zstd_vector_decompresses_to_the_stated_pages() -> None:
 
 def test_zstd_conversation_from_vectors() -> None:
     """The ITERATION and ZSTD_PAGES vectors on a connection where both sides set ZSTD (§10)."""
-    features = Settings(features=tunnel.Feature.DIGEST_SHA256 | tunnel.Feature.ZSTD)
-    client, server = Connection(client=True, settings=features), Connection(client=False, settings=features)
-    server.receive_data(client.bytes_to_send())
-    client.receive_data(server.bytes_to_send())
+    client, server = _open_pair()
     assert server.features == tunnel.Feature(3)
     events: list[tunnel.Event] = []
     for name in ("stream_open", "iteration", "zstd_pages", "iteration_final"):
@@ -375,7 +379,10 @@ def test_zstd_conversation_from_vectors() -> None:
     )
     assert server.buffered_received == 8 + 55 + 8
     # Without ZSTD on both sides, the same ZSTD_PAGES bytes are a connection error.
-    _, plain = _open_pair()
+    client, plain = Connection(client=True), Connection(client=False, settings=LIVE_SETTINGS)
+    plain.receive_data(client.bytes_to_send())
+    client.receive_data(plain.bytes_to_send())
+    assert plain.features == tunnel.Feature.DIGEST_SHA256
     plain.receive_data(VECTORS["stream_open"])
     with pytest.raises(RemoteProtocolError) as info:
         plain.receive_data(VECTORS["zstd_pages"])
@@ -384,7 +391,7 @@ def test_zstd_conversation_from_vectors() -> None:
 
 def test_refusal_vector() -> None:
     """A v1-only endpoint answers a 2..3 preface with the goodbye_refusal frame."""
-    server = Connection(client=False)
+    server = Connection(client=False, settings=LIVE_SETTINGS)
     own = server.bytes_to_send()
     with pytest.raises(RemoteProtocolError) as info:
         server.receive_data(PREFACE.pack(MAGIC, 2, 3))
@@ -558,3 +565,55 @@ def test_daemon_procedure_table() -> None:
     assert {row[0]: row[2] for row in table.rows} == {p.name: role.value for p, role in PROCEDURE_ROLES.items()}
     assert f"0x{PROGRAM:08X}" in TEXT
     assert f"PERMISSION_DENIED` ({int(ErrorCode.PERMISSION_DENIED)})" in " ".join(TEXT.split())
+
+
+# ---------------------------------------------------------------------------
+# The handshake vectors are what live endpoints send (§10.1)
+
+
+async def _first_bytes(stream: trio.abc.Stream, size: int) -> bytes:
+    got = b""
+    with trio.fail_after(10):
+        while len(got) < size:
+            chunk = await stream.receive_some(size - len(got))
+            assert chunk, f"the peer closed after {len(got)} bytes"
+            got += chunk
+    return got
+
+
+async def test_handshake_server_vector_is_what_a_live_daemon_sends() -> None:
+    from tunnel.daemon import Daemon
+
+    with tempfile.TemporaryDirectory(prefix="tpd-", dir="/tmp") as root:
+        sock = f"{root}/d.sock"
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Daemon(state_dir=f"{root}/state", listen=[f"unix://{sock}"]).run)
+            stream = await trio.open_unix_socket(sock)
+            got = await _first_bytes(stream, len(VECTORS["handshake_server"]))
+            nursery.cancel_scope.cancel()
+        await stream.aclose()
+    assert got == VECTORS["handshake_server"]
+
+
+async def test_handshake_client_vector_is_what_a_live_client_sends() -> None:
+    import tunnel.client
+
+    with tempfile.TemporaryDirectory(prefix="tpd-", dir="/tmp") as root:
+        sock = f"{root}/d.sock"
+        listener = trio.socket.socket(trio.socket.AF_UNIX)
+        with listener:
+            await listener.bind(sock)
+            listener.listen(1)
+            async with trio.open_nursery() as nursery:
+
+                async def client() -> None:
+                    async with tunnel.client.connect(f"unix://{sock}"):
+                        pass  # pragma: no cover - the fake daemon never answers
+
+                nursery.start_soon(client)
+                raw, _ = await listener.accept()
+                stream = trio.SocketStream(raw)
+                got = await _first_bytes(stream, len(VECTORS["handshake_client"]))
+                nursery.cancel_scope.cancel()  # before the client can see the socket close
+            await stream.aclose()
+    assert got == VECTORS["handshake_client"]

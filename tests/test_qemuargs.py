@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from qemu_fixtures import RandomRam, base_args, loader_args, random_ram, requires_qemu, run_dir
 
+from tunnel.control import DaemonError
 from tunnel.daemon._qemuargs import check_qemu_args
 from tunnel.daemon._qemuopts import KEY_RE, OptsSyntaxError, join_opts, parse_opts
-from tunnel.daemon._rpc import DaemonError
 from tunnel.qemu import QemuProcess, run_state
 
 __all__ = ["random_ram", "run_dir"]  # fixtures, imported for pytest

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from tunnel.control import DaemonError
 from tunnel.daemon._qmpallow import check_qmp
-from tunnel.daemon._rpc import DaemonError
 
 
 @pytest.fixture

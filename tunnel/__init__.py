@@ -35,7 +35,7 @@ from ._events import (
     StreamReset,
     WindowUpdated,
 )
-from ._frames import DigestAlgorithm, FrameType, StreamKind
+from ._frames import Buffer, DigestAlgorithm, FrameType, StreamKind
 from ._records import (
     RECORD_TYPES,
     DeviceStateRecord,
@@ -53,6 +53,7 @@ from ._state import StreamState
 __all__ = [
     "PROTOCOL_VERSION",
     "RECORD_TYPES",
+    "Buffer",
     "CallFailed",
     "CallReceived",
     "Connection",

@@ -18,11 +18,9 @@ from typing import Any
 
 import trio
 
-from ._errors import RPCError, TunnelError
-from .daemon._net import TLSFiles
-from .daemon._net import connect as _connect
-from .daemon._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
-from .daemon._uri import URIError, parse_uri
+from . import RPCError, TunnelError
+from .control import PROGRAM, VERSION, DaemonError, Procedure, TLSFiles, URIError, decode, encode, error_of, parse_uri
+from .control import connect as _connect
 from .transport import TunnelConnection, open_connection
 
 __all__ = ["Client", "DaemonError", "connect"]
@@ -40,7 +38,7 @@ class Client:
 
     async def _call(self, procedure: Procedure, request: JSON) -> JSON:
         try:
-            return decode(await self._conn.call(PROGRAM, procedure, encode(request)))
+            return decode(await self._conn.call(PROGRAM, procedure, encode(request), version=VERSION))
         except RPCError as exc:
             raise error_of(exc) from None
         except (TunnelError, trio.BrokenResourceError) as exc:

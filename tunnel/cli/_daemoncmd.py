@@ -22,8 +22,7 @@ from typing import Any, TextIO
 
 import trio
 
-from ..daemon import Daemon, DaemonError, TLSFiles, URIError, parse_uri
-from ..daemon._log import LEVELS
+from ..daemon import LOG_LEVELS, Daemon, DaemonError, TLSFiles, URIError, parse_uri
 from ._errors import tls_reason
 
 __all__ = ["LogWriter", "check_tls", "run_daemon"]
@@ -33,7 +32,7 @@ class LogWriter:
     """The daemon's log on stderr: ``--log-level`` filters, ``--log-format`` is text or one JSON object a line."""
 
     def __init__(self, level: str = "info", fmt: str = "text", out: TextIO | None = None) -> None:
-        self.threshold = LEVELS[level]
+        self.threshold = LOG_LEVELS[level]
         self.json = fmt == "json"
         self.out = out
 
@@ -41,7 +40,7 @@ class LogWriter:
         self.emit("info", line, {})
 
     def emit(self, level: str, message: str, fields: dict[str, Any]) -> None:
-        if LEVELS[level] < self.threshold:
+        if LOG_LEVELS[level] < self.threshold:
             return
         now = time.time()
         if self.json:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,40 +24,18 @@ from typing import Any
 
 import trio
 
-from ..client import Client, connect
-from ..daemon import DaemonError
+from ..client import connect
+from ..control import DaemonError
 from ..qemu import qemu_binary
-from ._progress import ProgressBar, format_bytes
+from ._demokit import Clock, Daemons, migrate_with_progress, say
+from ._image_demo import image_demo
+from ._progress import format_bytes
 
 __all__ = ["run_demo"]
 
 MiB = 1024 * 1024
 #: Where the random bytes go in guest RAM: above what firmware touches.
 LOAD_ADDRESS = 16 * MiB
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.json:
-        print(text, flush=True)
-
-
-class Clock:
-    """Where the demo's time goes, so that every second of it is accounted for at the end."""
-
-    def __init__(self) -> None:
-        self.start = self.mark = time.monotonic()
-        self.phases: list[tuple[str, float]] = []
-
-    def lap(self, what: str) -> float:
-        now = time.monotonic()
-        self.phases.append((what, now - self.mark))
-        self.mark = now
-        return now - self.phases[-1][1]
-
-    def summary(self) -> str:
-        total = time.monotonic() - self.start
-        parts = ", ".join(f"{what} {seconds:.2f} s" for what, seconds in self.phases)
-        return f"Time: {total:.2f} s in all: {parts}."
 
 
 def _random_file(path: str, size: int) -> str:
@@ -79,93 +56,10 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-class _Daemons:
-    """Two daemon processes, always stopped on the way out."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.procs: list[trio.Process] = []
-
-    async def start(self, name: str) -> str:
-        sock = os.path.join(self.root, f"{name}.sock")
-        log = os.open(os.path.join(self.root, f"{name}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            proc = await trio.lowlevel.open_process(
-                [
-                    sys.executable, "-m", "tunnel", "daemon", "--listen", f"unix://{sock}", "--state-dir", os.path.join(self.root, name),
-                    # the guest's RAM file lives in the demo's directory; a throw-away demo stops its guests
-                    "--allow-path", self.root, "--shutdown-guests-on-exit",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        finally:
-            os.close(log)
-        self.procs.append(proc)
-        with trio.move_on_after(20):
-            while not os.path.exists(sock):
-                if proc.poll() is not None:
-                    break
-                await trio.sleep(0.05)
-        if not os.path.exists(sock):
-            raise DaemonError(f"the {name} daemon did not start: {self.log_tail(name)}")
-        return f"unix://{sock}"
-
-    def log_tail(self, name: str) -> str:
-        try:
-            with open(os.path.join(self.root, f"{name}.log"), encoding="utf-8", errors="replace") as f:
-                return f.read()[-2000:].strip()
-        except OSError:
-            return ""
-
-    async def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            with trio.move_on_after(20):
-                await proc.wait()
-            if proc.poll() is None:
-                proc.kill()
-                await proc.wait()
-
-
-async def _migrate_with_progress(
-    client: Client, name: str, dest: str, *, tunnelled: bool, show: bool, verify: bool = False
-) -> dict[str, Any]:
-    bar = ProgressBar(sys.stdout) if show and sys.stdout.isatty() else None
-    result: dict[str, Any] = {}
-
-    async def poll() -> None:
-        try:
-            while True:
-                await trio.sleep(0.25)
-                info = await client.jobinfo(name)
-                if bar is not None and info.get("status") == "active":
-                    bar.update(info)
-        except DaemonError:
-            return
-
-    error: DaemonError | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(poll)
-        try:
-            # --undefinesource: the demo defines the guest afresh for each run
-            result = await client.migrate(name, dest, live=True, p2p=True, tunnelled=tunnelled, verify=verify, undefine_source=True)
-        except DaemonError as exc:
-            error = exc
-        nursery.cancel_scope.cancel()
-    if bar is not None:
-        bar.close()
-    if error is not None:
-        raise error
-    return result
-
-
-async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clock: Clock) -> dict[str, Any]:
+async def _qemu_demo(args: argparse.Namespace, root: str, daemons: Daemons, clock: Clock) -> dict[str, Any]:
     size = args.memory_mib * MiB
     rand = os.path.join(root, "guest-ram.bin")
-    _say(args, f"Writing {args.memory_mib} MiB of random data for the guest's RAM (the bytes the destination must end up with) ...")
+    say(args, f"Writing {args.memory_mib} MiB of random data for the guest's RAM (the bytes the destination must end up with) ...")
     expected = await trio.to_thread.run_sync(_random_file, rand, size)
     clock.lap("writing random data")
     ram_mib = args.memory_mib + 64
@@ -177,7 +71,7 @@ async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clo
             "-device", f"loader,file={rand},addr={LOAD_ADDRESS:#x},force-raw=on",
         ],
     }
-    _say(args, "Starting two daemons (source and destination) on unix sockets ...")
+    say(args, "Starting two daemons (source and destination) on unix sockets ...")
     src = await daemons.start("source")
     dst = await daemons.start("destination")
     clock.lap("starting the daemons")
@@ -188,9 +82,9 @@ async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clo
             await source.define(definition)
             await source.start("demo-vm")
             clock.lap(f"starting QEMU ({label})")
-            _say(args, f"Migrating demo-vm ({ram_mib} MiB RAM) PEER2PEER{' + TUNNELLED' if tunnelled else ''}: {src} -> {dst}")
+            say(args, f"Migrating demo-vm ({ram_mib} MiB RAM) PEER2PEER{' + TUNNELLED' if tunnelled else ''}: {src} -> {dst}")
             started = time.monotonic()
-            result = await _migrate_with_progress(source, "demo-vm", dst, tunnelled=tunnelled, show=not args.json)
+            result = await migrate_with_progress(source, "demo-vm", dst, tunnelled=tunnelled, show=not args.json)
             seconds = time.monotonic() - started
             clock.lap(f"migrating ({label})")
             # pmemsave writes into the guest's own directory on the destination
@@ -217,13 +111,13 @@ async def _qemu_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clo
             "memory_verified": True,
         }
         processed = result.get("data_processed") or 0
-        _say(args, f"  Done in {seconds:.2f} s: QEMU sent {format_bytes(processed)} of guest RAM at {format_bytes(processed / seconds)}/s"
+        say(args, f"  Done in {seconds:.2f} s: QEMU sent {format_bytes(processed)} of guest RAM at {format_bytes(processed / seconds)}/s"
                    " (pages that were all zeros cost a few bytes each, so this is about the random data).")
         if tunnelled:
-            _say(args, f"  The tunnel stream carried {format_bytes(result.get('tunnel_bytes_sent'))} forward (RAM plus QEMU's device state"
+            say(args, f"  The tunnel stream carried {format_bytes(result.get('tunnel_bytes_sent'))} forward (RAM plus QEMU's device state"
                        f" and framing) and {result.get('tunnel_bytes_received') or 0} bytes back: QEMU's return path, the destination's"
                        " acknowledgements, which need a two-way stream.")
-        _say(args, f"  The destination guest is {state}; its memory holds the {args.memory_mib} MiB of random data it never saw"
+        say(args, f"  The destination guest is {state}; its memory holds the {args.memory_mib} MiB of random data it never saw"
                    " except through the migration (sha256 equal).")
     return summary
 
@@ -234,7 +128,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     clock = Clock()
     root = tempfile.mkdtemp(prefix="tunnel-demo-")
     os.chmod(root, 0o700)
-    daemons = _Daemons(root)
+    daemons = Daemons(root)
     interrupted: list[bool] = []
     summary: dict[str, Any] = {}
     # Ctrl-C cancels the demo; more of them while it cleans up are ignored, so the clean-up always finishes.
@@ -251,8 +145,6 @@ async def run_demo(args: argparse.Namespace) -> int:
 
                 nursery.start_soon(cancel_on_ctrl_c)
                 if args.guest == "image" or (args.guest == "auto" and qemu_binary() is None):
-                    from ._image_demo import image_demo
-
                     summary = await image_demo(args, root, daemons, clock)
                 elif qemu_binary() is None:
                     raise DaemonError("--guest qemu: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")

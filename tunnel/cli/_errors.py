@@ -17,7 +17,7 @@ import traceback
 
 import trio
 
-from ..daemon import DaemonError, URIError
+from ..control import DaemonError, URIError
 
 __all__ = ["crash_log", "is_broken_pipe", "silence_stdout", "tls_reason", "user_message"]
 

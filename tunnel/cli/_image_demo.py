@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..client import connect
-from ..daemon import DaemonError
+from ..control import DaemonError
+from ._demokit import Clock, Daemons, migrate_with_progress, say
 from ._progress import format_bytes
-
-if TYPE_CHECKING:
-    from ._demo import Clock, _Daemons
 
 __all__ = ["image_demo"]
 
 
-async def image_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clock: Clock) -> dict[str, Any]:
-    from ._demo import _migrate_with_progress, _say
-
+async def image_demo(args: argparse.Namespace, root: str, daemons: Daemons, clock: Clock) -> dict[str, Any]:
     size_mib = max(2 * args.memory_mib, 16)
     definition = {
         "name": "demo-vm",
@@ -33,19 +29,19 @@ async def image_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clo
         "image": {"size_mib": size_mib, "random_mib": args.memory_mib, "dirty_pages_per_s": 2000},
     }
     why = "as asked" if args.guest == "image" else "QEMU is not installed"
-    _say(args, f"Using a memory-image guest ({why}): a sparse image with random data, dirtied by a simulated guest.")
-    _say(args, "Starting two daemons (source and destination) on unix sockets ...")
+    say(args, f"Using a memory-image guest ({why}): a sparse image with random data, dirtied by a simulated guest.")
+    say(args, "Starting two daemons (source and destination) on unix sockets ...")
     src = await daemons.start("source")
     dst = await daemons.start("destination")
     clock.lap("starting the daemons")
     async with connect(src) as source, connect(dst) as destination:
         await source.define(definition)
-        _say(args, f"Creating the guest's {size_mib} MiB image with {args.memory_mib} MiB of random data and starting it ...")
+        say(args, f"Creating the guest's {size_mib} MiB image with {args.memory_mib} MiB of random data and starting it ...")
         await source.start("demo-vm")
         clock.lap("creating the image and starting the guest")
-        _say(args, f"Migrating demo-vm ({size_mib} MiB image, {args.memory_mib} MiB of it data) PEER2PEER + TUNNELLED: {src} -> {dst}")
+        say(args, f"Migrating demo-vm ({size_mib} MiB image, {args.memory_mib} MiB of it data) PEER2PEER + TUNNELLED: {src} -> {dst}")
         started = time.monotonic()
-        result = await _migrate_with_progress(source, "demo-vm", dst, tunnelled=True, show=not args.json, verify=True)
+        result = await migrate_with_progress(source, "demo-vm", dst, tunnelled=True, show=not args.json, verify=True)
         seconds = time.monotonic() - started
         clock.lap("migrating (both daemons also took the image's sha256 at the switch-over)")
         state = (await destination.domain_info("demo-vm"))["state"]
@@ -56,12 +52,12 @@ async def image_demo(args: argparse.Namespace, root: str, daemons: _Daemons, clo
         raise DaemonError(f"the destination's memory image differs from the source's ({got} != {want})")
     processed = result.get("data_processed") or 0
     passes = result.get("iteration") or 0
-    _say(args, f"  Done in {seconds:.2f} s: {format_bytes(processed)} of pages at {format_bytes(processed / seconds)}/s in {passes} passes"
+    say(args, f"  Done in {seconds:.2f} s: {format_bytes(processed)} of pages at {format_bytes(processed / seconds)}/s in {passes} passes"
                " (the first sends every page that holds data; each later one sends what the guest dirtied meanwhile;"
                " the last runs with the guest paused).")
-    _say(args, f"  {format_bytes(result.get('tunnel_bytes_sent'))} went through the tunnel: the pages plus their addresses and framing;"
+    say(args, f"  {format_bytes(result.get('tunnel_bytes_sent'))} went through the tunnel: the pages plus their addresses and framing;"
                f" {result.get('constant_pages') or 0} pages that were all zeros went as short runs instead of 4 KiB each.")
-    _say(args, f"  The destination guest is {state}; its image has the same sha256 as the source's at the switch-over.")
+    say(args, f"  The destination guest is {state}; its image has the same sha256 as the source's at the switch-over.")
     return {
         "guest": "memory-image",
         "image_mib": size_mib,

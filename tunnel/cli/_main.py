@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from ..client import connect
-from ..daemon import DaemonError
+from ..control import DaemonError
 from ._daemoncmd import check_tls, run_daemon
 from ._errors import crash_log, is_broken_pipe, silence_stdout, user_message
 from ._migrate import migrate

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from ..client import Client
-from ..daemon import DaemonError
+from ..control import DaemonError
 from ._progress import ProgressBar, ProgressLines, format_bytes, format_duration
 
 __all__ = ["migrate"]

@@ -7,14 +7,16 @@ QEMU's migration stream.
 
 from __future__ import annotations
 
+from ..control import PROGRAM, URI, DaemonError, PermissionDenied, Procedure, TLSFiles, URIError, parse_uri
 from ._access import Role
 from ._daemon import Daemon, Domain, parse_allow
 from ._domains import DomainStore, validate_definition
-from ._net import Identity, TLSFiles
-from ._rpc import PROGRAM, DaemonError, PermissionDenied, Procedure
-from ._uri import URI, URIError, parse_uri
+from ._log import LEVELS as LOG_LEVELS
+from ._log import LogSink
+from ._net import Identity
 
 __all__ = [
+    "LOG_LEVELS",
     "PROGRAM",
     "URI",
     "Daemon",
@@ -22,6 +24,7 @@ __all__ = [
     "Domain",
     "DomainStore",
     "Identity",
+    "LogSink",
     "PermissionDenied",
     "Procedure",
     "Role",

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from ._rpc import DaemonError, Procedure
+from ..control import DaemonError, Procedure
 
 __all__ = ["GRANTED_BY", "PROCEDURE_ROLES", "AccessPolicy", "Listener", "Role", "describe", "parse_entry"]
 

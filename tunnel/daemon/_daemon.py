@@ -30,7 +30,8 @@ from typing import Any
 
 import trio
 
-from .._errors import TunnelError
+from .. import TunnelError
+from ..control import URI, DaemonError, TLSFiles, URIError, parse_uri
 from ..qemu import POSTCOPY_STATES, QemuError, QemuGone, QemuProcess, QMPError, query_migration, run_state
 from ..transport import open_connection
 from ._access import AccessPolicy, Listener, Role, describe, parse_entry
@@ -40,13 +41,12 @@ from ._incoming import Incoming
 from ._limits import ConnectionLimits, Slot
 from ._log import LogSink, emit
 from ._migration import domain_state
-from ._net import Identity, TLSFiles, accept_tls, listen, peer_identity
+from ._net import Identity, accept_tls, listen, peer_identity
 from ._qemuargs import check_qemu_args
 from ._recovery import ACTIVE, cancel_and_resume, settle_source
-from ._rpc import DaemonError, public_message
+from ._rpc import public_message
 from ._session import Session
 from ._source import SourceJob
-from ._uri import URI, URIError, parse_uri
 
 __all__ = ["Daemon", "Domain", "parse_allow"]
 

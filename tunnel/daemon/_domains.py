@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from ._rpc import DaemonError
+from ..control import DaemonError
 
 __all__ = ["DomainStore", "validate_definition"]
 

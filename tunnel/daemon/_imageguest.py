@@ -21,8 +21,8 @@ from typing import Any
 
 import trio
 
+from ..control import DaemonError
 from ..endpoints import DirtyTracker, SimulatedGuest
-from ._rpc import DaemonError
 
 __all__ = ["ImageGuest", "validate_image_spec"]
 

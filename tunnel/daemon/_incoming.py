@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import TunnelError
+from .. import TunnelError
+from ..control import DaemonError, TLSFiles
 from ..endpoints import EndpointError, MemoryImageWriter, receive_into
 from ..qemu import (
     MigrationError,
@@ -44,8 +45,7 @@ from ..transport import TunnelStream
 from ._imageguest import PAGE as PAGE_SIZE
 from ._jobstats import complete_jobinfo
 from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, pump_socket, socketpair
-from ._net import TLSFiles
-from ._rpc import DaemonError, public_message
+from ._rpc import public_message
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, Domain

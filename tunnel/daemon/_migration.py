@@ -36,7 +36,7 @@ import socket
 
 import trio
 
-from .._errors import TunnelError
+from .. import TunnelError
 from ..transport import TunnelStream
 
 __all__ = [

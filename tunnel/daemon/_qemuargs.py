@@ -28,9 +28,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from ..control import DaemonError
 from ._hostpaths import HostPathError, PathPolicy
 from ._qemuopts import OptsSyntaxError, parse_opts
-from ._rpc import DaemonError
 
 __all__ = ["check_qemu_args"]
 

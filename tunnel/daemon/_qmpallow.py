@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from ..control import DaemonError
 from ._hostpaths import HostPathError, PathPolicy
-from ._rpc import DaemonError
 
 __all__ = ["check_qmp"]
 

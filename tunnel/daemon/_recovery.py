@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import RPCError, TunnelError
+from .. import RPCError, TunnelError
+from ..control import PROGRAM, DaemonError, Procedure, connect, decode, encode
 from ..qemu import (
     POSTCOPY_STATES,
     MigrationStatus,
@@ -42,8 +43,6 @@ from ..qemu import (
 )
 from ..transport import TunnelConnection, open_connection
 from ._imageguest import ImageGuest
-from ._net import connect
-from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, Domain

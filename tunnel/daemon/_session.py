@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import ErrorCode, RPCError
-from .._frames import Buffer
+from .. import Buffer, ErrorCode, RPCError
+from ..control import PROGRAM, VERSION, DaemonError, Procedure
 from ..qemu import QMPError
 from ..transport import Handler, TunnelConnection, TunnelStream
 from ._access import GRANTED_BY, PROCEDURE_ROLES, Role, describe
@@ -26,7 +26,7 @@ from ._jobstats import complete_jobinfo
 from ._net import Identity
 from ._qmpallow import check_qmp
 from ._recovery import outcome_reply
-from ._rpc import PROGRAM, DaemonError, Procedure, field, json_handler, public_message
+from ._rpc import field, json_handler, public_message
 from ._source import SourceJob
 
 if TYPE_CHECKING:
@@ -84,6 +84,12 @@ class Session:
         self.prepared: dict[bytes, Incoming] = {}
 
     def handlers(self) -> dict[tuple[int, int], Handler]:
+        """The procedures of :data:`PROGRAM`, for ``open_connection(handlers=...)``.
+
+        That registers them at version 1, :data:`VERSION`, so the trio layer
+        answers a call of any other version ``UNKNOWN_PROCEDURE`` (protocol.md
+        §7, Appendix A) before a handler could run.
+        """
         table: dict[Procedure, Callable[[JSON], Awaitable[JSON]]] = {
             Procedure.DEFINE: self.define,
             Procedure.UNDEFINE: self.undefine,
@@ -107,6 +113,7 @@ class Session:
             Procedure.MIGRATE_POSTCOPY: self.migrate_postcopy,
             Procedure.POSTCOPY_RECOVER: self.postcopy_recover,
         }
+        assert VERSION == 1, "register the handlers with conn.register(..., version=VERSION)"
         return {(PROGRAM, int(proc)): self._guarded(proc, json_handler(fn)) for proc, fn in table.items()}
 
     def _guarded(self, procedure: Procedure, handler: Handler) -> Handler:

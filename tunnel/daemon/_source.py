@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import RPCError, TunnelError
-from .._frames import DigestAlgorithm, StreamKind
+from .. import DigestAlgorithm, RPCError, StreamKind, TunnelError
+from ..control import PROGRAM, DaemonError, Procedure, connect, decode, encode, error_of
 from ..endpoints import EndpointError, MemoryImageReader, PrecopyPolicy, Progress, image_digest, send_from
 from ..qemu import (
     POSTCOPY,
@@ -60,10 +60,8 @@ from ._imageguest import PAGE as IMAGE_PAGE
 from ._imageguest import ImageGuest
 from ._jobstats import complete_jobinfo
 from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, UNLIMITED_BANDWIDTH, pump_socket, socketpair
-from ._net import connect
 from ._postcopy import PostcopyControl, ResumeRequest
 from ._recovery import cancel_and_resume, settle_source
-from ._rpc import PROGRAM, DaemonError, Procedure, decode, encode, error_of
 
 if TYPE_CHECKING:
     from ._daemon import Daemon, Domain

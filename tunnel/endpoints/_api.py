@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .._errors import TunnelError
+from .. import TunnelError
 from ..transport import Record
 
 __all__ = [

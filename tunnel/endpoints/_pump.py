@@ -23,9 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .. import RECORD_TYPES, Record, record_units, split_record
-from .._errors import ErrorCode, FrameTooLargeError, StreamAborted
-from .._frames import DigestAlgorithm
+from .. import RECORD_TYPES, DigestAlgorithm, ErrorCode, FrameTooLargeError, Record, StreamAborted, record_units, split_record
 from ..transport import StreamStatistics, TunnelConnection, TunnelStream
 from ._api import DestinationWriter, EndpointError, FdDestination, FdSource, Progress, SourceReader, SourceRecord
 

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .._frames import StreamKind
+from .. import StreamKind
 from ._api import EndpointError, Progress, SourceRecord
 
 __all__ = ["ByteStreamReader", "ByteStreamWriter"]

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from .._frames import StreamKind
+from .. import StreamKind
 from ._api import EndpointError, Progress, SourceRecord
 from ._fsutil import commit_file, create_temp, remove_quietly
 

@@ -41,8 +41,7 @@ from typing import TypeVar
 
 import trio
 
-from .. import DeviceStateRecord, IterationRecord, PagesRecord, ZeroPagesRecord
-from .._frames import StreamKind
+from .. import DeviceStateRecord, IterationRecord, PagesRecord, StreamKind, ZeroPagesRecord
 from ._api import NotConverged, PausableGuest, Progress, SourceRecord
 from ._imagefile import ImageHeader, page_extents, read_into
 from ._precopy import PrecopyPlanner, PrecopyPolicy, Step

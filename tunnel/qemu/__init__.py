@@ -14,11 +14,12 @@ QEMU one end of a socketpair and the tunnel stream the other.
 
 from __future__ import annotations
 
-from ._errors import MigrationError, PostcopyError, QemuError, QemuGone, QemuStartError, QMPConnectionClosed, QMPError
+from ._errors import PostcopyError, QemuError, QemuGone, QemuStartError, QMPConnectionClosed, QMPError
 from ._migration import (
     ACTIVE_STATES,
     POSTCOPY,
     POSTCOPY_STATES,
+    MigrationError,
     MigrationStatus,
     cancel,
     pause,

@@ -3,17 +3,13 @@
 They form their own small hierarchy under :class:`QemuError`, separate from
 :class:`tunnel.TunnelError`: a failing hypervisor is not a failing tunnel, and
 a daemon usually reports the two differently (a migration aborted by QEMU vs
-a lost peer connection).
+a lost peer connection).  MigrationError lives in ``_migration``, beside the
+MigrationStatus it carries.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._migration import MigrationStatus
-
-__all__ = ["MigrationError", "PostcopyError", "QMPConnectionClosed", "QMPError", "QemuError", "QemuGone", "QemuStartError"]
+__all__ = ["PostcopyError", "QMPConnectionClosed", "QMPError", "QemuError", "QemuGone", "QemuStartError"]
 
 
 class QemuError(Exception):
@@ -66,15 +62,6 @@ class QemuGone(QemuError):
     Its pidfile is missing, unreadable or stale (names a dead process or one
     that is not this guest's QEMU), or the QEMU there does not answer on QMP.
     """
-
-
-class MigrationError(QemuError):
-    """A migration ended in ``failed`` or ``cancelled`` instead of ``completed``."""
-
-    def __init__(self, status: MigrationStatus) -> None:
-        self.status = status
-        detail = f": {status.error_desc}" if status.error_desc else ""
-        super().__init__(f"migration {status.status}{detail}")
 
 
 class PostcopyError(QemuError):

@@ -39,13 +39,14 @@ from typing import Any
 
 import trio
 
-from ._errors import MigrationError, PostcopyError, QMPError
+from ._errors import PostcopyError, QemuError, QMPError
 from ._qmp import QMPClient
 
 __all__ = [
     "ACTIVE_STATES",
     "POSTCOPY",
     "POSTCOPY_STATES",
+    "MigrationError",
     "MigrationStatus",
     "cancel",
     "pause",
@@ -153,6 +154,15 @@ class MigrationStatus:
     def postcopy(self) -> bool:
         """Past the switch to post-copy (active, paused or recovering): there is no going back."""
         return self.status in POSTCOPY_STATES
+
+
+class MigrationError(QemuError):
+    """A migration ended in ``failed`` or ``cancelled`` instead of ``completed`` (here, beside the status it carries)."""
+
+    def __init__(self, status: MigrationStatus) -> None:
+        self.status = status
+        detail = f": {status.error_desc}" if status.error_desc else ""
+        super().__init__(f"migration {status.status}{detail}")
 
 
 async def query_migration(qmp: QMPClient) -> MigrationStatus:
