@@ -207,3 +207,57 @@ async def test_big_passes_run_in_worker_threads(monkeypatch: pytest.MonkeyPatch)
             got += await server.receive_some()
     assert got == data
     assert len(threads) >= 2  # the encryption and at least one decryption pass
+
+
+class _CountingStream(trio.abc.Stream):
+    """A transport that counts its writes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    async def send_all(self, data: object) -> None:
+        self.writes += 1
+        await self.inner.send_all(data)  # type: ignore[arg-type]
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_send_all_parts_is_one_pass_and_one_write() -> None:
+    """A header and its payload leave in one transport write, and arrive as their concatenation."""
+    client_ctx, server_ctx = mutual_tls_contexts()
+    a, b = trio.testing.memory_stream_pair()
+    counting = _CountingStream(a)
+    client = TLSStream(counting, client_ctx, server_hostname="tunnel.test")
+    server = TLSStream(b, server_ctx, server_side=True)
+    await _handshake(client, server)
+    header, payload = b"H" * 9, os.urandom(_tls.WRITE_CHUNK)
+    got = bytearray()
+
+    async def read_all(size: int) -> None:
+        while len(got) < size:
+            got.extend(await server.receive_some())
+
+    with trio.fail_after(30):
+        before = counting.writes
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, len(header) + len(payload))
+            await client.send_all_parts([header, memoryview(payload)])
+        assert counting.writes - before == 1
+        assert got == header + payload
+        # Three pieces over two passes' worth: still in order, in two writes.
+        got.clear()
+        before = counting.writes
+        big = os.urandom(3 * _tls.WRITE_CHUNK // 2)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, len(header) + 2 * len(big))
+            await client.send_all_parts([header, big, big])
+        assert counting.writes - before == 2
+        assert got == header + big + big

@@ -113,6 +113,11 @@ class BufferWriter:
                 del bufs[0]
 
     async def _coalesced(self, buffers: list[Buffer]) -> None:
+        send_parts = getattr(self._transport, "send_all_parts", None)
+        if send_parts is not None:  # TLSStream: one encryption pass and one write for a header and its payload
+            await send_parts(buffers)
+            self.written += sum(len(buf) for buf in buffers)
+            return
         pending: list[Buffer] = []
         size = 0
         for buf in buffers:

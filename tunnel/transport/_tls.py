@@ -15,7 +15,9 @@ Theory of operation.  The stream drives a sans-I/O ``ssl.SSLObject`` over
 two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
 
 * **Writes**: ``send_all`` encrypts the caller's buffer in pieces of up to
-  ``WRITE_CHUNK`` (1 MiB) with one ``SSLObject.write`` each.  OpenSSL cuts
+  ``WRITE_CHUNK`` (1 MiB) with one ``SSLObject.write`` each, and
+  ``send_all_parts`` (the tunnel's writer: a frame header and its payload)
+  encrypts up to two such pieces in one pass.  OpenSSL cuts
   that into full 16 KiB records in C, and the ciphertext leaves the outgoing
   BIO in one ``read()`` and goes to the transport in one ``send_all``.
 * **Reads**: the transport is read in pieces of up to ``READ_CHUNK`` (1 MiB,
@@ -60,7 +62,7 @@ import enum
 import ssl
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -305,41 +307,63 @@ class TLSStream(trio.abc.Stream):
     # ------------------------------------------------------------------
     # Sending
 
-    def _encrypt(self, chunk: memoryview) -> None:
+    def _encrypt(self, chunks: list[memoryview]) -> None:
         try:
-            self._ssl.write(chunk)
+            for chunk in chunks:
+                self._ssl.write(chunk)
         except ssl.SSLWantReadError as exc:  # only renegotiation would want this, and it is refused
             raise ssl.SSLError("TLS write needs a read (renegotiation?)") from exc
 
     async def send_all(self, data: Buffer) -> None:
+        await self.send_all_parts((data,))
+
+    async def send_all_parts(self, parts: Sequence[Buffer]) -> None:
+        """``send_all`` of *parts* joined, without joining them.
+
+        A frame header and its payload are encrypted in the same pass and
+        leave in the same transport write, instead of a record and a write
+        of their own for the header.
+        """
         with self._send_guard:
             self._check_status()
             await self.do_handshake()
             self._sending = True
             try:
-                await self._send(data)
+                await self._send(*parts)
             finally:
                 self._sending = False
 
-    async def _send(self, data: Buffer) -> None:
-        """Encrypt and write *data*, WRITE_CHUNK at a time."""
-        view = memoryview(data)
-        if view.ndim != 1 or view.format != "B":
-            view = view.cast("B")
-        if not len(view):
+    async def _send(self, *parts: Buffer) -> None:
+        """Encrypt and write *parts*, in order, in passes of at most 2 * WRITE_CHUNK bytes (a header rides with its payload)."""
+        batch: list[memoryview] = []
+        size = 0
+        for part in parts:
+            view = memoryview(part)
+            if view.ndim != 1 or view.format != "B":
+                view = view.cast("B")
+            for offset in range(0, len(view), WRITE_CHUNK):
+                chunk = view[offset : offset + WRITE_CHUNK]
+                if size and size + len(chunk) > 2 * WRITE_CHUNK:
+                    await self._send_batch(batch, size)
+                    batch, size = [], 0
+                batch.append(chunk)
+                size += len(chunk)
+        if size:
+            await self._send_batch(batch, size)
+        else:
             await trio.lowlevel.checkpoint()
-            return
-        for offset in range(0, len(view), WRITE_CHUNK):
-            chunk = view[offset : offset + WRITE_CHUNK]
-            self._check_status()  # aclose may have run while we waited
-            try:
-                await self._run(len(chunk), self._encrypt, chunk)
-            except ssl.SSLError as exc:
-                raise self._broken(exc)
-            except BaseException:
-                self._state = _State.BROKEN if self._state is _State.OK else self._state
-                raise
-            await self._flush()
+
+    async def _send_batch(self, chunks: list[memoryview], size: int) -> None:
+        """Encrypt *chunks* (*size* bytes in all) in one pass, then write the ciphertext."""
+        self._check_status()  # aclose may have run while we waited
+        try:
+            await self._run(size, self._encrypt, chunks)
+        except ssl.SSLError as exc:
+            raise self._broken(exc)
+        except BaseException:
+            self._state = _State.BROKEN if self._state is _State.OK else self._state
+            raise
+        await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
