@@ -329,10 +329,10 @@ async def test_daemon_answers_other_versions_with_unknown_procedure(version: int
 # ---------------------------------------------------------------------------
 # §8.1: keepalive timings
 #
-# frame_timeout=None: with the default frame timeout (30 s), the watchdog re-checks every 7.5 s, and a check
-# that falls between a PING and the keepalive timeout sleeps until a time already past, so it spins until the
-# timeout (a busy loop in real time, a hang under autojump_clock).  That is a bug of tunnel/transport, being
-# refactored in parallel; the keepalive timings themselves do not depend on the frame timeout.
+# frame_timeout=None: the keepalive timings do not depend on the frame timeout.  With the default frame
+# timeout (30 s) the watchdog also re-checks every 7.5 s; a check that fell between a PING and the keepalive
+# timeout once slept until a time already past and spun until the timeout (a busy loop in real time, a hang
+# under autojump_clock): test_watchdog_waits_without_spinning_between_ping_and_timeout.
 
 
 async def _quiet_peer(stream: trio.abc.Stream, log: list[tuple[str, float, int]], answer_after: float | None) -> None:
@@ -388,3 +388,36 @@ async def test_an_answer_within_15_s_keeps_the_connection(autojump_clock: trio.t
     pings = [round(when - start, 6) for what, when, _ in log if what == "ping"]
     assert pings[:3] == [5.0, 24.5, 44.0]
     assert [what for what, _, code in log if what == "goodbye" and code == ErrorCode.KEEPALIVE_TIMEOUT] == []
+
+
+class _StepCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+def test_watchdog_waits_without_spinning_between_ping_and_timeout() -> None:
+    """With the default frame timeout, the watchdog's check between PING and timeout sleeps, it does not spin.
+
+    The clock runs 100 times faster than real time (so a spin would still end,
+    at the timeout) and jumps over idle time; the number of task steps tells a
+    sleeping watchdog (a few dozen) from a spinning one (thousands).
+    """
+    log: list[tuple[str, float, int]] = []
+    counter = _StepCounter()
+
+    async def main() -> None:
+        a, b = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_quiet_peer, b, log, None)
+            with pytest.raises(tunnel.ConnectionLost):
+                async with open_connection(a, client=True) as conn:  # frame timeout 30 s: re-checks every 7.5 s
+                    await trio.sleep(60)
+                    await conn.call(7, 1)
+
+    clock = trio.testing.MockClock(rate=100, autojump_threshold=0)
+    trio.run(main, clock=clock, instruments=[counter])
+    assert [what for what, _, _ in log] == ["ping", "goodbye"]
+    assert counter.steps < 500, counter.steps

@@ -120,6 +120,10 @@ class Keepalive:
                     pinged_at = now
                     self.send_ping()
                     wake = last_rx + self.timeout
+                elif idle >= interval:
+                    # Pinged already, no reply yet: nothing to do until the timeout
+                    # (waking at last_rx + interval, a time already past, would spin).
+                    wake = last_rx + self.timeout
                 else:
                     wake = last_rx + min(interval, self.timeout)
             if frame_timeout is not None:
