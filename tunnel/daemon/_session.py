@@ -351,8 +351,9 @@ class Session:
         timeout = field(request, "timeout_s", float, 0.0)
         if timeout < 0:
             raise DaemonError("the migration timeout must be >= 0 seconds (0 for none)")
-        if field(request, "timeout_action", str, "suspend") != "suspend":
-            raise DaemonError("--timeout-postcopy is not supported yet (use --postcopy with migrate-postcopy, or --postcopy-after-precopy)")
+        timeout_action = field(request, "timeout_action", str, "suspend")
+        if timeout_action not in ("suspend", "postcopy"):
+            raise DaemonError(f"unknown timeout action {timeout_action!r}: suspend or postcopy")
         auto_converge = field(request, "auto_converge", bool, False)
         if auto_converge and domain.is_image:
             raise DaemonError(f"domain {domain.name!r} is a memory-image guest: --auto-converge throttles QEMU's vCPUs and applies to QEMU guests only")
@@ -362,6 +363,8 @@ class Session:
         retries = field(request, "retries", int, 0)
         if retries < 0 or field(request, "postcopy_bandwidth_mib", int, 0) < 0:
             raise DaemonError("--retries and --postcopy-bandwidth must be >= 0")
+        if timeout_action == "postcopy" and not (postcopy and timeout > 0):
+            raise DaemonError("--timeout-postcopy needs --postcopy and --timeout SECONDS")
         if postcopy or after_precopy:
             if domain.is_image:
                 raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it has no post-copy (pre-copy only)")
@@ -390,6 +393,7 @@ class Session:
             persistent=field(request, "persistent", bool, False),
             undefine_source=field(request, "undefine_source", bool, False),
             timeout_s=timeout,
+            timeout_action=timeout_action,
             auto_converge=auto_converge,
             compression=compression,
             abort_on_error=field(request, "abort_on_error", bool, False),

@@ -132,6 +132,7 @@ class SourceJob:
         persistent: bool = False,
         undefine_source: bool = False,
         timeout_s: float = 0.0,
+        timeout_action: str = "suspend",
         auto_converge: bool = False,
         compression: tuple[str, ...] = (),
         abort_on_error: bool = False,
@@ -141,9 +142,12 @@ class SourceJob:
         postcopy_bandwidth_mib: int = 0,
     ) -> None:
         self.daemon = daemon
-        #: virsh --timeout with --timeout-suspend: pause the guest once the transfer ran this long (0: never).
+        #: virsh --timeout: once the transfer ran this long (0: never), pause the guest (``suspend``, as
+        #: --timeout-suspend) or switch to post-copy (``postcopy``, as --timeout-postcopy).
         self.timeout_s = timeout_s
+        self.timeout_action = timeout_action
         self.timeout_suspended = False
+        self.timeout_postcopy = False
         #: QEMU's auto-converge capability (throttles the vCPUs of a guest that dirties memory faster than it goes).
         self.auto_converge = auto_converge
         #: ("xbzrle",) for QEMU guests, ("zstd",) for memory-image guests, or none.
@@ -276,6 +280,7 @@ class SourceJob:
             info["phase"] = self.postcopy.phase()
             info["postcopy_breaks"] = self.postcopy.breaks
             info["postcopy_resumes"] = self.postcopy.resumes
+            info["timeout_postcopy"] = self.timeout_postcopy
         info.update(self.destination_stats)
         if self.error is not None:
             info["error"] = self.error
@@ -364,14 +369,20 @@ class SourceJob:
             )
 
     async def _watch(self) -> None:
-        """--timeout: pause the guest once the transfer ran that long; --abort-on-error: cancel on an I/O error."""
+        """--timeout: pause the guest (or switch to post-copy) once the transfer ran that long; --abort-on-error: cancel on an I/O error."""
         with self._watch_scope:
             while True:
                 await trio.sleep(0.2)
                 if self.phase != "transfer" or self.transfer_started is None:
                     continue
                 process = self.domain.process
-                if self.timeout_s > 0 and not self.timeout_suspended and time.monotonic() - self.transfer_started >= self.timeout_s:
+                timed_out = self.timeout_s > 0 and time.monotonic() - self.transfer_started >= self.timeout_s
+                if timed_out and self.timeout_action == "postcopy" and not self.timeout_postcopy:
+                    self.timeout_postcopy = True
+                    self.postcopy.switch_wanted.set()  # the polling task switches (see _wait_qemu)
+                    self.daemon.log(f"migration of {self.domain.name}: still transferring after {self.timeout_s:g} s (--timeout); "
+                                    "switching to post-copy", domain=self.domain.name)
+                elif timed_out and self.timeout_action == "suspend" and not self.timeout_suspended:
                     self.timeout_suspended = True
                     if isinstance(process, ImageGuest):
                         await process.pause()
