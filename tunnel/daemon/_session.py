@@ -589,6 +589,9 @@ class Session:
             raise
         domain.incoming = None
         domain.last_incoming = incoming
+        blocktime: JSON = {}
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            blocktime = await incoming.blocktime()  # before the end: the completed job's statistics show it
         incoming.end("completed")
         daemon.completed_jobs[domain.name] = incoming.snapshot()
         daemon.incoming.pop(migration_id, None)
@@ -602,9 +605,7 @@ class Session:
                 await daemon.store.set_runtime(domain.name, "migration", None)
         daemon.log(f"incoming {domain.name} from {incoming.source} complete: {state}{'' if incoming.persistent else ' (transient)'}",
                    domain=domain.name, peer=incoming.source, outcome="completed")
-        reply: JSON = {"state": state}
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            reply.update(await incoming.blocktime())
+        reply: JSON = {"state": state, **blocktime}
         if incoming.image_sha256 is not None:
             reply["image_sha256"] = incoming.image_sha256
         return reply
