@@ -45,7 +45,7 @@ from ..qemu import (
 from ..transport import TunnelStream
 from ._imageguest import PAGE as PAGE_SIZE
 from ._jobstats import complete_jobinfo
-from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, pump_socket, socketpair
+from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, postcopy_buffers, pump_socket, socketpair
 from ._rpc import public_message
 
 if TYPE_CHECKING:
@@ -218,6 +218,8 @@ class Incoming:
             raise
         finally:
             theirs.close()
+        if self.switched:  # a recovery's new channel: post-copy from the start
+            postcopy_buffers(ours)
         self.sock = ours
 
     def _unix_uri(self) -> str:
@@ -359,6 +361,8 @@ class Incoming:
         except QMPError:
             return  # QEMU went away: its watcher discards it
         self.switched = True
+        if self.sock is not None:  # we send to QEMU: requested pages queue behind what we already wrote
+            postcopy_buffers(self.sock)
         with trio.CancelScope(shield=True):
             await daemon.store.set_outcome(self.migration_id.hex(), "finished")
             await daemon.store.set_runtime(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import traceback
 import uuid
@@ -59,7 +60,15 @@ from ..transport import TunnelConnection, TunnelStream, open_connection
 from ._imageguest import PAGE as IMAGE_PAGE
 from ._imageguest import ImageGuest
 from ._jobstats import complete_jobinfo
-from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, UNLIMITED_BANDWIDTH, pump_socket, socketpair
+from ._migration import (
+    FINISH_TIMEOUT,
+    POLL_INTERVAL,
+    RETURN_PATH,
+    UNLIMITED_BANDWIDTH,
+    postcopy_buffers,
+    pump_socket,
+    socketpair,
+)
 from ._postcopy import PostcopyControl, ResumeRequest
 from ._recovery import cancel_and_resume, settle_source
 
@@ -673,7 +682,20 @@ class SourceJob:
         ours, theirs = socketpair()
         try:
             await start(theirs.fileno())
-            theirs.close()  # QEMU holds its own copy now
+            # QEMU holds its own copy now.  With post-copy allowed, our copy stays open until the switch: it is
+            # QEMU's socket, whose send buffer is then shrunk (postcopy_buffers).  While it is open the pump
+            # cannot see QEMU's EOF, so it closes once QEMU completed at the latest.
+            qemu_end: socket.socket | None = theirs if self.postcopy.enabled else None
+            if qemu_end is None:
+                theirs.close()
+
+            def postcopy_started() -> None:
+                nonlocal qemu_end
+                if qemu_end is not None:
+                    postcopy_buffers(qemu_end)
+                    qemu_end.close()
+                    qemu_end = None
+
             # Errors are collected, not raised inside the nursery, so callers see
             # one exception (never a group) whichever side failed first.
             pump_errors: list[BaseException] = []
@@ -692,7 +714,8 @@ class SourceJob:
 
                 nursery.start_soon(pump)
                 try:
-                    self._note(await self._wait_qemu(qmp))
+                    self._note(await self._wait_qemu(qmp, on_postcopy=postcopy_started))
+                    theirs.close()  # QEMU completed without a switch: the pump needs its EOF
                     # QEMU closes its end once done, which ends the pump; bound the wait.
                     with trio.move_on_after(FINISH_TIMEOUT):
                         await pump_done.wait()
@@ -730,8 +753,11 @@ class SourceJob:
     # ------------------------------------------------------------------
     # Post-copy (see ._postcopy)
 
-    async def _wait_qemu(self, qmp: Any) -> MigrationStatus:
-        """Poll QEMU until it completes; switch to post-copy when asked (or after the first pass); note the phase."""
+    async def _wait_qemu(self, qmp: Any, on_postcopy: Callable[[], None] | None = None) -> MigrationStatus:
+        """Poll QEMU until it completes; switch to post-copy when asked (or after the first pass); note the phase.
+
+        *on_postcopy* is called once, when QEMU is first seen in a post-copy state.
+        """
         control = self.postcopy
         while True:
             status = await query_migration(qmp)
@@ -741,6 +767,9 @@ class SourceJob:
             if status.status in ("failed", "cancelled"):
                 raise MigrationError(status)
             if status.postcopy:
+                if on_postcopy is not None:
+                    on_postcopy()
+                    on_postcopy = None
                 if not control.active:
                     self.daemon.log(f"migration of {self.domain.name}: post-copy; the guest runs on the destination")
                 control.active = control.switched = True
