@@ -21,7 +21,11 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
 
 Every run checks the guest on the destination: a CORRUPT line stops the
 benchmark; a guest that shows no progress within a minute is counted in
-``guest_stuck_runs``.  Rounds alternate the modes; figures are medians.
+``guest_stuck_runs``, and what it was doing is kept in ``stuck`` (on stderr
+as it happens): the destination's run state, whether the program's code
+is still the ELF's bytes, whether its counters in memory still advance
+(then only its output stopped), and the top frames of QEMU's threads (gdb,
+if installed).  Rounds alternate the modes; figures are medians.
 
 Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume]
 The last line printed is one JSON object.
@@ -33,6 +37,7 @@ import argparse
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,6 +98,43 @@ async def poll_job(client: Client, until: Any, poll: float = 0.01) -> tuple[dict
         await trio.sleep(poll)
 
 
+def program_image(kernel: str) -> tuple[bytes, dict[str, int]]:
+    """The guest program's code and read-only data as loaded at its link address, and its symbols (nm)."""
+    flat = kernel + ".text.bin"
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", "--only-section=.rodata", kernel, flat], check=True)
+    with open(flat, "rb") as f:
+        image = f.read()
+    symbols = {}
+    for line in subprocess.run(["nm", kernel], check=True, capture_output=True, text=True).stdout.splitlines():
+        value, _, name = line.split()
+        symbols[name] = int(value, 16)
+    return image, symbols
+
+
+async def diagnose_stuck(dest: Client, guest_dir: str, kernel: str) -> dict[str, Any]:
+    """What a destination guest without progress is doing: its run state, code, counters in memory, QEMU's threads."""
+    image, symbols = program_image(kernel)
+    base = symbols["mb_header"]  # where .text (and the image) begins; the counters (.bss) lie in the next page
+    out: dict[str, Any] = {"run_state": (await dest.monitor("vm", {"execute": "query-status"}))["return"].get("status")}
+    dumps = []
+    for n in range(2):
+        name = f"diag{n}.bin"
+        await dest.monitor("vm", {"execute": "pmemsave", "arguments": {"val": base, "size": 0x2000, "filename": name}})
+        dumps.append(await trio.Path(guest_dir, name).read_bytes())
+        await trio.sleep(1.0)
+    out["code_intact"] = dumps[0][: len(image)] == image
+    counters = [int.from_bytes(d[symbols["verified"] - base :][:4], "little") for d in dumps]
+    out["verified_pages"] = counters
+    out["counters_advance"] = counters[1] != counters[0]  # the program runs, only its output stopped
+    pid = next((d["pid"] for d in await dest.list() if d["name"] == "vm"), None)
+    if pid and shutil.which("gdb"):
+        done = await trio.run_process(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 3"],
+                                      capture_stdout=True, capture_stderr=True, check=False)
+        out["qemu_threads"] = [line for line in done.stdout.decode(errors="replace").splitlines()
+                               if line.startswith(("Thread ", "#0", "#1", "#2"))][:60]
+    return out
+
+
 async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) -> dict[str, Any]:
     """One daemon migration in *mode* (native, tunnelled, resume); the figures of the post-copy part."""
     shutil.rmtree(root, ignore_errors=True)
@@ -142,6 +184,10 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                 with trio.move_on_after(PROGRESS_WAIT):
                     report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=2)
                     result["guest_progress"] = report.ok
+                if not result["guest_progress"]:
+                    async with connect(f"unix://{dst_sock}") as dest:
+                        result["stuck"] = await diagnose_stuck(dest, os.path.join(root, "dst", "run", "vm"), kernel)
+                    print(f"the destination guest makes no progress ({mode}): {result['stuck']}", file=sys.stderr)
             nursery.cancel_scope.cancel()
     finally:
         log = os.path.join(root, "dst", "run", "vm", GUEST_LOG)
@@ -186,6 +232,9 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
             if "resume" in runs:
                 out[f"resume_s_{key}"] = med("resume", "resume_s")
             out[f"guest_stuck_runs_{key}"] = sum(not x["guest_progress"] for results in runs.values() for x in results)
+            stuck = [{"mode": mode, **x["stuck"]} for mode, results in runs.items() for x in results if "stuck" in x]
+            if stuck:
+                out[f"stuck_{key}"] = stuck
         first = f"{sizes[0]}mib"  # the headline figures: the first size
         for name in ("postcopy_tunnelled_s", "postcopy_native_s", "postcopy_ratio", "blocktime_tunnelled_ms", "blocktime_native_ms",
                      "blocktime_ratio", "downtime_tunnelled_ms", "downtime_native_ms", "resume_s"):
