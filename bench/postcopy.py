@@ -13,7 +13,8 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   opens) or TUNNELLED.  Post-copy itself is not capped.  Measured: the time
   from the switch (the job's phase turning ``post-copy``, polled every
   10 ms) to the job completing, the destination's ``postcopy-blocktime``
-  (total time its vCPU waited for pages) and the source's downtime;
+  (total time its vCPU waited for pages; also per page it asked for, as the
+  number of requests varies from run to run) and the source's downtime;
 * ``resume``: tunnelled again, through a relay between the daemons, with
   post-copy capped at 8 MiB/s so that the cut lands in it; the relay cuts
   the connection, both QEMUs pause, and ``resume_s`` is the time from the
@@ -180,6 +181,9 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                     result["blocktime_ms"] = done.get("destination_postcopy_blocktime_ms")
                     result["downtime_ms"] = done.get("downtime_ms")
                     result["postcopy_requests"] = done.get("postcopy_requests")
+                    if result["blocktime_ms"] is not None and result["postcopy_requests"]:
+                        # blocktime grows with the number of pages the guest asked for, which varies from run to run
+                        result["blocktime_per_request_ms"] = result["blocktime_ms"] / result["postcopy_requests"]
                 result["guest_progress"] = False
                 with trio.move_on_after(PROGRESS_WAIT):
                     report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=2)
@@ -224,6 +228,7 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
                     out[f"postcopy_{mode}_s_{key}"] = med(mode, "postcopy_s")
                     out[f"blocktime_{mode}_ms_{key}"] = med(mode, "blocktime_ms")
                     out[f"downtime_{mode}_ms_{key}"] = med(mode, "downtime_ms")
+                    out[f"blocktime_per_request_{mode}_ms_{key}"] = med(mode, "blocktime_per_request_ms")
             if "native" in runs and "tunnelled" in runs:
                 n, t = out[f"postcopy_native_s_{key}"], out[f"postcopy_tunnelled_s_{key}"]
                 out[f"postcopy_ratio_{key}"] = round(t / n, 3) if n else None
