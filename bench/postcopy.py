@@ -15,6 +15,11 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   10 ms) to the job completing, the destination's ``postcopy-blocktime``
   (total time its vCPU waited for pages; also per page it asked for, as the
   number of requests varies from run to run) and the source's downtime;
+* ``direct`` (not in the default modes): QEMU to QEMU over a unix socket,
+  without the daemons, switched the same way (after the first pass) and
+  the destination continued at ``postcopy-active`` as the daemons do; it
+  tells whether something seen through the daemons is QEMU's own, and on a
+  stuck guest it also records QEMU's view of the vCPU (``info registers``);
 * ``resume``: tunnelled again, through a relay between the daemons, with
   post-copy capped at 8 MiB/s so that the cut lands in it; the relay cuts
   the connection, both QEMUs pause, and ``resume_s`` is the time from the
@@ -28,7 +33,23 @@ is still the ELF's bytes, whether its counters in memory still advance
 (then only its output stopped), and the top frames of QEMU's threads (gdb,
 if installed).  Rounds alternate the modes; figures are medians.
 
-Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume]
+What the stuck guests showed so far (QEMU 7.2, TCG, a loaded 2-core
+machine): 3 of 6 runs through the daemons in one hour (native and
+tunnelled alike), 1 of 9 QEMU to QEMU without the daemons, 0 in other
+batches.  Each time QEMU reports the guest running, the program's code is
+intact, its counters in memory are frozen, and the vCPU thread sits in
+TCG's tb_gen_code: ``info registers`` (QEMU to QEMU) gave EIP=0xe7442aa6,
+far outside the program (0x100000-0x100497), a value shaped like the
+working set's pattern, with ESP one slot below the stack's top.  So the
+vCPU returned through a stack slot holding data, not a return address,
+and then ran through unassigned memory one instruction per translation.
+The program's pushes and pops balance on every path, and the runs through
+the daemons that stuck had made exactly one page request (the others
+hundreds, or none): what points to a page outside the working set (most
+likely the stack's) arriving stale at the destination, in QEMU, not in
+the tunnel.  ``stack_top`` in the diagnosis records that page's last dwords.
+
+Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume,direct]
 The last line printed is one JSON object.
 """
 
@@ -42,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,10 +79,22 @@ from fault_tools import Relay
 from qemu_fixtures import base_args
 
 from tunnel.client import Client, connect
-from tunnel.qemu import QemuProcess, cancel, query_migration, start_incoming_fd, start_outgoing_fd
+from tunnel.qemu import (
+    QemuProcess,
+    cancel,
+    postcopy_capabilities,
+    query_migration,
+    start_incoming_fd,
+    start_incoming_uri,
+    start_outgoing_fd,
+    start_outgoing_uri,
+    start_postcopy,
+)
 
 MiB = 1024 * 1024
 MODES = ["precopy", "native", "tunnelled", "resume"]
+#: Runs a QMP command on the destination QEMU, returns its ``return`` value.
+Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 #: How long the destination's guest gets to show progress after the migration.
 PROGRESS_WAIT = 60.0
 
@@ -112,28 +146,86 @@ def program_image(kernel: str) -> tuple[bytes, dict[str, int]]:
     return image, symbols
 
 
-async def diagnose_stuck(dest: Client, guest_dir: str, kernel: str) -> dict[str, Any]:
-    """What a destination guest without progress is doing: its run state, code, counters in memory, QEMU's threads."""
+async def diagnose_stuck(execute: Execute, pid: int | None, guest_dir: str, kernel: str) -> dict[str, Any]:
+    """What a destination guest without progress is doing: its run state, code, counters in memory, QEMU's threads.
+
+    *execute* runs a QMP command on the destination QEMU and returns its ``return`` value.
+    """
     image, symbols = program_image(kernel)
     base = symbols["mb_header"]  # where .text (and the image) begins; the counters (.bss) lie in the next page
-    out: dict[str, Any] = {"run_state": (await dest.monitor("vm", {"execute": "query-status"}))["return"].get("status")}
+    out: dict[str, Any] = {"run_state": (await execute("query-status", None)).get("status")}
     dumps = []
     for n in range(2):
         name = f"diag{n}.bin"
-        await dest.monitor("vm", {"execute": "pmemsave", "arguments": {"val": base, "size": 0x2000, "filename": name}})
+        await execute("pmemsave", {"val": base, "size": 0x2000, "filename": name})  # QEMU runs in guest_dir
         dumps.append(await trio.Path(guest_dir, name).read_bytes())
         await trio.sleep(1.0)
     out["code_intact"] = dumps[0][: len(image)] == image
     counters = [int.from_bytes(d[symbols["verified"] - base :][:4], "little") for d in dumps]
     out["verified_pages"] = counters
+    # The last dwords below the top of the stack: return addresses (the code's) and saved registers.
+    top = symbols["STACK_TOP"]
+    await execute("pmemsave", {"val": top - 32, "size": 32, "filename": "diag-stack.bin"})
+    stack = await trio.Path(guest_dir, "diag-stack.bin").read_bytes()
+    out["stack_top"] = [f"{int.from_bytes(stack[i : i + 4], 'little'):#010x}" for i in range(0, 32, 4)]
     out["counters_advance"] = counters[1] != counters[0]  # the program runs, only its output stopped
-    pid = next((d["pid"] for d in await dest.list() if d["name"] == "vm"), None)
     if pid and shutil.which("gdb"):
         done = await trio.run_process(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 3"],
                                       capture_stdout=True, capture_stderr=True, check=False)
         out["qemu_threads"] = [line for line in done.stdout.decode(errors="replace").splitlines()
                                if line.startswith(("Thread ", "#0", "#1", "#2"))][:60]
     return out
+
+
+async def direct_run(root: str, kernel: str, size: int, link: int) -> dict[str, Any]:
+    """Post-copy QEMU to QEMU, without the daemons, switched and continued as the daemons do."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    args = base_args(guest_mib(size)) + guest_args(kernel, mib=size)
+    async with (
+        await QemuProcess.start(args, guest_dir=f"{root}/src", name="src") as src,
+        await QemuProcess.start(args, guest_dir=f"{root}/dst", name="dst", incoming=True) as dst,
+    ):
+        await wait_progress(os.path.join(src.guest_dir, GUEST_LOG), lines=1)
+        uri = f"unix:{root}/migrate.sock"
+        await start_incoming_uri(dst.qmp, uri, capabilities=postcopy_capabilities(blocktime=True))
+        await start_outgoing_uri(src.qmp, uri, max_bandwidth=link * MiB, capabilities=postcopy_capabilities())
+        while (await query_migration(src.qmp)).dirty_sync_count < 2:  # the first pass is done
+            await trio.sleep(0.01)
+        await start_postcopy(src.qmp)
+        switched = time.perf_counter()
+        running = False
+        while (status := await query_migration(dst.qmp)).status != "completed":
+            if status.status in ("failed", "cancelled"):
+                raise SystemExit(f"direct post-copy {status.status}: {status.error_desc}")
+            if status.status == "postcopy-active" and not running:
+                await dst.qmp.execute("cont")
+                running = True
+            await trio.sleep(0.01)
+        while (source := await query_migration(src.qmp)).status != "completed":
+            await trio.sleep(0.01)
+        result: dict[str, Any] = {"postcopy_s": time.perf_counter() - switched, "blocktime_ms": status.blocktime_ms,
+                                  "postcopy_requests": source.postcopy_requests}
+        if status.blocktime_ms is not None and source.postcopy_requests:
+            result["blocktime_per_request_ms"] = status.blocktime_ms / source.postcopy_requests
+        if not running:
+            await dst.qmp.execute("cont")
+        result["guest_progress"] = False
+        with trio.move_on_after(PROGRESS_WAIT):
+            result["guest_progress"] = (await wait_progress(os.path.join(dst.guest_dir, GUEST_LOG), lines=2)).ok
+        if not result["guest_progress"]:
+
+            async def execute(command: str, arguments: dict[str, Any] | None) -> Any:
+                return await dst.qmp.execute(command, arguments)
+
+            result["stuck"] = await diagnose_stuck(execute, dst.pid, dst.guest_dir, kernel)
+            registers = await dst.qmp.execute("human-monitor-command", {"command-line": "info registers"})
+            result["stuck"]["registers"] = " ".join(line for line in registers.splitlines() if line.startswith(("E", "CR0")))
+            print(f"the destination guest makes no progress (direct): {result['stuck']}", file=sys.stderr)
+        log = os.path.join(dst.guest_dir, GUEST_LOG)
+        if not read_report(log).ok:
+            raise SystemExit(f"the guest found corrupt memory on the destination (direct): {read_report(log).corrupt[:4]}")
+    return result
 
 
 async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) -> dict[str, Any]:
@@ -190,7 +282,13 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                     result["guest_progress"] = report.ok
                 if not result["guest_progress"]:
                     async with connect(f"unix://{dst_sock}") as dest:
-                        result["stuck"] = await diagnose_stuck(dest, os.path.join(root, "dst", "run", "vm"), kernel)
+
+                        async def execute(command: str, arguments: dict[str, Any] | None) -> Any:
+                            reply = await dest.monitor("vm", {"execute": command, **({"arguments": arguments} if arguments else {})})
+                            return reply["return"]
+
+                        pid = next((d["pid"] for d in await dest.list() if d["name"] == "vm"), None)
+                        result["stuck"] = await diagnose_stuck(execute, pid, os.path.join(root, "dst", "run", "vm"), kernel)
                     print(f"the destination guest makes no progress ({mode}): {result['stuck']}", file=sys.stderr)
             nursery.cancel_scope.cancel()
     finally:
@@ -216,14 +314,17 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes if m != "precopy"}
             for r in range(rounds):
                 for mode, results in runs.items():
-                    results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
+                    if mode == "direct":
+                        results.append(await direct_run(f"{root}/d", kernel, size, link))
+                    else:
+                        results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
                     print(f"{size} MiB round {r + 1} {mode}: {results[-1]}", file=sys.stderr)
 
             def med(mode: str, field: str, runs: dict[str, list[dict[str, Any]]] = runs) -> float | None:
                 values = [x[field] for x in runs.get(mode, []) if x.get(field) is not None]
                 return round(median(values), 4) if values else None
 
-            for mode in ("native", "tunnelled"):
+            for mode in ("native", "tunnelled", "direct"):
                 if mode in runs:
                     out[f"postcopy_{mode}_s_{key}"] = med(mode, "postcopy_s")
                     out[f"blocktime_{mode}_ms_{key}"] = med(mode, "blocktime_ms")
