@@ -34,9 +34,10 @@ is still the ELF's bytes, whether its counters in memory still advance
 if installed).  Rounds alternate the modes; figures are medians.
 
 What the stuck guests showed so far (QEMU 7.2, TCG, a loaded 2-core
-machine): 3 of 6 runs through the daemons in one hour (native and
-tunnelled alike), 1 of 9 QEMU to QEMU without the daemons, 0 in other
-batches.  Each time QEMU reports the guest running, the program's code is
+machine): 4 of 27 runs through the daemons (native and tunnelled alike),
+in bursts; QEMU to QEMU without the daemons 1 of 17 (the one in a script
+that continued the destination only after completion).  Each time QEMU
+reports the guest running, the program's code is
 intact, its counters in memory are frozen, and the vCPU thread sits in
 TCG's tb_gen_code: ``info registers`` (QEMU to QEMU) gave EIP=0xe7442aa6,
 far outside the program (0x100000-0x100497), a value shaped like the
