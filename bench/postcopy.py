@@ -94,6 +94,8 @@ from tunnel.qemu import (
 
 MiB = 1024 * 1024
 MODES = ["precopy", "native", "tunnelled", "resume"]
+TOO_SMALL = ("pre-copy completed before the switch to post-copy ({size} MiB at --link {link} MiB/s): use a bigger "
+             "--size (256 MiB is enough under TCG) or a lower --link")
 #: Runs a QMP command on the destination QEMU, returns its ``return`` value.
 Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 #: How long the destination's guest gets to show progress after the migration.
@@ -191,7 +193,9 @@ async def direct_run(root: str, kernel: str, size: int, link: int) -> dict[str, 
         uri = f"unix:{root}/migrate.sock"
         await start_incoming_uri(dst.qmp, uri, capabilities=postcopy_capabilities(blocktime=True))
         await start_outgoing_uri(src.qmp, uri, max_bandwidth=link * MiB, capabilities=postcopy_capabilities())
-        while (await query_migration(src.qmp)).dirty_sync_count < 2:  # the first pass is done
+        while (status := await query_migration(src.qmp)).dirty_sync_count < 2:  # the first pass is done
+            if status.status == "completed":
+                raise SystemExit(TOO_SMALL.format(size=size, link=link))
             await trio.sleep(0.01)
         await start_postcopy(src.qmp)
         switched = time.perf_counter()
@@ -250,7 +254,9 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                 await wait_progress(os.path.join(root, "src", "run", "vm", GUEST_LOG), lines=1)
                 await client.migrate("vm", dest, live=True, p2p=True, tunnelled=mode != "native", bandwidth_mib=link,
                                      postcopy_after_precopy=True, postcopy_bandwidth_mib=8 if mode == "resume" else 0, detach=True)
-                _, switched = await poll_job(client, lambda i: i.get("phase") == "post-copy")
+                info, switched = await poll_job(client, lambda i: i.get("phase") == "post-copy" or i["status"] == "completed")
+                if info.get("phase") != "post-copy":
+                    raise SystemExit(TOO_SMALL.format(size=size, link=link))
                 result: dict[str, Any] = {}
                 if mode == "resume":
                     await trio.sleep(0.3)
@@ -361,4 +367,14 @@ if __name__ == "__main__":
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--precopy-wait", type=float, default=15.0, help="seconds pre-copy alone gets to converge (default 15)")
     a = parser.parse_args()
-    emit(trio.run(main, [int(s) for s in a.size.split(",")], a.rounds, a.link, a.modes.split(","), a.precopy_wait))
+    try:
+        result = trio.run(main, [int(s) for s in a.size.split(",")], a.rounds, a.link, a.modes.split(","), a.precopy_wait)
+    except BaseExceptionGroup as group:  # a SystemExit raised inside a nursery: its one line, not the group's traceback
+        exits = group.subgroup(SystemExit)
+        if exits is None:
+            raise
+        first: BaseException = exits
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    emit(result)
