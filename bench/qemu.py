@@ -596,7 +596,7 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
             setup = Setup(root=root, rand=rand, random_bytes=random_mib * MiB, expected_sha256=expected, args=guest_args(rand, random_mib))
         dirty = dirty_setup(root, args.dirty_mib or (64 if args.quick else 256), args.dirty_rate, args.dirty_wait) if dirty_modes else None
         certs: dict[str, TLSFiles] | None = None
-        if any(m not in DIRECT_MODES and m != "dirty_native" for m in modes):
+        if any(m not in ("native", "dirty_native") for m in modes):  # qemu_tls needs them, and every daemon
             certdir = os.path.join(root, "certs")
             os.mkdir(certdir)
             certs = make_certs(certdir)
