@@ -13,7 +13,13 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   opens) or TUNNELLED.  Post-copy itself is not capped.  Measured: the time
   from the switch (the job's phase turning ``post-copy``, polled every
   10 ms) to the job completing, the destination's ``postcopy-blocktime``
-  (total time its vCPU waited for pages) and the source's downtime;
+  (total time its vCPU waited for pages; also per page it asked for, as the
+  number of requests varies from run to run) and the source's downtime;
+* ``direct`` (not in the default modes): QEMU to QEMU over a unix socket,
+  without the daemons, switched the same way (after the first pass) and
+  the destination continued at ``postcopy-active`` as the daemons do; it
+  tells whether something seen through the daemons is QEMU's own, and on a
+  stuck guest it also records QEMU's view of the vCPU (``info registers``);
 * ``resume``: tunnelled again, through a relay between the daemons, with
   post-copy capped at 8 MiB/s so that the cut lands in it; the relay cuts
   the connection, both QEMUs pause, and ``resume_s`` is the time from the
@@ -21,9 +27,30 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
 
 Every run checks the guest on the destination: a CORRUPT line stops the
 benchmark; a guest that shows no progress within a minute is counted in
-``guest_stuck_runs``.  Rounds alternate the modes; figures are medians.
+``guest_stuck_runs``, and what it was doing is kept in ``stuck`` (on stderr
+as it happens): the destination's run state, whether the program's code
+is still the ELF's bytes, whether its counters in memory still advance
+(then only its output stopped), and the top frames of QEMU's threads (gdb,
+if installed).  Rounds alternate the modes; figures are medians.
 
-Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume]
+What the stuck guests showed so far (QEMU 7.2, TCG, a loaded 2-core
+machine): 4 of 27 runs through the daemons (native and tunnelled alike),
+in bursts; QEMU to QEMU without the daemons 1 of 17 (the one in a script
+that continued the destination only after completion).  Each time QEMU
+reports the guest running, the program's code is
+intact, its counters in memory are frozen, and the vCPU thread sits in
+TCG's tb_gen_code: ``info registers`` (QEMU to QEMU) gave EIP=0xe7442aa6,
+far outside the program (0x100000-0x100497), a value shaped like the
+working set's pattern, with ESP one slot below the stack's top.  So the
+vCPU returned through a stack slot holding data, not a return address,
+and then ran through unassigned memory one instruction per translation.
+The program's pushes and pops balance on every path, and the runs through
+the daemons that stuck had made exactly one page request (the others
+hundreds, or none): what points to a page outside the working set (most
+likely the stack's) arriving stale at the destination, in QEMU, not in
+the tunnel.  ``stack_top`` in the diagnosis records that page's last dwords.
+
+Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume,direct]
 The last line printed is one JSON object.
 """
 
@@ -33,9 +60,11 @@ import argparse
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,10 +80,24 @@ from fault_tools import Relay
 from qemu_fixtures import base_args
 
 from tunnel.client import Client, connect
-from tunnel.qemu import QemuProcess, cancel, query_migration, start_incoming_fd, start_outgoing_fd
+from tunnel.qemu import (
+    QemuProcess,
+    cancel,
+    postcopy_capabilities,
+    query_migration,
+    start_incoming_fd,
+    start_incoming_uri,
+    start_outgoing_fd,
+    start_outgoing_uri,
+    start_postcopy,
+)
 
 MiB = 1024 * 1024
 MODES = ["precopy", "native", "tunnelled", "resume"]
+TOO_SMALL = ("pre-copy completed before the switch to post-copy ({size} MiB at --link {link} MiB/s): use a bigger "
+             "--size (256 MiB is enough under TCG) or a lower --link")
+#: Runs a QMP command on the destination QEMU, returns its ``return`` value.
+Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 #: How long the destination's guest gets to show progress after the migration.
 PROGRESS_WAIT = 60.0
 
@@ -93,6 +136,103 @@ async def poll_job(client: Client, until: Any, poll: float = 0.01) -> tuple[dict
         await trio.sleep(poll)
 
 
+def program_image(kernel: str) -> tuple[bytes, dict[str, int]]:
+    """The guest program's code and read-only data as loaded at its link address, and its symbols (nm)."""
+    flat = kernel + ".text.bin"
+    subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", "--only-section=.rodata", kernel, flat], check=True)
+    with open(flat, "rb") as f:
+        image = f.read()
+    symbols = {}
+    for line in subprocess.run(["nm", kernel], check=True, capture_output=True, text=True).stdout.splitlines():
+        value, _, name = line.split()
+        symbols[name] = int(value, 16)
+    return image, symbols
+
+
+async def diagnose_stuck(execute: Execute, pid: int | None, guest_dir: str, kernel: str) -> dict[str, Any]:
+    """What a destination guest without progress is doing: its run state, code, counters in memory, QEMU's threads.
+
+    *execute* runs a QMP command on the destination QEMU and returns its ``return`` value.
+    """
+    image, symbols = program_image(kernel)
+    base = symbols["mb_header"]  # where .text (and the image) begins; the counters (.bss) lie in the next page
+    out: dict[str, Any] = {"run_state": (await execute("query-status", None)).get("status")}
+    dumps = []
+    for n in range(2):
+        name = f"diag{n}.bin"
+        await execute("pmemsave", {"val": base, "size": 0x2000, "filename": name})  # QEMU runs in guest_dir
+        dumps.append(await trio.Path(guest_dir, name).read_bytes())
+        await trio.sleep(1.0)
+    out["code_intact"] = dumps[0][: len(image)] == image
+    counters = [int.from_bytes(d[symbols["verified"] - base :][:4], "little") for d in dumps]
+    out["verified_pages"] = counters
+    # The last dwords below the top of the stack: return addresses (the code's) and saved registers.
+    top = symbols["STACK_TOP"]
+    await execute("pmemsave", {"val": top - 32, "size": 32, "filename": "diag-stack.bin"})
+    stack = await trio.Path(guest_dir, "diag-stack.bin").read_bytes()
+    out["stack_top"] = [f"{int.from_bytes(stack[i : i + 4], 'little'):#010x}" for i in range(0, 32, 4)]
+    out["counters_advance"] = counters[1] != counters[0]  # the program runs, only its output stopped
+    if pid and shutil.which("gdb"):
+        done = await trio.run_process(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 3"],
+                                      capture_stdout=True, capture_stderr=True, check=False)
+        out["qemu_threads"] = [line for line in done.stdout.decode(errors="replace").splitlines()
+                               if line.startswith(("Thread ", "#0", "#1", "#2"))][:60]
+    return out
+
+
+async def direct_run(root: str, kernel: str, size: int, link: int) -> dict[str, Any]:
+    """Post-copy QEMU to QEMU, without the daemons, switched and continued as the daemons do."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    args = base_args(guest_mib(size)) + guest_args(kernel, mib=size)
+    async with (
+        await QemuProcess.start(args, guest_dir=f"{root}/src", name="src") as src,
+        await QemuProcess.start(args, guest_dir=f"{root}/dst", name="dst", incoming=True) as dst,
+    ):
+        await wait_progress(os.path.join(src.guest_dir, GUEST_LOG), lines=1)
+        uri = f"unix:{root}/migrate.sock"
+        await start_incoming_uri(dst.qmp, uri, capabilities=postcopy_capabilities(blocktime=True))
+        await start_outgoing_uri(src.qmp, uri, max_bandwidth=link * MiB, capabilities=postcopy_capabilities())
+        while (status := await query_migration(src.qmp)).dirty_sync_count < 2:  # the first pass is done
+            if status.status == "completed":
+                raise SystemExit(TOO_SMALL.format(size=size, link=link))
+            await trio.sleep(0.01)
+        await start_postcopy(src.qmp)
+        switched = time.perf_counter()
+        running = False
+        while (status := await query_migration(dst.qmp)).status != "completed":
+            if status.status in ("failed", "cancelled"):
+                raise SystemExit(f"direct post-copy {status.status}: {status.error_desc}")
+            if status.status == "postcopy-active" and not running:
+                await dst.qmp.execute("cont")
+                running = True
+            await trio.sleep(0.01)
+        while (source := await query_migration(src.qmp)).status != "completed":
+            await trio.sleep(0.01)
+        result: dict[str, Any] = {"postcopy_s": time.perf_counter() - switched, "blocktime_ms": status.blocktime_ms,
+                                  "postcopy_requests": source.postcopy_requests}
+        if status.blocktime_ms is not None and source.postcopy_requests:
+            result["blocktime_per_request_ms"] = status.blocktime_ms / source.postcopy_requests
+        if not running:
+            await dst.qmp.execute("cont")
+        result["guest_progress"] = False
+        with trio.move_on_after(PROGRESS_WAIT):
+            result["guest_progress"] = (await wait_progress(os.path.join(dst.guest_dir, GUEST_LOG), lines=2)).ok
+        if not result["guest_progress"]:
+
+            async def execute(command: str, arguments: dict[str, Any] | None) -> Any:
+                return await dst.qmp.execute(command, arguments)
+
+            result["stuck"] = await diagnose_stuck(execute, dst.pid, dst.guest_dir, kernel)
+            registers = await dst.qmp.execute("human-monitor-command", {"command-line": "info registers"})
+            result["stuck"]["registers"] = " ".join(line for line in registers.splitlines() if line.startswith(("E", "CR0")))
+            print(f"the destination guest makes no progress (direct): {result['stuck']}", file=sys.stderr)
+        log = os.path.join(dst.guest_dir, GUEST_LOG)
+        if not read_report(log).ok:
+            raise SystemExit(f"the guest found corrupt memory on the destination (direct): {read_report(log).corrupt[:4]}")
+    return result
+
+
 async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) -> dict[str, Any]:
     """One daemon migration in *mode* (native, tunnelled, resume); the figures of the post-copy part."""
     shutil.rmtree(root, ignore_errors=True)
@@ -114,7 +254,9 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                 await wait_progress(os.path.join(root, "src", "run", "vm", GUEST_LOG), lines=1)
                 await client.migrate("vm", dest, live=True, p2p=True, tunnelled=mode != "native", bandwidth_mib=link,
                                      postcopy_after_precopy=True, postcopy_bandwidth_mib=8 if mode == "resume" else 0, detach=True)
-                _, switched = await poll_job(client, lambda i: i.get("phase") == "post-copy")
+                info, switched = await poll_job(client, lambda i: i.get("phase") == "post-copy" or i["status"] == "completed")
+                if info.get("phase") != "post-copy":
+                    raise SystemExit(TOO_SMALL.format(size=size, link=link))
                 result: dict[str, Any] = {}
                 if mode == "resume":
                     await trio.sleep(0.3)
@@ -138,10 +280,23 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                     result["blocktime_ms"] = done.get("destination_postcopy_blocktime_ms")
                     result["downtime_ms"] = done.get("downtime_ms")
                     result["postcopy_requests"] = done.get("postcopy_requests")
+                    if result["blocktime_ms"] is not None and result["postcopy_requests"]:
+                        # blocktime grows with the number of pages the guest asked for, which varies from run to run
+                        result["blocktime_per_request_ms"] = result["blocktime_ms"] / result["postcopy_requests"]
                 result["guest_progress"] = False
                 with trio.move_on_after(PROGRESS_WAIT):
                     report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=2)
                     result["guest_progress"] = report.ok
+                if not result["guest_progress"]:
+                    async with connect(f"unix://{dst_sock}") as dest:
+
+                        async def execute(command: str, arguments: dict[str, Any] | None) -> Any:
+                            reply = await dest.monitor("vm", {"execute": command, **({"arguments": arguments} if arguments else {})})
+                            return reply["return"]
+
+                        pid = next((d["pid"] for d in await dest.list() if d["name"] == "vm"), None)
+                        result["stuck"] = await diagnose_stuck(execute, pid, os.path.join(root, "dst", "run", "vm"), kernel)
+                    print(f"the destination guest makes no progress ({mode}): {result['stuck']}", file=sys.stderr)
             nursery.cancel_scope.cancel()
     finally:
         log = os.path.join(root, "dst", "run", "vm", GUEST_LOG)
@@ -166,18 +321,22 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes if m != "precopy"}
             for r in range(rounds):
                 for mode, results in runs.items():
-                    results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
+                    if mode == "direct":
+                        results.append(await direct_run(f"{root}/d", kernel, size, link))
+                    else:
+                        results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
                     print(f"{size} MiB round {r + 1} {mode}: {results[-1]}", file=sys.stderr)
 
             def med(mode: str, field: str, runs: dict[str, list[dict[str, Any]]] = runs) -> float | None:
                 values = [x[field] for x in runs.get(mode, []) if x.get(field) is not None]
                 return round(median(values), 4) if values else None
 
-            for mode in ("native", "tunnelled"):
+            for mode in ("native", "tunnelled", "direct"):
                 if mode in runs:
                     out[f"postcopy_{mode}_s_{key}"] = med(mode, "postcopy_s")
                     out[f"blocktime_{mode}_ms_{key}"] = med(mode, "blocktime_ms")
                     out[f"downtime_{mode}_ms_{key}"] = med(mode, "downtime_ms")
+                    out[f"blocktime_per_request_{mode}_ms_{key}"] = med(mode, "blocktime_per_request_ms")
             if "native" in runs and "tunnelled" in runs:
                 n, t = out[f"postcopy_native_s_{key}"], out[f"postcopy_tunnelled_s_{key}"]
                 out[f"postcopy_ratio_{key}"] = round(t / n, 3) if n else None
@@ -186,6 +345,9 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
             if "resume" in runs:
                 out[f"resume_s_{key}"] = med("resume", "resume_s")
             out[f"guest_stuck_runs_{key}"] = sum(not x["guest_progress"] for results in runs.values() for x in results)
+            stuck = [{"mode": mode, **x["stuck"]} for mode, results in runs.items() for x in results if "stuck" in x]
+            if stuck:
+                out[f"stuck_{key}"] = stuck
         first = f"{sizes[0]}mib"  # the headline figures: the first size
         for name in ("postcopy_tunnelled_s", "postcopy_native_s", "postcopy_ratio", "blocktime_tunnelled_ms", "blocktime_native_ms",
                      "blocktime_ratio", "downtime_tunnelled_ms", "downtime_native_ms", "resume_s"):
@@ -205,4 +367,14 @@ if __name__ == "__main__":
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--precopy-wait", type=float, default=15.0, help="seconds pre-copy alone gets to converge (default 15)")
     a = parser.parse_args()
-    emit(trio.run(main, [int(s) for s in a.size.split(",")], a.rounds, a.link, a.modes.split(","), a.precopy_wait))
+    try:
+        result = trio.run(main, [int(s) for s in a.size.split(",")], a.rounds, a.link, a.modes.split(","), a.precopy_wait)
+    except BaseExceptionGroup as group:  # a SystemExit raised inside a nursery: its one line, not the group's traceback
+        exits = group.subgroup(SystemExit)
+        if exits is None:
+            raise
+        first: BaseException = exits
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    emit(result)

@@ -25,7 +25,19 @@ default) is migrated live, alternating in one invocation between:
 * ``p2p_tls``: ``p2p`` between the daemons on TLS, where the data channel
   is QEMU's own TLS over TCP.
 
-Every mode uses the same guest definition, ``-mem-prealloc`` included (a
+With ``--modes dirty_native,dirty_tunnelled`` (not in the default set) the
+guest is instead the self-checking guest of the tests
+(``tests/guest/dirtyguest.S``), rewriting ``--dirty-rate`` pages a second
+(0: flat out) over a working set of ``--dirty-mib`` MiB and verifying pages
+as it goes: ``dirty_native`` QEMU to QEMU over a unix socket, and
+``dirty_tunnelled`` PEER2PEER + TUNNELLED through the daemons, pre-copy
+only, each given ``--dirty-wait`` seconds to converge.  Reported per mode:
+whether every run converged (``*_converged``), the time and iterations of
+those that did, and the guest's own verdict: no CORRUPT line on either side
+(``*_guest_ok``) and progress on the destination after the move
+(``*_guest_progress``).  A CORRUPT line stops the benchmark.
+
+Every random-RAM mode uses the same guest definition, ``-mem-prealloc`` included (a
 daemon definition is the same on both sides), and QEMU's max-bandwidth is
 raised in all of them (the daemons do it themselves).  Without
 preallocation, first-touch page faults on the destination dominate every
@@ -41,6 +53,7 @@ and just after each daemon migration and reported per GiB that went
 through the tunnel (for ``p2p``: per GiB QEMU sent).
 
 Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p,qemu_tls,p2p_tls] [--verify-all]
+       python bench/qemu.py --modes dirty_native,dirty_tunnelled [--dirty-mib MiB] [--dirty-rate PAGES_PER_S] [--dirty-wait S]
 The last line printed is one JSON object; times are in seconds, medians
 over the runs of a mode; ratios are tunnelled over native, and
 ``tls_vs_qemu_tls`` the tunnel over TLS against QEMU's own TLS, from the
@@ -66,15 +79,19 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import trio
 from _common import emit, median, now
+from dirtyguest import GUEST_LOG, build_kernel, guest_mib, read_report, wait_progress
+from dirtyguest import guest_args as dirty_guest_args
 
 from tunnel.client import Client, DaemonError, connect
 from tunnel.daemon import TLSFiles
 from tunnel.qemu import (
     MigrationError,
     QemuProcess,
+    cancel,
     qemu_binary,
     query_migration,
     set_max_bandwidth,
@@ -84,8 +101,13 @@ from tunnel.qemu import (
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tls", "p2p_tls"]
-DEFAULT_MODES = ",".join(MODES)
+#: The random-RAM guest's modes (the default set), then the self-checking guest's.
+RANDOM_MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tls", "p2p_tls"]
+DIRTY_MODES = ["dirty_native", "dirty_tunnelled"]
+MODES = RANDOM_MODES + DIRTY_MODES
+DEFAULT_MODES = ",".join(RANDOM_MODES)
+#: How long the destination's self-checking guest gets to show progress after the move.
+PROGRESS_WAIT = 60.0
 #: Modes that run QEMU to QEMU without the daemons.
 DIRECT_MODES = ("native", "qemu_tls")
 #: Modes that talk to the daemons over TLS.
@@ -398,6 +420,121 @@ async def _remove_guest(client: Client) -> None:
         await client.undefine(GUEST)
 
 
+# --------------------------------------------------------------------------- the self-checking guest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DirtySetup:
+    root: str
+    mib: int
+    rate: int
+    wait: float
+    args: list[str]
+
+
+def dirty_setup(root: str, mib: int, rate: int, wait: float) -> DirtySetup:
+    kernel = build_kernel(root)
+    args = [
+        "-machine", "q35", "-accel", "tcg", "-m", str(guest_mib(mib)), "-nodefaults", "-display", "none", "-mem-prealloc",
+        *dirty_guest_args(kernel, mib=mib, rate=rate),
+    ]  # fmt: skip
+    return DirtySetup(root=root, mib=mib, rate=rate, wait=wait, args=args)
+
+
+async def guest_verdict(source_log: str, dest_log: str, label: str) -> dict[str, Any]:
+    """The guest's own checks: no CORRUPT line on either side (else stop), and progress on the destination."""
+    progress = False
+    with trio.move_on_after(PROGRESS_WAIT):
+        await wait_progress(dest_log, lines=2)  # the destination's log starts empty: every line is from after the move
+        progress = True
+    for side, path in (("source", source_log), ("destination", dest_log)):
+        report = read_report(path)
+        if not report.ok:
+            raise SystemExit(f"{label}: the guest found corrupt memory on the {side}: {report.corrupt[:4]} {report.errors}")
+    return {"guest_ok": True, "guest_progress": progress}
+
+
+async def dirty_native_run(setup: DirtySetup, index: int) -> dict[str, Any]:
+    """The self-checking guest, QEMU to QEMU over a unix socket, pre-copy only: did it converge within setup.wait?"""
+    run_dir = os.path.join(setup.root, f"dirty-native-{index}")
+    path = os.path.join(run_dir, "migrate.sock")
+    os.makedirs(run_dir)
+    async with (
+        await QemuProcess.start(setup.args, guest_dir=os.path.join(run_dir, "src"), name="src") as src,
+        await QemuProcess.start(setup.args, guest_dir=os.path.join(run_dir, "dst"), name="dst", incoming=True) as dst,
+    ):
+        await wait_progress(os.path.join(src.guest_dir, GUEST_LOG), lines=1)
+        await start_incoming_uri(dst.qmp, f"unix:{path}")
+        await set_max_bandwidth(src.qmp, UNLIMITED_BANDWIDTH)
+        started = now()
+        await src.qmp.execute("migrate", {"uri": f"unix:{path}"})
+        result: dict[str, Any] = {"converged": False, "seconds": None}
+        with trio.move_on_after(setup.wait):
+            while (status := await query_migration(dst.qmp)).status != "completed":
+                if status.status in ("failed", "cancelled"):
+                    raise MigrationError(status)
+                await trio.sleep(NATIVE_POLL)
+            result.update(converged=True, seconds=now() - started)
+        source = await query_migration(src.qmp)
+        if not result["converged"]:
+            await cancel(src.qmp)
+            return {**result, "iterations": source.dirty_sync_count, "bytes": source.transferred}
+        while (source := await query_migration(src.qmp)).active:
+            await trio.sleep(NATIVE_POLL)
+        await dst.qmp.execute("cont")  # an incoming QEMU waits paused (-S) until told; the daemons do this in FINISH
+        verdict = await guest_verdict(os.path.join(src.guest_dir, GUEST_LOG), os.path.join(dst.guest_dir, GUEST_LOG), f"dirty_native run {index}")
+        return {**result, **verdict, "iterations": source.dirty_sync_count, "bytes": source.transferred, "downtime_ms": source.downtime_ms}
+
+
+async def dirty_daemon_run(setup: DirtySetup, daemons: Daemons, index: int) -> dict[str, Any]:
+    """The self-checking guest through the daemons (PEER2PEER + TUNNELLED), pre-copy only, aborted after setup.wait."""
+    source, destination = daemons.procs["source"], daemons.procs["destination"]
+    definition = {"name": GUEST, "description": "bench/qemu.py: the self-checking guest", "qemu": setup.args}
+    source_log = os.path.join(daemons.root, "source", "run", GUEST, GUEST_LOG)
+    dest_log = os.path.join(daemons.root, "destination", "run", GUEST, GUEST_LOG)
+    async with connect(source.unix_uri) as src, connect(destination.unix_uri) as dst:
+        try:
+            await src.define(definition)
+            await src.start(GUEST)
+            await wait_progress(source_log, lines=1)
+            await src.migrate(GUEST, destination.unix_uri, live=True, p2p=True, tunnelled=True, detach=True)
+            info: dict[str, Any] = {}
+            with trio.move_on_after(setup.wait):
+                while (info := await src.jobinfo(GUEST))["status"] not in ("completed", "failed", "cancelled"):
+                    await trio.sleep(0.05)
+            if info.get("status") in ("failed", "cancelled"):
+                raise SystemExit(f"dirty_tunnelled run {index}: the migration {info['status']}: {info.get('error')}")
+            result: dict[str, Any] = {"converged": info.get("status") == "completed", "iterations": info.get("iteration"),
+                                      "bytes": info.get("tunnel_bytes_sent") or info.get("data_processed") or 0}
+            if not result["converged"]:
+                with contextlib.suppress(DaemonError):
+                    await src.abort(GUEST)
+                return {**result, "seconds": None}
+            verdict = await guest_verdict(source_log, dest_log, f"dirty_tunnelled run {index}")
+            return {**result, **verdict, "seconds": info["transfer_ms"] / 1000, "downtime_ms": info.get("downtime_ms")}
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(60):
+                await _remove_guest(dst)
+                await _remove_guest(src)
+                for path in (source_log, dest_log):  # the next run's logs start empty
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+
+
+def summarize_dirty(results: dict[str, list[dict[str, Any]]], setup: DirtySetup) -> dict[str, Any]:
+    out: dict[str, Any] = {"dirty_mib": setup.mib, "dirty_rate_pages_per_s": setup.rate, "dirty_wait_s": setup.wait}
+    for mode, runs in results.items():
+        converged = [r for r in runs if r["converged"]]
+        out[f"{mode}_converged"] = len(converged) == len(runs)
+        out[f"{mode}_converged_runs"] = len(converged)
+        out[f"{mode}_s"] = round(median([r["seconds"] for r in converged]), 3) if converged else None
+        out[f"{mode}_iterations"] = median([r["iterations"] for r in runs if r.get("iterations") is not None]) if runs else None
+        # The guest's verdict covers the runs that moved it (a CORRUPT line stops the benchmark before this).
+        out[f"{mode}_guest_ok"] = all(r["guest_ok"] for r in converged) if converged else None
+        out[f"{mode}_guest_progress"] = all(r["guest_progress"] for r in converged) if converged else None
+    return out
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -448,24 +585,44 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="tunnel-bench-qemu-")
     os.chmod(root, 0o700)
     daemons: Daemons | None = None
+    random_modes = [m for m in modes if m in RANDOM_MODES]
+    dirty_modes = [m for m in modes if m in DIRTY_MODES]
     try:
-        rand = os.path.join(root, "guest-ram.bin")
-        say(f"writing {random_mib} MiB of random guest RAM ...")
-        expected = await trio.to_thread.run_sync(write_random, rand, random_mib * MiB)
-        setup = Setup(root=root, rand=rand, random_bytes=random_mib * MiB, expected_sha256=expected, args=guest_args(rand, random_mib))
+        setup: Setup | None = None
+        if random_modes:
+            rand = os.path.join(root, "guest-ram.bin")
+            say(f"writing {random_mib} MiB of random guest RAM ...")
+            expected = await trio.to_thread.run_sync(write_random, rand, random_mib * MiB)
+            setup = Setup(root=root, rand=rand, random_bytes=random_mib * MiB, expected_sha256=expected, args=guest_args(rand, random_mib))
+        dirty = dirty_setup(root, args.dirty_mib or (64 if args.quick else 256), args.dirty_rate, args.dirty_wait) if dirty_modes else None
         certs: dict[str, TLSFiles] | None = None
-        if any(m != "native" for m in modes):
+        if any(m not in ("native", "dirty_native") for m in modes):  # qemu_tls needs them, and every daemon
             certdir = os.path.join(root, "certs")
             os.mkdir(certdir)
             certs = make_certs(certdir)
-        if any(m not in DIRECT_MODES for m in modes):
+        if any(m not in DIRECT_MODES and m != "dirty_native" for m in modes):
             assert certs is not None
             daemons = Daemons(root, certs)
             await daemons.start("source", allow=[])
             await daemons.start("destination", allow=["cn:source"])
-        results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        results: dict[str, list[dict[str, float]]] = {m: [] for m in random_modes}
+        dirty_results: dict[str, list[dict[str, Any]]] = {m: [] for m in dirty_modes}
         for index in range(1, repeat + 1):
-            for mode in modes:
+            for mode in dirty_modes:
+                assert dirty is not None
+                with trio.fail_after(RUN_TIMEOUT):
+                    if mode == "dirty_native":
+                        d = await dirty_native_run(dirty, index)
+                    else:
+                        assert daemons is not None
+                        d = await dirty_daemon_run(dirty, daemons, index)
+                dirty_results[mode].append(d)
+                say(f"run {index} {mode}: " + (f"converged in {d['seconds']:.3f} s, {d['iterations']} iterations, guest "
+                                               f"{'ok' if d['guest_ok'] else 'CORRUPT'}, progress on the destination: "
+                                               f"{'yes' if d['guest_progress'] else 'NO'}" if d["converged"] else
+                                               f"did not converge within {dirty.wait:g} s ({d['iterations']} iterations)"))
+            for mode in random_modes:
+                assert setup is not None
                 check = args.verify_all or index == 1
                 with trio.fail_after(RUN_TIMEOUT):
                     if mode == "native":
@@ -482,7 +639,10 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
                 else:
                     line += f"  wall {r['wall_s']:.3f} s  daemon cpu {r['source_cpu_s']:.2f} + {r['destination_cpu_s']:.2f} s"
                 say(line + ("  (memory verified)" if check else ""))
-        return summarize(results, setup, repeat)
+        out = summarize(results, setup, repeat) if setup is not None else {"repeat": repeat}
+        if dirty is not None:
+            out.update(summarize_dirty(dirty_results, dirty))
+        return out
     except Exception:
         # The temporary directory goes away below: keep what the daemons said about the failure.
         for daemon in daemons.procs.values() if daemons is not None else ():
@@ -502,6 +662,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, help="runs per mode (default 3; 1 with --quick)")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated subset of {','.join(MODES)} (default {DEFAULT_MODES})")
     p.add_argument("--verify-all", action="store_true", help="check the destination's memory after every run, not only the first of each mode")
+    p.add_argument("--dirty-mib", type=int, help="the self-checking guest's working set in MiB (default 256; 64 with --quick)")
+    p.add_argument("--dirty-rate", type=int, default=10000, help="pages it rewrites per second, 0: flat out (default 10000, ~40 MiB/s)")
+    p.add_argument("--dirty-wait", type=float, default=120.0, help="seconds its pre-copy gets to converge (default 120)")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))

@@ -208,25 +208,28 @@ async def test_daemon_restarts_in_postcopy_paused_keep_both_qemus(run_dir: str, 
     with trio.fail_after(180):
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
-            async with (
-                daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow, kill_qemus=False) as src,
-                daemon_process(run_dir, "dst", "--listen", f"unix://{dst_sock}", *allow, kill_qemus=False) as dst,
-            ):
-                async with connect(f"unix://{src_sock}") as client:
-                    await client.define(definition(dirty_kernel))
-                    await client.start("vm")
-                    await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
-                    await client.migrate("vm", relay.uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB,
-                                         postcopy=True, postcopy_bandwidth_mib=8, detach=True)
-                    await wait_job(client, status="active", processed=8 * MiB)
-                    await client.migrate_postcopy("vm")
-                    await wait_job(client, phase="post-copy")
-                    relay.cut("fin")
-                    await wait_job(client, status="postcopy-paused")
-                pids = {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")}
-                assert all(len(p) == 1 for p in pids.values()), pids
-                assert await src.stop() == 0 and await dst.stop() == 0
             try:
+                async with (
+                    daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow, kill_qemus=False) as src,
+                    daemon_process(run_dir, "dst", "--listen", f"unix://{dst_sock}", *allow, kill_qemus=False) as dst,
+                ):
+                    async with connect(f"unix://{src_sock}") as client:
+                        await client.define(definition(dirty_kernel))
+                        await client.start("vm")
+                        await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
+                        await client.migrate("vm", relay.uri, live=True, p2p=True, tunnelled=True, bandwidth_mib=PRECOPY_MIB,
+                                             postcopy=True, postcopy_bandwidth_mib=8, detach=True)
+                        await wait_job(client, status="active", processed=8 * MiB)
+                        await client.migrate_postcopy("vm")
+                        await wait_job(client, phase="post-copy")
+                        # the destination switched too (a cut before it does loses the guest in QEMU 7.2)
+                        await wait_progress(os.path.join(run_dir, "dst", "run", "vm", GUEST_LOG), lines=1)
+                        relay.cut("fin")
+                        await wait_job(client, status="postcopy-paused")
+                    pids = {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")}
+                    # the daemons' logs say which side let its QEMU go (seen: the destination's, now and then)
+                    assert all(len(p) == 1 for p in pids.values()), (pids, src.log()[-2000:], dst.log()[-2000:])
+                    assert await src.stop() == 0 and await dst.stop() == 0
                 assert {side: qemu_pids_under(f"{run_dir}/{side}") for side in ("src", "dst")} == pids  # neither was touched
                 async with (
                     daemon_process(run_dir, "src", "--listen", f"unix://{src_sock}", *allow) as src,

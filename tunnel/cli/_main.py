@@ -212,7 +212,8 @@ def _parsers() -> _Parsers:
                    help="suspend the guest once the transfer ran this long, so that a live migration that does not "
                         "converge completes (the guest resumes on the destination)")
     m.add_argument("--timeout-suspend", action="store_true", help="what --timeout does (the default)")
-    m.add_argument("--timeout-postcopy", action="store_true", help="switch to post-copy at --timeout: not supported yet")
+    m.add_argument("--timeout-postcopy", action="store_true",
+                   help="at --timeout, switch to post-copy instead of suspending the guest (needs --postcopy)")
     m.add_argument("--auto-converge", action="store_true",
                    help="QEMU's auto-converge: throttle the guest's vCPUs while it dirties memory faster than it migrates")
     m.add_argument("--compressed", action="store_true",
@@ -279,11 +280,12 @@ def _read_inputs(args: argparse.Namespace) -> None:
     if args.cmd == "migrate":
         if args.tunnelled and not args.p2p:
             raise DaemonError("cannot perform tunnelled migration without using peer2peer flag")
-        if args.timeout_postcopy:
-            raise DaemonError("--timeout-postcopy is not supported yet (use --postcopy with migrate-postcopy NAME, or "
-                              "--postcopy-after-precopy); use --timeout-suspend")
-        if (args.timeout_suspend) and not args.timeout:
-            raise DaemonError("--timeout-suspend needs --timeout SECONDS")
+        if args.timeout_suspend and args.timeout_postcopy:
+            raise DaemonError("--timeout-suspend and --timeout-postcopy exclude each other: pick what --timeout does")
+        if (args.timeout_suspend or args.timeout_postcopy) and not args.timeout:
+            raise DaemonError(f"--timeout-{'postcopy' if args.timeout_postcopy else 'suspend'} needs --timeout SECONDS")
+        if args.timeout_postcopy and not args.postcopy:
+            raise DaemonError("--timeout-postcopy needs --postcopy (both QEMUs must allow post-copy from the start)")
         if args.timeout < 0:
             raise DaemonError("--timeout must be >= 0 seconds")
         if args.comp_methods is not None and not args.compressed:

@@ -26,6 +26,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "live": args.live, "p2p": args.p2p, "tunnelled": args.tunnelled, "bandwidth_mib": args.bandwidth, "dname": args.dname,
         "persistent": args.persistent, "undefine_source": args.undefinesource, "timeout_s": args.timeout,
+        "timeout_action": "postcopy" if args.timeout_postcopy else "suspend",
         "auto_converge": args.auto_converge, "compressed": args.compressed, "comp_methods": methods,
         "abort_on_error": args.abort_on_error, "postcopy": args.postcopy, "postcopy_after_precopy": args.postcopy_after_precopy,
         "retries": args.retries, "postcopy_bandwidth_mib": args.postcopy_bandwidth,
@@ -106,6 +107,8 @@ async def migrate(client: Client, args: argparse.Namespace) -> int:
             extras.append(f"{format_bytes(result['tunnel_bytes_sent'])} through the tunnel")
         if result.get("timeout_suspended"):
             extras.append(f"guest suspended after --timeout {args.timeout:g} s")
+        if result.get("timeout_postcopy"):
+            extras.append(f"switched to post-copy after --timeout {args.timeout:g} s")
         print(
             f"Migration of {args.name} to {args.dest} completed in {format_duration(result.get('time_elapsed_ms'))}: "
             f"{format_bytes(result.get('data_processed'))} at {format_bytes(rate)}/s" + "".join(f", {e}" for e in extras)

@@ -71,6 +71,9 @@ def format_jobinfo(info: dict[str, Any]) -> str:
                                                              if info.get("cpu_throttle_percent") else "")),
         ("Compression", ", ".join(info.get("compression") or []) or "none"),
     ]
+    if info.get("postcopy"):
+        rows.insert(4, ("Phase", info.get("phase") or "-"))
+        rows.extend(_postcopy_rows(info, incoming))
     if info.get("compression_saved_bytes") is not None:
         rows.append(("Compression saved", format_bytes(info["compression_saved_bytes"])))
     if info.get("timeout_suspended"):
@@ -81,6 +84,28 @@ def format_jobinfo(info: dict[str, Any]) -> str:
     if info.get("error"):
         rows.append(("Error", info["error"]))
     return "\n".join(f"{key + ':':<24}{value}" for key, value in rows)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value} ms"
+
+
+def _postcopy_rows(info: dict[str, Any], incoming: bool) -> list[tuple[str, str]]:
+    """Post-copy's figures: QEMU's blocktime (how long the destination's vCPUs waited for pages, known once it
+    completed; the source shows the destination's), the page requests the source served, breaks and resumes."""
+    key = "" if incoming else "destination_"
+    vcpus = info.get(f"{key}postcopy_vcpu_blocktime_ms")
+    rows = [
+        ("Blocktime" if incoming else "Destination blocktime", _ms(info.get(f"{key}postcopy_blocktime_ms"))),
+        ("vCPU blocktime" if incoming else "Dest. vCPU blocktime", ", ".join(_ms(v) for v in vcpus) if vcpus else "-"),
+    ]
+    if not incoming:
+        rows.append(("Post-copy requests", str(info["postcopy_requests"]) if info.get("postcopy_requests") is not None else "-"))
+        if info.get("postcopy_breaks"):
+            rows.append(("Post-copy breaks", f"{info['postcopy_breaks']} (resumed {info.get('postcopy_resumes') or 0})"))
+        if info.get("timeout_postcopy"):
+            rows.append(("Post-copy by timeout", "yes"))
+    return rows
 
 
 def _fraction(info: dict[str, Any]) -> float:

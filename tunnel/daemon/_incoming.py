@@ -29,6 +29,7 @@ from ..control import DaemonError, TLSFiles
 from ..endpoints import EndpointError, MemoryImageWriter, receive_into
 from ..qemu import (
     MigrationError,
+    MigrationStatus,
     QemuProcess,
     QMPError,
     postcopy_capabilities,
@@ -44,7 +45,7 @@ from ..qemu import (
 from ..transport import TunnelStream
 from ._imageguest import PAGE as PAGE_SIZE
 from ._jobstats import complete_jobinfo
-from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, pump_socket, socketpair
+from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, postcopy_buffers, pump_socket, socketpair
 from ._rpc import public_message
 
 if TYPE_CHECKING:
@@ -103,11 +104,32 @@ class Incoming:
         self.state = "setup"
         self.error: str | None = None
         self.live = False
+        #: The incoming QEMU's migration status when last asked (JOBINFO), and its post-copy blocktime once reported.
+        self.qemu_status: str | None = None
+        self.blocktime_stats: dict[str, Any] = {}
 
     async def info(self) -> dict[str, Any]:
-        """The incoming job's statistics, with the keys of the outgoing side's (what the destination cannot know is None)."""
+        """The incoming job's statistics, with the keys of the outgoing side's (what the destination cannot know is None).
+
+        While it runs, a QEMU guest's incoming QEMU is asked for its status:
+        the phase (pre-copy or post-copy), a pause after a break, and
+        the blocktime, which QEMU 7.2 reports once the migration completed.
+        """
+        process = self.domain.process
+        if self.ended is None and isinstance(process, QemuProcess):
+            try:
+                with trio.move_on_after(2):
+                    self._note(await query_migration(process.qmp))
+            except QMPError:
+                pass
         await trio.lowlevel.checkpoint()
         return self.snapshot()
+
+    def _note(self, status: MigrationStatus) -> None:
+        self.qemu_status = status.status
+        if status.blocktime_ms is not None:
+            self.blocktime_stats = {"postcopy_blocktime_ms": status.blocktime_ms,
+                                    "postcopy_vcpu_blocktime_ms": list(status.vcpu_blocktime_ms)}
 
     def snapshot(self) -> dict[str, Any]:
         end = self.ended if self.ended is not None else time.monotonic()
@@ -121,6 +143,17 @@ class Incoming:
             "time_elapsed_ms": int((end - self.started) * 1000),
             "error": self.error,
         }
+        if self.ended is None and self.qemu_status is not None:
+            # Native migrations have no stream to mark them active; a broken connection pauses post-copy.
+            if self.qemu_status in ("postcopy-paused", "postcopy-recover"):
+                info["status"] = "postcopy-paused"
+            elif self.qemu_status in ("active", "postcopy-active", "device"):
+                info["status"] = "active"
+        if self.postcopy:
+            switched = self.switched or (self.qemu_status or "").startswith("postcopy")
+            info.update(postcopy=True, phase="post-copy" if switched else "pre-copy", postcopy_blocktime_ms=None,
+                        postcopy_vcpu_blocktime_ms=None)
+            info.update(self.blocktime_stats)
         if self.stream is not None:
             stats = self.stream.statistics()
             info["tunnel_bytes_sent"] = stats.bytes_sent
@@ -185,6 +218,8 @@ class Incoming:
             raise
         finally:
             theirs.close()
+        if self.switched:  # a recovery's new channel: post-copy from the start
+            postcopy_buffers(ours)
         self.sock = ours
 
     def _unix_uri(self) -> str:
@@ -298,10 +333,8 @@ class Incoming:
         if not self.switched or not isinstance(process, QemuProcess):
             await trio.lowlevel.checkpoint()
             return {}
-        status = await query_migration(process.qmp)
-        if status.blocktime_ms is None:
-            return {}
-        return {"postcopy_blocktime_ms": status.blocktime_ms, "postcopy_vcpu_blocktime_ms": list(status.vcpu_blocktime_ms)}
+        self._note(await query_migration(process.qmp))
+        return dict(self.blocktime_stats)
 
     # ------------------------------------------------------------------
     # Post-copy
@@ -328,6 +361,8 @@ class Incoming:
         except QMPError:
             return  # QEMU went away: its watcher discards it
         self.switched = True
+        if self.sock is not None:  # we send to QEMU: requested pages queue behind what we already wrote
+            postcopy_buffers(self.sock)
         with trio.CancelScope(shield=True):
             await daemon.store.set_outcome(self.migration_id.hex(), "finished")
             await daemon.store.set_runtime(

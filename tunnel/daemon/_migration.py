@@ -46,6 +46,7 @@ __all__ = [
     "RETURN_PATH",
     "UNLIMITED_BANDWIDTH",
     "domain_state",
+    "postcopy_buffers",
     "pump_socket",
     "socketpair",
 ]
@@ -62,6 +63,8 @@ POLL_INTERVAL = 0.005
 FINISH_TIMEOUT = 120.0
 #: Bound on each clean-up step, so an unresponsive peer cannot hang a failure.
 CLEANUP_TIMEOUT = 5.0
+#: SO_SNDBUF of a QEMU socketpair's sending end during post-copy (the kernel doubles it).
+POSTCOPY_SOCKET_BUFFER = 128 * 1024
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -70,6 +73,21 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
     return a, b
+
+
+def postcopy_buffers(sock: socket.socket) -> None:
+    """Shrink what the sending end *sock* of a QEMU socketpair may queue, once post-copy started.
+
+    The pages the destination asks for are sent after every byte already
+    queued between the two QEMUs, and its vCPU waits meanwhile.  A unix
+    stream socket's queue is bounded by the sender's SO_SNDBUF alone: 4 MiB
+    asked (8 MiB granted) per socketpair suits pre-copy's bulk, not
+    post-copy's requests.  Bytes already queued stay; nothing is lost.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
+    except OSError:  # closed meanwhile: nothing left to shrink
+        pass
 
 
 async def pump_socket(stream: TunnelStream, sock: socket.socket) -> tuple[int, int]:

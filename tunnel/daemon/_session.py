@@ -351,8 +351,9 @@ class Session:
         timeout = field(request, "timeout_s", float, 0.0)
         if timeout < 0:
             raise DaemonError("the migration timeout must be >= 0 seconds (0 for none)")
-        if field(request, "timeout_action", str, "suspend") != "suspend":
-            raise DaemonError("--timeout-postcopy is not supported yet (use --postcopy with migrate-postcopy, or --postcopy-after-precopy)")
+        timeout_action = field(request, "timeout_action", str, "suspend")
+        if timeout_action not in ("suspend", "postcopy"):
+            raise DaemonError(f"unknown timeout action {timeout_action!r}: suspend or postcopy")
         auto_converge = field(request, "auto_converge", bool, False)
         if auto_converge and domain.is_image:
             raise DaemonError(f"domain {domain.name!r} is a memory-image guest: --auto-converge throttles QEMU's vCPUs and applies to QEMU guests only")
@@ -362,6 +363,8 @@ class Session:
         retries = field(request, "retries", int, 0)
         if retries < 0 or field(request, "postcopy_bandwidth_mib", int, 0) < 0:
             raise DaemonError("--retries and --postcopy-bandwidth must be >= 0")
+        if timeout_action == "postcopy" and not (postcopy and timeout > 0):
+            raise DaemonError("--timeout-postcopy needs --postcopy and --timeout SECONDS")
         if postcopy or after_precopy:
             if domain.is_image:
                 raise DaemonError(f"domain {domain.name!r} is a memory-image guest: it has no post-copy (pre-copy only)")
@@ -390,6 +393,7 @@ class Session:
             persistent=field(request, "persistent", bool, False),
             undefine_source=field(request, "undefine_source", bool, False),
             timeout_s=timeout,
+            timeout_action=timeout_action,
             auto_converge=auto_converge,
             compression=compression,
             abort_on_error=field(request, "abort_on_error", bool, False),
@@ -585,6 +589,9 @@ class Session:
             raise
         domain.incoming = None
         domain.last_incoming = incoming
+        blocktime: JSON = {}
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            blocktime = await incoming.blocktime()  # before the end: the completed job's statistics show it
         incoming.end("completed")
         daemon.completed_jobs[domain.name] = incoming.snapshot()
         daemon.incoming.pop(migration_id, None)
@@ -598,9 +605,7 @@ class Session:
                 await daemon.store.set_runtime(domain.name, "migration", None)
         daemon.log(f"incoming {domain.name} from {incoming.source} complete: {state}{'' if incoming.persistent else ' (transient)'}",
                    domain=domain.name, peer=incoming.source, outcome="completed")
-        reply: JSON = {"state": state}
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            reply.update(await incoming.blocktime())
+        reply: JSON = {"state": state, **blocktime}
         if incoming.image_sha256 is not None:
             reply["image_sha256"] = incoming.image_sha256
         return reply

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 import traceback
 import uuid
@@ -59,7 +60,15 @@ from ..transport import TunnelConnection, TunnelStream, open_connection
 from ._imageguest import PAGE as IMAGE_PAGE
 from ._imageguest import ImageGuest
 from ._jobstats import complete_jobinfo
-from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, UNLIMITED_BANDWIDTH, pump_socket, socketpair
+from ._migration import (
+    FINISH_TIMEOUT,
+    POLL_INTERVAL,
+    RETURN_PATH,
+    UNLIMITED_BANDWIDTH,
+    postcopy_buffers,
+    pump_socket,
+    socketpair,
+)
 from ._postcopy import PostcopyControl, ResumeRequest
 from ._recovery import cancel_and_resume, settle_source
 
@@ -132,6 +141,7 @@ class SourceJob:
         persistent: bool = False,
         undefine_source: bool = False,
         timeout_s: float = 0.0,
+        timeout_action: str = "suspend",
         auto_converge: bool = False,
         compression: tuple[str, ...] = (),
         abort_on_error: bool = False,
@@ -141,9 +151,12 @@ class SourceJob:
         postcopy_bandwidth_mib: int = 0,
     ) -> None:
         self.daemon = daemon
-        #: virsh --timeout with --timeout-suspend: pause the guest once the transfer ran this long (0: never).
+        #: virsh --timeout: once the transfer ran this long (0: never), pause the guest (``suspend``, as
+        #: --timeout-suspend) or switch to post-copy (``postcopy``, as --timeout-postcopy).
         self.timeout_s = timeout_s
+        self.timeout_action = timeout_action
         self.timeout_suspended = False
+        self.timeout_postcopy = False
         #: QEMU's auto-converge capability (throttles the vCPUs of a guest that dirties memory faster than it goes).
         self.auto_converge = auto_converge
         #: ("xbzrle",) for QEMU guests, ("zstd",) for memory-image guests, or none.
@@ -276,6 +289,7 @@ class SourceJob:
             info["phase"] = self.postcopy.phase()
             info["postcopy_breaks"] = self.postcopy.breaks
             info["postcopy_resumes"] = self.postcopy.resumes
+            info["timeout_postcopy"] = self.timeout_postcopy
         info.update(self.destination_stats)
         if self.error is not None:
             info["error"] = self.error
@@ -364,14 +378,20 @@ class SourceJob:
             )
 
     async def _watch(self) -> None:
-        """--timeout: pause the guest once the transfer ran that long; --abort-on-error: cancel on an I/O error."""
+        """--timeout: pause the guest (or switch to post-copy) once the transfer ran that long; --abort-on-error: cancel on an I/O error."""
         with self._watch_scope:
             while True:
                 await trio.sleep(0.2)
                 if self.phase != "transfer" or self.transfer_started is None:
                     continue
                 process = self.domain.process
-                if self.timeout_s > 0 and not self.timeout_suspended and time.monotonic() - self.transfer_started >= self.timeout_s:
+                timed_out = self.timeout_s > 0 and time.monotonic() - self.transfer_started >= self.timeout_s
+                if timed_out and self.timeout_action == "postcopy" and not self.timeout_postcopy:
+                    self.timeout_postcopy = True
+                    self.postcopy.switch_wanted.set()  # the polling task switches (see _wait_qemu)
+                    self.daemon.log(f"migration of {self.domain.name}: still transferring after {self.timeout_s:g} s (--timeout); "
+                                    "switching to post-copy", domain=self.domain.name)
+                elif timed_out and self.timeout_action == "suspend" and not self.timeout_suspended:
                     self.timeout_suspended = True
                     if isinstance(process, ImageGuest):
                         await process.pause()
@@ -662,7 +682,20 @@ class SourceJob:
         ours, theirs = socketpair()
         try:
             await start(theirs.fileno())
-            theirs.close()  # QEMU holds its own copy now
+            # QEMU holds its own copy now.  With post-copy allowed, our copy stays open until the switch: it is
+            # QEMU's socket, whose send buffer is then shrunk (postcopy_buffers).  While it is open the pump
+            # cannot see QEMU's EOF, so it closes once QEMU completed at the latest.
+            qemu_end: socket.socket | None = theirs if self.postcopy.enabled else None
+            if qemu_end is None:
+                theirs.close()
+
+            def postcopy_started() -> None:
+                nonlocal qemu_end
+                if qemu_end is not None:
+                    postcopy_buffers(qemu_end)
+                    qemu_end.close()
+                    qemu_end = None
+
             # Errors are collected, not raised inside the nursery, so callers see
             # one exception (never a group) whichever side failed first.
             pump_errors: list[BaseException] = []
@@ -681,7 +714,8 @@ class SourceJob:
 
                 nursery.start_soon(pump)
                 try:
-                    self._note(await self._wait_qemu(qmp))
+                    self._note(await self._wait_qemu(qmp, on_postcopy=postcopy_started))
+                    theirs.close()  # QEMU completed without a switch: the pump needs its EOF
                     # QEMU closes its end once done, which ends the pump; bound the wait.
                     with trio.move_on_after(FINISH_TIMEOUT):
                         await pump_done.wait()
@@ -719,8 +753,11 @@ class SourceJob:
     # ------------------------------------------------------------------
     # Post-copy (see ._postcopy)
 
-    async def _wait_qemu(self, qmp: Any) -> MigrationStatus:
-        """Poll QEMU until it completes; switch to post-copy when asked (or after the first pass); note the phase."""
+    async def _wait_qemu(self, qmp: Any, on_postcopy: Callable[[], None] | None = None) -> MigrationStatus:
+        """Poll QEMU until it completes; switch to post-copy when asked (or after the first pass); note the phase.
+
+        *on_postcopy* is called once, when QEMU is first seen in a post-copy state.
+        """
         control = self.postcopy
         while True:
             status = await query_migration(qmp)
@@ -730,6 +767,9 @@ class SourceJob:
             if status.status in ("failed", "cancelled"):
                 raise MigrationError(status)
             if status.postcopy:
+                if on_postcopy is not None:
+                    on_postcopy()
+                    on_postcopy = None
                 if not control.active:
                     self.daemon.log(f"migration of {self.domain.name}: post-copy; the guest runs on the destination")
                 control.active = control.switched = True
