@@ -179,6 +179,7 @@ SUITE: tuple[Bench, ...] = (
             "tls_daemon_cpu_s_per_GiB",
             "p2p_s",
             "p2p_tls_s",
+            "qemu_tcp_s",
             "native_runs_s",
             "tunnelled_runs_s",
         ),

@@ -19,6 +19,8 @@ default) is migrated live, alternating in one invocation between:
   to QEMU over a unix socket the destination daemon opens, timed the same
   way; it separates the daemons' own overhead (job sequence, polling) from
   the tunnel's.
+* ``qemu_tcp``: like ``native``, but over plain TCP on 127.0.0.1 (what a
+  user without a tunnel and without TLS would run between two hosts);
 * ``qemu_tls``: like ``native``, but QEMU's own migration TLS
   (``tls-creds-x509``, ``verify-peer=on``, each QEMU with its daemon's
   certificate) over TCP on 127.0.0.1: what ``tls`` is measured against;
@@ -52,7 +54,7 @@ The daemons' CPU (user + system, from /proc/PID/stat) is read just before
 and just after each daemon migration and reported per GiB that went
 through the tunnel (for ``p2p``: per GiB QEMU sent).
 
-Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p,qemu_tls,p2p_tls] [--verify-all]
+Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p,qemu_tcp,qemu_tls,p2p_tls] [--verify-all]
        python bench/qemu.py --modes dirty_native,dirty_tunnelled [--dirty-mib MiB] [--dirty-rate PAGES_PER_S] [--dirty-wait S]
 The last line printed is one JSON object; times are in seconds, medians
 over the runs of a mode; ratios are tunnelled over native, and
@@ -102,14 +104,14 @@ from tunnel.qemu import (
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 #: The random-RAM guest's modes (the default set), then the self-checking guest's.
-RANDOM_MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tls", "p2p_tls"]
+RANDOM_MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tcp", "qemu_tls", "p2p_tls"]
 DIRTY_MODES = ["dirty_native", "dirty_tunnelled"]
 MODES = RANDOM_MODES + DIRTY_MODES
 DEFAULT_MODES = ",".join(RANDOM_MODES)
 #: How long the destination's self-checking guest gets to show progress after the move.
 PROGRESS_WAIT = 60.0
 #: Modes that run QEMU to QEMU without the daemons.
-DIRECT_MODES = ("native", "qemu_tls")
+DIRECT_MODES = ("native", "qemu_tcp", "qemu_tls")
 #: Modes that talk to the daemons over TLS.
 TLS_DAEMON_MODES = ("tls", "p2p_tls")
 #: Where the random bytes go in guest RAM: above what the firmware touches.
@@ -200,13 +202,15 @@ def proc_cpu_s(pid: int) -> float:
 # --------------------------------------------------------------------------- native
 
 
-async def native_run(setup: Setup, index: int, check: bool, certs: dict[str, TLSFiles] | None = None) -> dict[str, float]:
-    """QEMU to QEMU: over a unix socket, or with *certs* over TCP with QEMU's own TLS (``qemu_tls``)."""
-    label = "native" if certs is None else "qemu_tls"
+async def native_run(
+    setup: Setup, index: int, check: bool, certs: dict[str, TLSFiles] | None = None, *, tcp: bool = False
+) -> dict[str, float]:
+    """QEMU to QEMU: over a unix socket, over TCP (*tcp*, ``qemu_tcp``), or with *certs* over TCP with QEMU's own TLS (``qemu_tls``)."""
+    label = "qemu_tls" if certs is not None else "qemu_tcp" if tcp else "native"
     run_dir = os.path.join(setup.root, label)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "migrate.sock")
-    uri = f"unix:{path}" if certs is None else f"tcp:127.0.0.1:{free_port()}"
+    uri = f"unix:{path}" if certs is None and not tcp else f"tcp:127.0.0.1:{free_port()}"
     async with (
         await QemuProcess.start(setup.args, run_dir=run_dir, name="src", log_path=os.path.join(run_dir, "src.log")) as src,
         await QemuProcess.start(setup.args, run_dir=run_dir, name="dst", incoming=True, log_path=os.path.join(run_dir, "dst.log")) as dst,
@@ -545,7 +549,7 @@ def summarize(results: dict[str, list[dict[str, float]]], setup: Setup, repeat: 
         "repeat": repeat,
         "memory_verified": True,
     }
-    prefix = {"native": "native", "tunnelled": "tunnelled", "tls": "tls_tunnelled", "p2p": "p2p", "qemu_tls": "qemu_tls", "p2p_tls": "p2p_tls"}
+    prefix = {"native": "native", "tunnelled": "tunnelled", "tls": "tls_tunnelled", "p2p": "p2p", "qemu_tcp": "qemu_tcp", "qemu_tls": "qemu_tls", "p2p_tls": "p2p_tls"}
     for mode, runs in results.items():
         key = prefix[mode]
         out[f"{key}_s"] = round(median([r["seconds"] for r in runs]), 3)
@@ -572,6 +576,10 @@ def summarize(results: dict[str, list[dict[str, float]]], setup: Setup, repeat: 
         for mode, ratio_key in (("tunnelled", "ratio"), ("tls", "tls_ratio"), ("p2p", "p2p_ratio"), ("p2p_tls", "p2p_tls_ratio")):
             if mode in results:
                 out[ratio_key] = round(out[f"{prefix[mode]}_s"] / out["native_s"], 3)
+    if "native" in results and "qemu_tcp" in results:
+        out["qemu_tcp_ratio"] = round(out["qemu_tcp_s"] / out["native_s"], 3)
+    if "qemu_tcp" in results and "tunnelled" in results:
+        out["tunnelled_vs_qemu_tcp"] = round(out["tunnelled_s"] / out["qemu_tcp_s"], 3)
     if "qemu_tls" in results and "tls" in results:
         out["tls_vs_qemu_tls"] = round(out["tls_tunnelled_s"] / out["qemu_tls_s"], 3)
     if "qemu_tls" in results and "p2p_tls" in results:
@@ -596,7 +604,7 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
             setup = Setup(root=root, rand=rand, random_bytes=random_mib * MiB, expected_sha256=expected, args=guest_args(rand, random_mib))
         dirty = dirty_setup(root, args.dirty_mib or (64 if args.quick else 256), args.dirty_rate, args.dirty_wait) if dirty_modes else None
         certs: dict[str, TLSFiles] | None = None
-        if any(m not in ("native", "dirty_native") for m in modes):  # qemu_tls needs them, and every daemon
+        if any(m not in ("native", "qemu_tcp", "dirty_native") for m in modes):  # qemu_tls needs them, and every daemon
             certdir = os.path.join(root, "certs")
             os.mkdir(certdir)
             certs = make_certs(certdir)
@@ -627,6 +635,8 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
                 with trio.fail_after(RUN_TIMEOUT):
                     if mode == "native":
                         r = await native_run(setup, index, check)
+                    elif mode == "qemu_tcp":
+                        r = await native_run(setup, index, check, tcp=True)
                     elif mode == "qemu_tls":
                         r = await native_run(setup, index, check, certs)
                     else:
