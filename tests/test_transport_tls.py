@@ -15,21 +15,25 @@ from tunnel.transport import TLSStream, _tls
 
 
 def _memory_tls_pair(
-    make: object = trio.testing.memory_stream_pair,
+    make: object = trio.testing.memory_stream_pair, offload_min: int | None = None
 ) -> tuple[TLSStream, TLSStream]:
     client_ctx, server_ctx = mutual_tls_contexts()
     a, b = make()  # type: ignore[operator]
-    return TLSStream(a, client_ctx, server_hostname="tunnel.test"), TLSStream(b, server_ctx, server_side=True)
+    return (
+        TLSStream(a, client_ctx, server_hostname="tunnel.test", offload_min=offload_min),
+        TLSStream(b, server_ctx, server_side=True, offload_min=offload_min),
+    )
 
 
-async def test_check_two_way_stream_in_memory() -> None:
+@pytest.mark.parametrize("offload_min", [None, 1], ids=["inline", "threads"])
+async def test_check_two_way_stream_in_memory(offload_min: int | None) -> None:
     async def maker() -> tuple[TLSStream, TLSStream]:
-        return _memory_tls_pair()
+        return _memory_tls_pair(offload_min=offload_min)
 
     async def clogged_maker() -> tuple[TLSStream, TLSStream]:
         # Handshake first, as trio's own SSLStream test does: otherwise the
         # receive that should unclog the peer starts a handshake and waits too.
-        client, server = _memory_tls_pair(trio.testing.lockstep_stream_pair)
+        client, server = _memory_tls_pair(trio.testing.lockstep_stream_pair, offload_min)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             nursery.start_soon(server.do_handshake)
@@ -185,7 +189,7 @@ async def test_big_transfer_both_ways_at_once(size: int) -> None:
         await server.aclose()
 
 
-async def test_big_passes_run_in_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     threads: list[int] = []
     real = trio.to_thread.run_sync
 
@@ -194,7 +198,29 @@ async def test_big_passes_run_in_worker_threads(monkeypatch: pytest.MonkeyPatch)
         return await real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_tls.trio.to_thread, "run_sync", counting)
+    return threads
+
+
+async def test_by_default_every_pass_runs_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = _count_threads(monkeypatch)
     client, server = _memory_tls_pair()
+    await _handshake(client, server)
+    data = os.urandom(_tls.WRITE_CHUNK * 3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, data)
+        got = bytearray()
+        while len(got) < len(data):
+            got += await server.receive_some()
+    assert got == data
+    assert not threads
+
+
+async def test_big_passes_run_in_worker_threads_with_offload_min(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = _count_threads(monkeypatch)
+    client_ctx, server_ctx = mutual_tls_contexts()
+    a, b = trio.testing.memory_stream_pair()
+    client = TLSStream(a, client_ctx, server_hostname="tunnel.test", offload_min=_tls.THREAD_MIN)
+    server = TLSStream(b, server_ctx, server_side=True, offload_min=_tls.THREAD_MIN)
     await _handshake(client, server)
     await client.send_all(b"small")
     assert await server.receive_some() == b"small"
