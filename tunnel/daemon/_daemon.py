@@ -384,6 +384,7 @@ class Daemon:
                 paused=paused,
                 nursery=self._nursery,
                 create=True,
+                on_io_error=self._image_io_error(domain),
             )
             self.log(f"started memory-image guest {domain.name}{' (paused)' if paused else ''}")
             return
@@ -416,7 +417,14 @@ class Daemon:
             paused=not running,
             nursery=self._nursery,
             create=False,
+            on_io_error=self._image_io_error(domain),
         )
+
+    def _image_io_error(self, domain: Domain) -> Callable[[OSError], None]:
+        def paused(exc: OSError) -> None:
+            self.log(f"{domain.name}: paused: its memory image cannot be written: {exc.strerror or exc}; `resume` retries",
+                     "error", domain=domain.name)
+        return paused
 
     async def _watch(self, domain: Domain, process: QemuProcess) -> None:
         with trio.CancelScope() as scope:

@@ -17,6 +17,7 @@ after the stream's digest matched.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -83,8 +84,17 @@ class ImageGuest:
 
     @classmethod
     async def start(
-        cls, spec: dict[str, int], *, images_dir: str, name: str, paused: bool, nursery: trio.Nursery, create: bool = True
+        cls,
+        spec: dict[str, int],
+        *,
+        images_dir: str,
+        name: str,
+        paused: bool,
+        nursery: trio.Nursery,
+        create: bool = True,
+        on_io_error: Callable[[OSError], None] | None = None,
     ) -> ImageGuest:
+        """Start the guest (creating its image if *create*); *on_io_error* hears of a write error that paused it."""
         os.makedirs(images_dir, mode=0o700, exist_ok=True)
         path = os.path.join(images_dir, f"{name}.img")
         if not os.path.exists(path):
@@ -92,6 +102,7 @@ class ImageGuest:
                 raise DaemonError(f"the memory image of {name!r} is missing: {path}")
             await trio.to_thread.run_sync(_create_image, path, spec["size_mib"] * MiB, spec["random_mib"] * MiB)
         guest = cls(path, spec, paused=paused)
+        guest.sim.on_io_error = on_io_error
         nursery.start_soon(guest._run)
         await trio.lowlevel.checkpoint()
         return guest
@@ -105,7 +116,8 @@ class ImageGuest:
 
     @property
     def running(self) -> bool:
-        return not self._paused and not self._stopped.is_set()
+        """Running: not paused by the daemon, nor by a write error of its image (a full disk), nor stopped."""
+        return not self._paused and not self.sim.paused and not self._stopped.is_set()
 
     async def pause(self) -> None:
         self._paused = True
@@ -127,4 +139,7 @@ class ImageGuest:
         return 0
 
     def describe(self) -> dict[str, Any]:
-        return {"image": self.path, "pages_dirtied": self.sim.pages_dirtied}
+        info: dict[str, Any] = {"image": self.path, "pages_dirtied": self.sim.pages_dirtied}
+        if self.sim.io_error is not None:
+            info["io_error"] = self.sim.io_error.strerror or str(self.sim.io_error)
+        return info

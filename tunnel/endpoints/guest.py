@@ -12,13 +12,16 @@ It runs in the caller's event loop, so time is trio's: under
 (with a *seed*).  The rate is kept by catching up: after each tick it dirties
 as many pages as the elapsed time calls for, so a busy event loop delays
 the writes but does not lower the rate.  :meth:`pause` is what a migration
-calls before its stop-and-copy pass.
+calls before its stop-and-copy pass.  A write that fails (a full disk)
+pauses the guest instead of ending it, as QEMU's vCPUs stop on an I/O error
+with ``werror=stop``: :attr:`io_error` says why, :meth:`resume` retries.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import trio
 
@@ -62,6 +65,10 @@ class SimulatedGuest:
         self._wake = trio.Event()
         #: Pages written so far (a page written twice counts twice).
         self.pages_dirtied = 0
+        #: The write error that paused the guest (a full disk), until :meth:`resume`.
+        self.io_error: OSError | None = None
+        #: Called with that error when it pauses the guest.
+        self.on_io_error: Callable[[OSError], None] | None = None
 
     @property
     def paused(self) -> bool:
@@ -74,6 +81,7 @@ class SimulatedGuest:
 
     def resume(self) -> None:
         self._paused = False
+        self.io_error = None
         self._wake.set()
 
     def stop(self) -> None:
@@ -99,7 +107,16 @@ class SimulatedGuest:
                     if self._stopped or self._paused:
                         break
                     due = int((trio.current_time() - since) * self.pages_per_second) - done
-                    self._dirty(fd, pages, due)
+                    try:
+                        self._dirty(fd, pages, due)
+                    except OSError as exc:
+                        # The image cannot be written (a full disk): the guest stops, as QEMU's
+                        # vCPUs do on an I/O error with werror=stop, until resume().
+                        self.io_error = exc
+                        self._paused = True
+                        if self.on_io_error is not None:
+                            self.on_io_error(exc)
+                        break
                     done += due
         finally:
             os.close(fd)
@@ -115,4 +132,4 @@ class SimulatedGuest:
                 offset = rng.randrange(size - self.write_size + 1)
                 os.pwrite(fd, rng.randbytes(self.write_size), page * size + offset)
             self.tracker.mark(page)  # after the write: a snapshot taken before it will miss nothing
-        self.pages_dirtied += count
+            self.pages_dirtied += 1
