@@ -456,7 +456,9 @@ class Pair:
     says.  The client always talks to each daemon over its own unix socket.
     """
 
-    def __init__(self, root: str, ram: RandomRam, *, images_tmpfs_mib: int | None = 40) -> None:
+    #: The destination's images tmpfs: more than the image guest's whole image (64 MiB), so once the filler is gone
+    #: the guest can dirty every page of its sparse image there; at 40 MiB it paused for a full disk after the move.
+    def __init__(self, root: str, ram: RandomRam, *, images_tmpfs_mib: int | None = 96) -> None:
         self.root = root
         self.ram = ram
         self.src_sock, self.dst_sock = f"{root}/src.sock", f"{root}/dst.sock"

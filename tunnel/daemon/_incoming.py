@@ -30,6 +30,7 @@ from ..endpoints import EndpointError, MemoryImageWriter, receive_into
 from ..qemu import (
     MigrationError,
     MigrationStatus,
+    QemuError,
     QemuProcess,
     QMPError,
     postcopy_capabilities,
@@ -314,6 +315,8 @@ class Incoming:
                 await wait_migration(process.qmp, poll=POLL_INTERVAL)
             except MigrationError as exc:
                 raise DaemonError(f"the destination QEMU failed to load {self.domain.name!r}: {exc}") from None
+            except QemuError as exc:  # its monitor went away: the QEMU was killed or crashed while loading
+                raise DaemonError(f"the incoming QEMU of {self.domain.name!r} exited while loading it ({exc})") from None
         if waited.cancelled_caught:
             raise DaemonError(f"the destination QEMU did not finish loading {self.domain.name!r} within {FINISH_TIMEOUT:.0f} s")
         if self.pump_error is not None:
