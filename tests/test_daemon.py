@@ -295,10 +295,13 @@ async def test_set_speed_during_a_run_changes_the_rate_and_jobinfo_moves(
 
 def _assert_capped(first: dict[str, Any], then: dict[str, Any], rate: int) -> None:
     """Between two jobinfo samples, no more data moved than *rate* allows over the
-    time the daemon reports, plus a burst (4 MiB: socket buffers and one frame)."""
+    time the daemon reports, plus slack: 0.2 s of rate (QEMU enforces its cap per
+    100 ms window, and the daemon reads QEMU's counter and its own clock at
+    slightly different moments) and 8 MiB (socket buffers and frames in flight).
+    An uncapped migration moves hundreds of MB/s here, far above either bound."""
     seconds = (then["time_elapsed_ms"] - first["time_elapsed_ms"]) / 1000
     moved = then["data_processed"] - first["data_processed"]
-    assert moved <= rate * seconds + 4 * MiB, (moved, seconds, rate)
+    assert moved <= rate * (seconds + 0.2) + 8 * MiB, (moved, seconds, rate)
 
 
 async def test_daemon_errors_are_one_line_messages(run_dir: str, random_ram: Callable[[int], RandomRam]) -> None:
