@@ -2,7 +2,9 @@
 
 On a plain socket (``trio.SocketStream``) header and payload buffers go to
 the kernel together with one ``writev`` (gather write): no copy in Python.
-On other streams (TLS, in-memory) small buffers are joined so each write is
+A stream with ``send_all_parts`` (:class:`~._tls.TLSStream`) takes the
+buffers as they are, in one call: a header is encrypted with its payload.
+On other streams (in-memory, say) small buffers are joined so each write is
 worth its cost, and large payloads are written as they are.
 """
 
@@ -116,7 +118,7 @@ class BufferWriter:
         send_parts = getattr(self._transport, "send_all_parts", None)
         if send_parts is not None:  # TLSStream: one encryption pass and one write for a header and its payload
             await send_parts(buffers)
-            self.written += sum(len(buf) for buf in buffers)
+            self.written += sum(memoryview(buf).nbytes for buf in buffers)
             return
         pending: list[Buffer] = []
         size = 0

@@ -1,4 +1,4 @@
-"""TLS for bulk data: a ``trio.abc.Stream`` that encrypts big buffers in worker threads.
+"""TLS for bulk data: a ``trio.abc.Stream`` that encrypts big buffers in one pass each.
 
 Why it exists.  ``trio.SSLStream`` is built for request/response traffic:
 it runs every ``SSLObject`` call on the event loop, reads the transport in
@@ -14,10 +14,10 @@ hand the session keys to the kernel.
 Theory of operation.  The stream drives a sans-I/O ``ssl.SSLObject`` over
 two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
 
-* **Writes**: ``send_all`` encrypts the caller's buffer in pieces of up to
-  ``WRITE_CHUNK`` (1 MiB) with one ``SSLObject.write`` each, and
-  ``send_all_parts`` (the tunnel's writer: a frame header and its payload)
-  encrypts up to two such pieces in one pass.  OpenSSL cuts
+* **Writes**: ``send_all`` and ``send_all_parts`` (the tunnel's writer: a
+  frame header and its payload) cut the caller's buffers into pieces of up
+  to ``WRITE_CHUNK`` (1 MiB), one ``SSLObject.write`` each, and encrypt up
+  to 2 MiB of them in one pass, so a header leaves with its payload.  OpenSSL cuts
   that into full 16 KiB records in C, and the ciphertext leaves the outgoing
   BIO in one ``read()`` and goes to the transport in one ``send_all``.
 * **Reads**: the transport is read in pieces of up to ``READ_CHUNK`` (1 MiB,
@@ -38,8 +38,9 @@ two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
   for each process.  A 1 GiB TLS tunnel stream between two processes moved
   1438 MB/s inline against 1187 MB/s with 64 KiB offload (medians of 5
   interleaved runs, 1.24 against 1.48 CPU s), and a tunnelled QEMU
-  migration over TLS took 1.18-1.32 s against 1.53-1.70 s.  A pass inline
-  over 1 MiB blocks the event loop for about half a millisecond.
+  migration over TLS took 1.18-1.32 s against 1.53-1.70 s.  An inline
+  pass blocks the event loop for about half a millisecond per MiB (a 2 MiB
+  pass at most).
 * **One SSL object, one owner at a time**: OpenSSL does not allow two
   threads in one ``SSL`` at once, so every call into the ``SSLObject`` and
   its BIOs holds ``_crypto_lock``.  The event loop never blocks on it: an
@@ -336,7 +337,10 @@ class TLSStream(trio.abc.Stream):
         """
         with self._send_guard:
             self._check_status()
-            await self.do_handshake()
+            if not self._handshook:
+                # Only then: a checkpoint here, between the tunnel's writer handing over a
+                # view of its caller's buffer and its encryption, would let the caller go.
+                await self.do_handshake()
             self._sending = True
             try:
                 await self._send(*parts)
@@ -344,7 +348,7 @@ class TLSStream(trio.abc.Stream):
                 self._sending = False
 
     async def _send(self, *parts: Buffer) -> None:
-        """Encrypt and write *parts*, in order, in passes of at most 2 * WRITE_CHUNK bytes (a header rides with its payload)."""
+        """Encrypt and write *parts*, in order, in passes of at most 2 * WRITE_CHUNK bytes (so a header rides with a payload of up to 1 MiB)."""
         batch: list[memoryview] = []
         size = 0
         for part in parts:
@@ -373,7 +377,14 @@ class TLSStream(trio.abc.Stream):
         except BaseException:
             self._state = _State.BROKEN if self._state is _State.OK else self._state
             raise
-        await self._flush()
+        try:
+            await self._flush()
+        except BaseException:
+            # Cancelled before the ciphertext was written (waiting for the send lock):
+            # the peer's view of the byte stream is unknown, as for a write cut short.
+            if self._state is _State.OK:
+                self._state = _State.BROKEN
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_guard:
@@ -454,6 +465,7 @@ class TLSStream(trio.abc.Stream):
                 plain = self._plain = _grown(self._plain, full=self._plain_end == len(self._plain))
                 self._plain_start = 0
                 self._plain_end = await self._receive(plain)
+                self._check_status()  # aclose ran meanwhile: not an end of stream
             else:
                 await trio.lowlevel.checkpoint()
             start = self._plain_start
