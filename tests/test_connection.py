@@ -1639,6 +1639,16 @@ def test_window_0_opens_when_the_application_asks_for_data() -> None:
     assert a.send_window(sid) == 500
 
 
+def test_window_0_grants_at_most_one_frame_whatever_the_request() -> None:
+    """A consumer asking for a gigabyte lets the peer send one frame's worth (the receiver's MAX_FRAME_SIZE)."""
+    a, b = make_pair(server=Settings(initial_stream_window=0, connection_window=0, max_frame_size=64 * 1024))
+    sid = a.open_stream()
+    exchange(a, b)
+    b.request_data(sid, 1 << 30)
+    exchange(a, b)
+    assert a.send_window(sid) == 64 * 1024
+
+
 def test_request_data_grants_nothing_to_a_window_above_0() -> None:
     a, b = make_pair(server=Settings(initial_stream_window=8192, connection_window=8192))
     sid = a.open_stream()

@@ -833,7 +833,8 @@ class Connection:
         """The application waits for data on *stream_id* and has none buffered.
 
         Where the peer holds no credit on the stream and none is buffered or
-        due back (a window of 0), grant *size* bytes, and as much on the
+        due back (a window of 0), grant *size* bytes (at most this side's
+        MAX_FRAME_SIZE), and as much on the
         connection so that each stream's grant can be used whatever other
         streams do; else grant *size* on the connection if that is so
         there.  Otherwise do nothing.  Without this a window of 0 never
@@ -844,6 +845,9 @@ class Connection:
         s = self._streams.get(stream_id)
         if s is None or (s.state, StreamInput.SEND_WINDOW) not in TRANSITIONS:
             return
+        # At most one frame's worth: a consumer asking for a gigabyte must not let the peer
+        # push a gigabyte into this side's buffers.
+        size = min(size, self.local_settings.max_frame_size)
         increment = s.window.request(size)
         if increment:
             self._answer_peer(WindowUpdate(stream_id=stream_id, increment=increment))
