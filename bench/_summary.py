@@ -69,13 +69,21 @@ def _flat(outcomes: dict[str, dict[str, Any]], runs_key: str | None, key: str | 
     return _per_round(outcomes, key) if key else []
 
 
+def _same_script(row: Row) -> bool:
+    """Whether *row*'s figure and baseline come from the same script (so their rounds or runs pair up)."""
+    figure = (row.figure_runs or row.figure).split(".", 1)[0]
+    baseline = (row.baseline_runs or row.baseline or "").split(".", 1)[0]
+    return figure == baseline
+
+
 def _samples(outcomes: dict[str, dict[str, Any]], row: Row) -> tuple[list[float | None], list[float | None], list[float | None]]:
     """(figure samples, baseline samples, ratio samples) for *row*.
 
     Ratios pair runs of one round (``figure_runs`` with ``baseline_runs``),
     or take the script's own ratio per round (``ratio_key``), or pair
-    rounds.  Where figure and baseline come from scripts with different
-    numbers of samples, each figure sample is divided by the baseline's median.
+    rounds of one script.  Where figure and baseline come from different
+    scripts (their runs are not paired: they ran minutes apart), each figure
+    sample is divided by the baseline's median.
     """
     if row.figure_runs and row.baseline_runs:
         figure: list[float | None] = []
@@ -89,7 +97,7 @@ def _samples(outcomes: dict[str, dict[str, Any]], row: Row) -> tuple[list[float 
         baseline = _flat(outcomes, row.baseline_runs, row.baseline)
     if row.ratio_key:
         ratios = _per_round(outcomes, row.ratio_key)
-    elif row.baseline and len(figure) == len(baseline):
+    elif row.baseline and len(figure) == len(baseline) and _same_script(row):
         ratios = [f / b if f is not None and b else None for f, b in zip(figure, baseline, strict=True)]
     elif row.baseline:
         middle = spread(baseline)

@@ -207,10 +207,13 @@ async def direct_run(root: str, kernel: str, size: int, link: int) -> dict[str, 
                 await dst.qmp.execute("cont")
                 running = True
             await trio.sleep(0.01)
-        while (source := await query_migration(src.qmp)).status != "completed":
-            await trio.sleep(0.01)
+        with trio.fail_after(60):  # the destination completed: the source follows at once
+            while (source := await query_migration(src.qmp)).status != "completed":
+                if source.status in ("failed", "cancelled"):
+                    raise SystemExit(f"direct post-copy, source side {source.status}: {source.error_desc}")
+                await trio.sleep(0.01)
         result: dict[str, Any] = {"postcopy_s": time.perf_counter() - switched, "blocktime_ms": status.blocktime_ms,
-                                  "postcopy_requests": source.postcopy_requests}
+                                  "postcopy_requests": source.postcopy_requests, "downtime_ms": source.downtime_ms}
         if status.blocktime_ms is not None and source.postcopy_requests:
             result["blocktime_per_request_ms"] = status.blocktime_ms / source.postcopy_requests
         if not running:

@@ -209,8 +209,9 @@ def _parsers() -> _Parsers:
     m.add_argument("--undefinesource", action="store_true",
                    help="forget the definition on the source (default: kept, marked as migrated away: start refuses it)")
     m.add_argument("--timeout", metavar="SECONDS", type=float, default=0,
-                   help="suspend the guest once the transfer ran this long, so that a live migration that does not "
-                        "converge completes (the guest resumes on the destination)")
+                   help="once the transfer ran this long, make a live migration that does not converge complete: "
+                        "suspend the guest (--timeout-suspend, the default; it resumes on the destination) or switch "
+                        "to post-copy (--timeout-postcopy)")
     m.add_argument("--timeout-suspend", action="store_true", help="what --timeout does (the default)")
     m.add_argument("--timeout-postcopy", action="store_true",
                    help="at --timeout, switch to post-copy instead of suspending the guest (needs --postcopy)")

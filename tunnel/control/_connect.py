@@ -85,4 +85,7 @@ async def connect(uri: URI, tls: TLSFiles | None) -> trio.abc.Stream:
         await trio.aclose_forcefully(ssl_stream)
         cause = exc.__cause__ or exc
         raise DaemonError(f"TLS handshake with {uri} failed: {cause}") from None
+    except BaseException:  # cancelled from outside: the socket must not wait for the garbage collector
+        await trio.aclose_forcefully(ssl_stream)
+        raise
     return ssl_stream

@@ -32,6 +32,7 @@ from ..qemu import (
     MigrationStatus,
     QemuError,
     QemuProcess,
+    QMPConnectionClosed,
     QMPError,
     postcopy_capabilities,
     query_migration,
@@ -315,8 +316,10 @@ class Incoming:
                 await wait_migration(process.qmp, poll=POLL_INTERVAL)
             except MigrationError as exc:
                 raise DaemonError(f"the destination QEMU failed to load {self.domain.name!r}: {exc}") from None
-            except QemuError as exc:  # its monitor went away: the QEMU was killed or crashed while loading
-                raise DaemonError(f"the incoming QEMU of {self.domain.name!r} exited while loading it ({exc})") from None
+            except QMPConnectionClosed:  # its monitor went away: the QEMU was killed or crashed while loading
+                raise DaemonError(f"the incoming QEMU of {self.domain.name!r} exited while loading it") from None
+            except QemuError as exc:
+                raise DaemonError(f"could not ask the incoming QEMU of {self.domain.name!r} how loading went: {exc}") from None
         if waited.cancelled_caught:
             raise DaemonError(f"the destination QEMU did not finish loading {self.domain.name!r} within {FINISH_TIMEOUT:.0f} s")
         if self.pump_error is not None:

@@ -8,6 +8,7 @@ a bug, logged in full and reported as one line without internals.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ import trio
 
 from .. import Buffer, ErrorCode, RPCError
 from ..control import PROGRAM, VERSION, DaemonError, Procedure
-from ..qemu import QMPError
+from ..qemu import QemuError, QMPError
 from ..transport import Handler, TunnelConnection, TunnelStream
 from ._access import GRANTED_BY, PROCEDURE_ROLES, Role, describe
 from ._domains import validate_name
@@ -590,8 +591,10 @@ class Session:
         domain.incoming = None
         domain.last_incoming = incoming
         blocktime: JSON = {}
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            blocktime = await incoming.blocktime()  # before the end: the completed job's statistics show it
+        with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(QemuError):
+            # Before the end, so the completed job's statistics show it; a QEMU whose monitor went
+            # away meanwhile (the guest powered off) must not skip the books kept below.
+            blocktime = await incoming.blocktime()
         incoming.end("completed")
         daemon.completed_jobs[domain.name] = incoming.snapshot()
         daemon.incoming.pop(migration_id, None)

@@ -289,7 +289,8 @@ class SourceJob:
             info["phase"] = self.postcopy.phase()
             info["postcopy_breaks"] = self.postcopy.breaks
             info["postcopy_resumes"] = self.postcopy.resumes
-            info["timeout_postcopy"] = self.timeout_postcopy
+            # The switch --timeout asked for, once it happened (pre-copy may have completed first).
+            info["timeout_postcopy"] = self.timeout_postcopy and self.postcopy.switched
         info.update(self.destination_stats)
         if self.error is not None:
             info["error"] = self.error
