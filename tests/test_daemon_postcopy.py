@@ -10,8 +10,10 @@ daemon and the destination daemon.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,6 +44,42 @@ pytestmark = [requires_qemu, requires_toolchain]
 MiB = 1024 * 1024
 WS_MIB = 48
 PRECOPY_MIB = 32
+#: How long the destination's guest gets to report progress after the move before it counts as stuck.
+STUCK_AFTER = 30.0
+
+
+class GuestStuck(AssertionError):
+    """The guest made no progress on the destination (no CORRUPT line: that fails at once)."""
+
+
+def once_more_if_stuck(test: Callable[[str, str], Awaitable[None]]) -> Callable[[str, str], Awaitable[None]]:
+    """Run *test* again, once, in a fresh directory, if the destination's guest was stuck.
+
+    QEMU 7.2 under TCG leaves a destination guest stuck after post-copy now
+    and then, QEMU to QEMU without the daemons too (bench/postcopy.py's
+    direct mode: 1 of 17 runs; the vCPU runs far outside the guest program).
+    A second stuck run fails the test; a CORRUPT line or any other failure
+    fails it at once.  The retry is reported as a warning.
+    """
+
+    @functools.wraps(test)
+    async def run(run_dir: str, dirty_kernel: str) -> None:
+        first = os.path.join(run_dir, "first")
+        os.mkdir(first)
+        stuck: BaseException | None = None
+        try:
+            await test(first, dirty_kernel)
+        except* GuestStuck as group:  # raised inside the daemons' nursery: it arrives in a group
+            stuck = group.exceptions[0]
+            while isinstance(stuck, BaseExceptionGroup):  # nested nurseries nest groups
+                stuck = stuck.exceptions[0]
+        if stuck is not None:
+            warnings.warn(f"{test.__name__}: {stuck}; running it once more (QEMU 7.2 TCG post-copy, see once_more_if_stuck)", stacklevel=1)
+            again = os.path.join(run_dir, "again")
+            os.mkdir(again)
+            await test(again, dirty_kernel)
+
+    return run
 
 
 def definition(kernel: str, *, write: bool = True) -> dict[str, Any]:
@@ -85,7 +123,10 @@ async def qemu_status(uri: str) -> str:
 
 async def check_destination(root: str, *, lines: int = 3) -> None:
     """The guest goes on rewriting and verifying on the destination, and never saw a wrong page."""
-    report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=lines)
+    with trio.move_on_after(STUCK_AFTER) as waited:
+        report = await wait_progress(os.path.join(root, "dst", "run", "vm", GUEST_LOG), lines=lines)
+    if waited.cancelled_caught:
+        raise GuestStuck(f"the guest reported no progress on the destination within {STUCK_AFTER:g} s")
     assert report.progress[-1][2] > report.progress[0][2]
 
 
@@ -101,6 +142,7 @@ async def switched_to_postcopy(client: Client, root: str, dst_uri: str, kernel: 
     await wait_job(client, phase="post-copy")
 
 
+@once_more_if_stuck
 async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dirty_kernel: str) -> None:
     with trio.fail_after(120):
         async with pair(run_dir) as (client, dst_uri, _):
@@ -125,6 +167,7 @@ async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dir
             await check_destination(run_dir)
 
 
+@once_more_if_stuck
 async def test_postcopy_native_static_memory_is_intact(run_dir: str, dirty_kernel: str) -> None:
     """Native channel, a static working set switched early: the destination holds exactly the expected bytes."""
     with trio.fail_after(120):
@@ -146,6 +189,7 @@ async def test_postcopy_native_static_memory_is_intact(run_dir: str, dirty_kerne
             assert await trio.to_thread.run_sync(file_digest, path) == expected
 
 
+@once_more_if_stuck
 async def test_postcopy_after_precopy_tunnelled(run_dir: str, dirty_kernel: str) -> None:
     with trio.fail_after(120):
         async with pair(run_dir) as (client, dst_uri, _):
