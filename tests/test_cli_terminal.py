@@ -3,6 +3,7 @@ and its Ctrl-C, and nothing left behind by a daemon restarted after a SIGKILL.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -97,15 +98,21 @@ def test_ctrl_c_of_the_demo_during_its_clean_up_leaves_nothing() -> None:
     with tempfile.TemporaryDirectory(prefix="tdemo-") as tmp:
         proc = subprocess.Popen([sys.executable, "-m", "tunnel", "demo", "--guest", "image"], env={**ENV, "TMPDIR": tmp},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         for line in proc.stdout:
             if line.startswith("Creating the guest"):
                 break
-        # as a terminal does: the whole process group, twice (the second lands in the clean-up)
+        # as a terminal does: the whole process group, twice; the second once the clean-up has begun
         os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)
+        seen = []
+        for line in proc.stderr:  # ends at EOF if the demo exits first: the asserts below then say why
+            seen.append(line)
+            if line.startswith("Interrupted"):
+                break
+        with contextlib.suppress(ProcessLookupError):  # already gone: the asserts below still judge it
+            os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
+        err = "".join(seen) + err
         assert proc.returncode == 130, (out, err)
         assert "Traceback" not in err and "Interrupted" in err
         assert os.listdir(tmp) == []

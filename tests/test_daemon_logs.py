@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -38,6 +40,13 @@ def records(log: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.splitlines() if line.startswith("{")]
 
 
+async def logged(daemon: Any, done: Callable[[str], bool]) -> str:
+    """The daemon's log once *done* holds for it (it writes after answering); bounded by the test's fail_after."""
+    while not done(log := daemon.log()):
+        await trio.sleep(0.02)
+    return log
+
+
 async def test_json_log_has_connections_refusals_and_tls_failures_with_reason_and_address(run_dir: str) -> None:
     ca = trustme.CA()
     server = write_identity(ca, "127.0.0.1", run_dir)
@@ -57,8 +66,9 @@ async def test_json_log_has_connections_refusals_and_tls_failures_with_reason_an
                 await client.list()
                 with pytest.raises(PermissionDenied):
                     await client.start("vm1")
-            await trio.sleep(0.3)  # the daemon writes its last lines
-            log = records(daemon.log())
+            # The last line the daemon writes: the read-only (unix, uid:) connection closed.
+            log = records(await logged(daemon, lambda text: any(
+                str(r["message"]).startswith("connection from uid:") and str(r["message"]).endswith("closed") for r in records(text))))
     assert all({"time", "level", "pid", "message"} <= set(r) for r in log)
     tls = [r for r in log if "TLS handshake" in str(r["message"]) and "certificate verify failed" in str(r["reason"])]
     assert tls and tls[0]["level"] == "warning" and str(tls[0]["peer_address"]).startswith("127.0.0.1:"), "\n".join(str(r["message"]) for r in log)
@@ -78,8 +88,7 @@ async def test_text_log_levels_and_a_failed_start_with_qemus_reason(run_dir: str
                 await client.define({"name": "bad", "qemu": base_args(64, "-machine", "no-such-machine")})
                 with pytest.raises(DaemonError, match="QEMU exited during start: unsupported machine type"):
                     await client.start("bad")
-            await trio.sleep(0.3)
-            log = daemon.log()
+            log = await logged(daemon, lambda text: "cannot start bad" in text)
     assert "INFO:" not in log  # --log-level warning
     lines = [line for line in log.splitlines() if "cannot start bad" in line]
     assert len(lines) == 1 and "ERROR:" in lines[0] and "unsupported machine type" in lines[0], log
