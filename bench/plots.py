@@ -46,8 +46,13 @@ def _log2_axis(ax: Any, xs: list[float]) -> None:
     ax.minorticks_off()
 
 
-def _caption(fig: Any, machine: str) -> None:
+def _save(plt: Any, fig: Any, out: str, machine: str) -> str:
+    """Caption *fig* with the machine, write it to *out* and close it; returns *out*."""
     fig.text(0.01, 0.005, machine, fontsize=7, color="gray", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _sweep(plt: Any, points: list[dict[str, Any]], x: str, xlabel: str, title: str, out: str, machine: str) -> str:
@@ -59,11 +64,7 @@ def _sweep(plt: Any, points: list[dict[str, Any]], x: str, xlabel: str, title: s
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    _caption(fig, machine)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, machine)
 
 
 def _data(plt: Any, points: list[dict[str, Any]], out: str, machine: str) -> str:
@@ -82,11 +83,7 @@ def _data(plt: Any, points: list[dict[str, Any]], out: str, machine: str) -> str
     bottom.legend()
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
-    _caption(fig, machine)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, machine)
 
 
 def _streams(plt: Any, points: list[dict[str, Any]], out: str, machine: str) -> str:
@@ -105,11 +102,7 @@ def _streams(plt: Any, points: list[dict[str, Any]], out: str, machine: str) -> 
     bottom.legend()
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
-    _caption(fig, machine)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, machine)
 
 
 def _latency(plt: Any, latency: dict[str, Any], out: str, machine: str) -> str:
@@ -126,11 +119,7 @@ def _latency(plt: Any, latency: dict[str, Any], out: str, machine: str) -> str:
     ax.set_title(f"RPC latency CDF ({latency['calls']} calls each)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    _caption(fig, machine)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, machine)
 
 
 def _concurrency(plt: Any, result: dict[str, Any], out: str, machine: str) -> str:
@@ -155,11 +144,7 @@ def _concurrency(plt: Any, result: dict[str, Any], out: str, machine: str) -> st
     for ax in axes:
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    _caption(fig, machine)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, machine)
 
 
 def _machine_line(results_dir: str) -> str:
