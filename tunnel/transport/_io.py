@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -76,6 +77,8 @@ class BufferWriter:
         self._transport = transport
         self._sock = raw_socket(transport)
         self._tcp = self._sock is not None and self._sock.family in (socket.AF_INET, socket.AF_INET6)
+        #: TLSStream's: one encryption pass and one write for a header and its payload.
+        self._send_parts: Callable[[Sequence[Buffer]], Awaitable[None]] | None = getattr(transport, "send_all_parts", None)
         #: Bytes written so far.
         self.written = 0
 
@@ -115,9 +118,8 @@ class BufferWriter:
                 del bufs[0]
 
     async def _coalesced(self, buffers: list[Buffer]) -> None:
-        send_parts = getattr(self._transport, "send_all_parts", None)
-        if send_parts is not None:  # TLSStream: one encryption pass and one write for a header and its payload
-            await send_parts(buffers)
+        if self._send_parts is not None:
+            await self._send_parts(buffers)
             self.written += sum(memoryview(buf).nbytes for buf in buffers)
             return
         pending: list[Buffer] = []
