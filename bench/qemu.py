@@ -25,7 +25,12 @@ default) is migrated live, alternating in one invocation between:
   (``tls-creds-x509``, ``verify-peer=on``, each QEMU with its daemon's
   certificate) over TCP on 127.0.0.1: what ``tls`` is measured against;
 * ``p2p_tls``: ``p2p`` between the daemons on TLS, where the data channel
-  is QEMU's own TLS over TCP.
+  is QEMU's own TLS over TCP;
+* ``relay2``: like ``native``, but through two bare splice relays in a
+  chain (``_splicerelay.py``: unix sockets, a pipe and a blocking thread
+  per direction, no framing): the least two processes relaying QEMU's
+  stream can cost, so the floor under ``tunnelled`` on this machine
+  (``relay2_ratio``, ``tunnelled_vs_relay2``, ``relay2_cpu_s_per_GiB``).
 
 With ``--modes dirty_native,dirty_tunnelled`` (not in the default set) the
 guest is instead the self-checking guest of the tests
@@ -54,7 +59,7 @@ The daemons' CPU (user + system, from /proc/PID/stat) is read just before
 and just after each daemon migration and reported per GiB that went
 through the tunnel (for ``p2p``: per GiB QEMU sent).
 
-Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p,qemu_tcp,qemu_tls,p2p_tls] [--verify-all]
+Usage: python bench/qemu.py [--quick] [--size MiB] [--repeat N] [--modes native,tunnelled,tls,p2p,qemu_tcp,qemu_tls,p2p_tls,relay2] [--verify-all]
        python bench/qemu.py --modes dirty_native,dirty_tunnelled [--dirty-mib MiB] [--dirty-rate PAGES_PER_S] [--dirty-wait S]
 The last line printed is one JSON object; times are in seconds, medians
 over the runs of a mode; ratios are tunnelled over native, and
@@ -104,14 +109,14 @@ from tunnel.qemu import (
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 #: The random-RAM guest's modes (the default set), then the self-checking guest's.
-RANDOM_MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tcp", "qemu_tls", "p2p_tls"]
+RANDOM_MODES = ["native", "tunnelled", "tls", "p2p", "qemu_tcp", "qemu_tls", "p2p_tls", "relay2"]
 DIRTY_MODES = ["dirty_native", "dirty_tunnelled"]
 MODES = RANDOM_MODES + DIRTY_MODES
 DEFAULT_MODES = ",".join(RANDOM_MODES)
 #: How long the destination's self-checking guest gets to show progress after the move.
 PROGRESS_WAIT = 60.0
 #: Modes that run QEMU to QEMU without the daemons.
-DIRECT_MODES = ("native", "qemu_tcp", "qemu_tls")
+DIRECT_MODES = ("native", "qemu_tcp", "qemu_tls", "relay2")
 #: Modes that talk to the daemons over TLS.
 TLS_DAEMON_MODES = ("tls", "p2p_tls")
 #: Where the random bytes go in guest RAM: above what the firmware touches.
@@ -202,51 +207,85 @@ def proc_cpu_s(pid: int) -> float:
 # --------------------------------------------------------------------------- native
 
 
+async def start_relays(run_dir: str, target: str, procs: list[subprocess.Popen[bytes]]) -> str:
+    """Two bare splice relays (added to *procs*) in a chain ending at the unix socket *target*; returns where to connect."""
+    for name in ("relay-b", "relay-a"):  # from the destination's side: each one's target must listen first
+        listen = os.path.join(run_dir, f"{name}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listen)
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_splicerelay.py"), listen, target],
+            stdout=subprocess.PIPE,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = await trio.to_thread.run_sync(proc.stdout.readline)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"splice relay {name} did not start: {line!r}")
+        target = listen
+    return target
+
+
 async def native_run(
-    setup: Setup, index: int, check: bool, certs: dict[str, TLSFiles] | None = None, *, tcp: bool = False
+    setup: Setup, index: int, check: bool, certs: dict[str, TLSFiles] | None = None, *, tcp: bool = False, relays: bool = False
 ) -> dict[str, float]:
-    """QEMU to QEMU: over a unix socket, over TCP (*tcp*, ``qemu_tcp``), or with *certs* over TCP with QEMU's own TLS (``qemu_tls``)."""
-    label = "qemu_tls" if certs is not None else "qemu_tcp" if tcp else "native"
+    """QEMU to QEMU: over a unix socket, over TCP (*tcp*, ``qemu_tcp``), with *certs* over TCP with QEMU's own TLS
+    (``qemu_tls``), or through two bare splice relays (*relays*, ``relay2``)."""
+    label = "qemu_tls" if certs is not None else "qemu_tcp" if tcp else "relay2" if relays else "native"
     run_dir = os.path.join(setup.root, label)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "migrate.sock")
     uri = f"unix:{path}" if certs is None and not tcp else f"tcp:127.0.0.1:{free_port()}"
+    relay_procs: list[subprocess.Popen[bytes]] = []
     async with (
         await QemuProcess.start(setup.args, run_dir=run_dir, name="src", log_path=os.path.join(run_dir, "src.log")) as src,
         await QemuProcess.start(setup.args, run_dir=run_dir, name="dst", incoming=True, log_path=os.path.join(run_dir, "dst.log")) as dst,
     ):
-        if certs is not None:
-            # Each QEMU with its daemon's certificate, in QEMU's layout; the server requires the client's.
-            server_dir = certs["destination"].write_qemu_dir(os.path.join(run_dir, "tls-server"), "server")
-            client_dir = certs["source"].write_qemu_dir(os.path.join(run_dir, "tls-client"), "client")
-            await set_tls(dst.qmp, server_dir, endpoint="server")
-            await set_tls(src.qmp, client_dir, endpoint="client", hostname="localhost")
-        await start_incoming_uri(dst.qmp, uri)
-        await set_max_bandwidth(src.qmp, UNLIMITED_BANDWIDTH)
-        cpu_before = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
-        started = now()
-        await src.qmp.execute("migrate", {"uri": uri})
-        while True:
-            status = await query_migration(dst.qmp)
-            if status.status == "completed":
-                seconds = now() - started
-                qemu_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - cpu_before
-                break
-            if status.status in ("failed", "cancelled"):
-                raise MigrationError(status)
-            await trio.sleep(NATIVE_POLL)
-        # QEMU's own view of the source side, for reference (not polled, so exact).
-        while (source := await query_migration(src.qmp)).active:
-            await trio.sleep(NATIVE_POLL)
-        if source.status != "completed":
-            raise MigrationError(source)
-        if check:
-            dump = os.path.join(setup.root, f"{label}.dump")
-            await dst.qmp.execute("pmemsave", pmemsave(setup, dump)["arguments"])
-            await verify(setup, dump, f"{label} run {index}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    return {"seconds": seconds, "qemu_total_s": (source.total_time_ms or 0) / 1000, "qemu_cpu_s": qemu_cpu, "bytes": source.transferred}
+        try:
+            if certs is not None:
+                # Each QEMU with its daemon's certificate, in QEMU's layout; the server requires the client's.
+                server_dir = certs["destination"].write_qemu_dir(os.path.join(run_dir, "tls-server"), "server")
+                client_dir = certs["source"].write_qemu_dir(os.path.join(run_dir, "tls-client"), "client")
+                await set_tls(dst.qmp, server_dir, endpoint="server")
+                await set_tls(src.qmp, client_dir, endpoint="client", hostname="localhost")
+            await start_incoming_uri(dst.qmp, uri)
+            if relays:
+                relay_path = await start_relays(run_dir, path, relay_procs)
+                uri = f"unix:{relay_path}"
+            await set_max_bandwidth(src.qmp, UNLIMITED_BANDWIDTH)
+            cpu_before = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
+            started = now()
+            await src.qmp.execute("migrate", {"uri": uri})
+            while True:
+                status = await query_migration(dst.qmp)
+                if status.status == "completed":
+                    seconds = now() - started
+                    qemu_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - cpu_before
+                    relay_cpu = sum(proc_cpu_s(p.pid) for p in relay_procs)
+                    break
+                if status.status in ("failed", "cancelled"):
+                    raise MigrationError(status)
+                await trio.sleep(NATIVE_POLL)
+            # QEMU's own view of the source side, for reference (not polled, so exact).
+            while (source := await query_migration(src.qmp)).active:
+                await trio.sleep(NATIVE_POLL)
+            if source.status != "completed":
+                raise MigrationError(source)
+            if check:
+                dump = os.path.join(setup.root, f"{label}.dump")
+                await dst.qmp.execute("pmemsave", pmemsave(setup, dump)["arguments"])
+                await verify(setup, dump, f"{label} run {index}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            for proc in relay_procs:
+                proc.kill()
+                proc.wait()
+                assert proc.stdout is not None
+                proc.stdout.close()
+    return {"seconds": seconds, "qemu_total_s": (source.total_time_ms or 0) / 1000, "qemu_cpu_s": qemu_cpu,
+            "relay_cpu_s": relay_cpu, "bytes": source.transferred}
 
 
 # --------------------------------------------------------------------------- daemons
@@ -549,7 +588,7 @@ def summarize(results: dict[str, list[dict[str, float]]], setup: Setup, repeat: 
         "repeat": repeat,
         "memory_verified": True,
     }
-    prefix = {"native": "native", "tunnelled": "tunnelled", "tls": "tls_tunnelled", "p2p": "p2p", "qemu_tcp": "qemu_tcp", "qemu_tls": "qemu_tls", "p2p_tls": "p2p_tls"}
+    prefix = {"native": "native", "tunnelled": "tunnelled", "tls": "tls_tunnelled", "p2p": "p2p", "qemu_tcp": "qemu_tcp", "qemu_tls": "qemu_tls", "p2p_tls": "p2p_tls", "relay2": "relay2"}
     for mode, runs in results.items():
         key = prefix[mode]
         out[f"{key}_s"] = round(median([r["seconds"] for r in runs]), 3)
@@ -558,6 +597,8 @@ def summarize(results: dict[str, list[dict[str, float]]], setup: Setup, repeat: 
             out[f"{key}_qemu_total_s"] = round(median([r["qemu_total_s"] for r in runs]), 3)
             # Both QEMUs' CPU while migrating: with the daemons' CPU, what a tunnelled run needs from the host's cores.
             out[f"{key}_qemu_cpu_s"] = round(median([r["qemu_cpu_s"] for r in runs]), 3)
+            if mode == "relay2":
+                out["relay2_cpu_s_per_GiB"] = round(median([r["relay_cpu_s"] / (r["bytes"] / GiB) for r in runs if r["bytes"]]), 3)
             continue
         out[f"{key}_wall_s"] = round(median([r["wall_s"] for r in runs]), 3)
         out[f"{key}_job_s"] = round(median([r["job_s"] for r in runs]), 3)
@@ -576,6 +617,10 @@ def summarize(results: dict[str, list[dict[str, float]]], setup: Setup, repeat: 
         for mode, ratio_key in (("tunnelled", "ratio"), ("tls", "tls_ratio"), ("p2p", "p2p_ratio"), ("p2p_tls", "p2p_tls_ratio")):
             if mode in results:
                 out[ratio_key] = round(out[f"{prefix[mode]}_s"] / out["native_s"], 3)
+    if "native" in results and "relay2" in results:
+        out["relay2_ratio"] = round(out["relay2_s"] / out["native_s"], 3)
+    if "relay2" in results and "tunnelled" in results:
+        out["tunnelled_vs_relay2"] = round(out["tunnelled_s"] / out["relay2_s"], 3)
     if "native" in results and "qemu_tcp" in results:
         out["qemu_tcp_ratio"] = round(out["qemu_tcp_s"] / out["native_s"], 3)
     if "qemu_tcp" in results and "tunnelled" in results:
@@ -604,7 +649,7 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
             setup = Setup(root=root, rand=rand, random_bytes=random_mib * MiB, expected_sha256=expected, args=guest_args(rand, random_mib))
         dirty = dirty_setup(root, args.dirty_mib or (64 if args.quick else 256), args.dirty_rate, args.dirty_wait) if dirty_modes else None
         certs: dict[str, TLSFiles] | None = None
-        if any(m not in ("native", "qemu_tcp", "dirty_native") for m in modes):  # qemu_tls needs them, and every daemon
+        if any(m not in ("native", "qemu_tcp", "relay2", "dirty_native") for m in modes):  # qemu_tls needs them, and every daemon
             certdir = os.path.join(root, "certs")
             os.mkdir(certdir)
             certs = make_certs(certdir)
@@ -639,6 +684,8 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
                         r = await native_run(setup, index, check, tcp=True)
                     elif mode == "qemu_tls":
                         r = await native_run(setup, index, check, certs)
+                    elif mode == "relay2":
+                        r = await native_run(setup, index, check, relays=True)
                     else:
                         assert daemons is not None
                         r = await daemon_run(setup, daemons, mode, index, check)

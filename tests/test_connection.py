@@ -849,6 +849,114 @@ def test_connection_window_updates_are_batched() -> None:
     assert sent(b) == [WindowUpdate(stream_id=0, increment=10000)]
 
 
+def _stream_updates(a: Connection, b: Connection, sid: int) -> list[int]:
+    """Deliver both ways; the increments *a* was granted on *sid*."""
+    ev_a, _ = exchange(a, b)
+    return [e.increment for e in ev_a if isinstance(e, WindowUpdated) and e.stream_id == sid]
+
+
+def test_shrinking_a_stream_window_withholds_credit_until_the_peer_holds_the_new_size() -> None:
+    a, b = make_pair(server=SMALL)  # stream window 8192
+    sid = a.open_stream()
+    a.send_data(sid, bytes(6000))
+    exchange(a, b)
+    b.resize_stream_window(sid, 2048)
+    assert b.pending_output == 0  # nothing announces a smaller window
+    # 8192 - 2048 = 6144 bytes are withheld from what is taken next: nothing goes back yet.
+    b.acknowledge_received(sid, 6000)
+    assert _stream_updates(a, b, sid) == []
+    assert a.send_window(sid) == 2192  # the peer keeps the credit it held
+    a.send_data(sid, bytes(2192))
+    exchange(a, b)
+    b.acknowledge_received(sid, 144)  # the last withheld bytes: still nothing owed
+    assert _stream_updates(a, b, sid) == []
+    b.acknowledge_received(sid, 1024)  # half the new window owed: given back
+    assert _stream_updates(a, b, sid) == [1024]
+    b.acknowledge_received(sid, 1024)
+    assert _stream_updates(a, b, sid) == [1024]
+    assert b.buffered_received == 0
+    assert a.send_window(sid) == 2048  # from now on the peer holds the new window, no more
+
+
+def test_growing_a_stream_window_grants_the_difference_after_cancelling_what_was_withheld() -> None:
+    a, b = make_pair(server=SMALL)
+    sid = a.open_stream()
+    a.send_data(sid, bytes(8192))
+    exchange(a, b)
+    b.resize_stream_window(sid, 1024)  # 7168 to withhold
+    b.acknowledge_received(sid, 3000)  # 3000 of them withheld
+    assert _stream_updates(a, b, sid) == []
+    # 10000 = 5192 buffered + the credit granted now: the 4168 still withheld are cancelled.
+    b.resize_stream_window(sid, 10000)
+    assert _stream_updates(a, b, sid) == [4808]
+    b.acknowledge_received(sid, 5192)
+    assert _stream_updates(a, b, sid) == [5192]
+    assert a.send_window(sid) == 10000
+    assert b.buffered_received == 0
+
+
+def test_resizing_an_unknown_or_finished_stream_is_ignored_and_a_bad_size_refused() -> None:
+    a, b = make_pair(server=SMALL)
+    sid = a.open_stream()
+    b.resize_stream_window(sid + 100, 10)  # idle or unknown: nothing to do
+    a.end_stream(sid)
+    exchange(a, b)
+    b.resize_stream_window(sid, 100000)  # the peer sends no more: no credit for it
+    assert _stream_updates(a, b, sid) == []
+    with pytest.raises(LocalProtocolError):
+        b.resize_stream_window(sid, -1)
+    with pytest.raises(LocalProtocolError):
+        b.resize_stream_window(sid, 2**31)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("send"), st.integers(1, 5000)),
+            st.tuples(st.just("take"), st.integers(1, 5000)),
+            st.tuples(st.just("resize"), st.integers(1, 20000)),
+        ),
+        max_size=40,
+    )
+)
+def test_resized_windows_never_deadlock_nor_let_the_peer_exceed_them(steps: list[tuple[str, int]]) -> None:
+    """Whatever the resizes: once everything is taken the peer holds credit (no deadlock), and
+    after each resize has been withheld in full, credit plus buffered stays within the window."""
+    server = Settings(max_frame_size=16384, initial_stream_window=8192, connection_window=1 << 20)
+    a, b = make_pair(server=server)
+    sid = a.open_stream()
+    exchange(a, b)
+    window = 8192
+    high = 8192  # the largest window the peer may still hold credit from
+    for op, n in steps:
+        if op == "send":
+            size = min(n, a.send_window(sid))
+            if size:
+                a.send_data(sid, bytes(size))
+        elif op == "take":
+            size = min(n, b.buffered_received)
+            if size:
+                b.acknowledge_received(sid, size)
+        else:
+            b.resize_stream_window(sid, n)
+            window = n
+            high = max(high, n)
+        exchange(a, b)
+        assert a.send_window(sid) + b.buffered_received <= high
+    # Drain: the sender uses all its credit, the receiver takes everything, repeatedly.
+    for _ in range(20):
+        size = a.send_window(sid)
+        if size:
+            a.send_data(sid, bytes(size))
+        exchange(a, b)
+        if b.buffered_received:
+            b.acknowledge_received(sid, b.buffered_received)
+        exchange(a, b)
+        assert a.send_window(sid) > 0  # never stuck without credit
+    assert a.send_window(sid) == window  # the withholding is over: exactly the last size
+
+
 def test_acknowledge_more_than_received_raises() -> None:
     a, b = make_pair()
     sid = a.open_stream()

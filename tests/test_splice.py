@@ -7,7 +7,12 @@ it is copied.  Either way every byte arrives, in order, and EOF is passed on.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
+import struct
+import termios
 import threading
 
 import pytest
@@ -94,3 +99,94 @@ async def test_receive_fd_failure_aborts_the_stream(fd_leak_check: None) -> None
                 with pytest.raises(OSError):
                     await r.receive_fd(dst_w)
     os.close(dst_w)
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes waiting to be read on *sock* (SIOCINQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.parametrize("buffering", [None, 64 * 1024])
+@pytest.mark.parametrize("transport", ["unix", "tcp", "tls_bulk"])
+async def test_set_buffering_bounds_what_waits_between_source_and_sink(
+    transport: str, buffering: int | None, fd_leak_check: None
+) -> None:
+    """Behind a sink that stopped reading, a stream holds about its buffering, not its window and pipe.
+
+    QEMU's socket in, QEMU's socket out, as in a daemon.  The sink reads
+    freely first (so a shrunk window has withheld what the peer held), then
+    stops; once nothing moves any more, the bytes taken from the source and
+    not yet in the sink are what the stream holds on both sides.
+    """
+    total = 48 * 1024 * 1024
+    payload = os.urandom(1024 * 1024)
+    src_ours, src_theirs = socket.socketpair()
+    sink_ours, sink_theirs = socket.socketpair()
+    for s in (src_ours, src_theirs, sink_ours, sink_theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    fed = [0]
+    read = [0]
+    reading = threading.Event()
+    reading.set()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):
+            while fed[0] < total:
+                # Small sends: a blocked send's bytes already queued are not counted until it returns.
+                fed[0] += src_theirs.send(payload[: min(16 * 1024, total - fed[0])])
+        src_theirs.shutdown(socket.SHUT_WR)
+
+    def drain() -> None:
+        while True:
+            reading.wait()
+            chunk = sink_theirs.recv(1 << 20)
+            if not chunk:
+                return
+            read[0] += len(chunk)
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    held: list[int] = []
+    with trio.fail_after(60):
+        async with connected(TRANSPORTS[transport]) as (client, server), trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                s = await client.open_stream(digest=tunnel.DigestAlgorithm.NONE, label="qemu")
+                s.set_buffering(buffering)
+                await s.send_fd(src_ours.fileno())
+                await s.send_eof()
+                assert await s.receive_some() == b""
+                await s.aclose()
+
+            async def receive() -> None:
+                r = await server.accept_stream()
+                r.set_buffering(buffering)
+                await r.receive_fd(sink_ours.fileno())
+                sink_ours.shutdown(socket.SHUT_WR)
+                await r.send_eof()
+                await r.aclose()
+
+            nursery.start_soon(send)
+            nursery.start_soon(receive)
+            while read[0] < 8 * 1024 * 1024:
+                await trio.sleep(0.01)
+            reading.clear()  # the sink stops reading (after the read in progress)
+            last, still = -1, 0
+            while still < 5:  # settled: nothing taken from the source for 5 polls
+                await trio.sleep(0.05)
+                taken = fed[0] - _queued(src_ours)
+                still = still + 1 if taken == last else 0
+                last = taken
+            held.append(last - read[0] - _queued(sink_theirs))
+            reading.set()
+    for t in threads:
+        t.join(10)
+    assert read[0] == total
+    for s in (src_ours, src_theirs, sink_ours, sink_theirs):
+        s.close()
+    if buffering is None:
+        assert held[0] > 1024 * 1024  # a 1 MiB pipe and a 4 MiB window: the measure sees them
+    else:
+        # Read ahead of credit, plus the window, plus one read's worth of slack on each side.
+        assert 0 <= held[0] <= 4 * buffering, held[0]

@@ -95,6 +95,7 @@ from ._records import (
 )
 from ._settings import MAGIC, PREFACE, PROTOCOL_VERSION, ZSTD_MAX_EXPANSION, Feature, Settings, negotiate_version
 from ._state import TRANSITIONS, StreamInput, StreamState
+from ._frametypes import MAX_WINDOW
 from ._windows import ReceiveWindow, SendCredit
 
 __all__ = ["Connection", "ConnectionState", "StreamInfo"]
@@ -828,6 +829,29 @@ class Connection:
             increment = s.window.acknowledge(min(size, s.window.buffered))
             if increment:
                 self._answer_peer(WindowUpdate(stream_id=stream_id, increment=increment))
+
+    def resize_stream_window(self, stream_id: int, size: int) -> None:
+        """Grant *stream_id* a receive window of *size* bytes from now on.
+
+        For a stream whose needs change while it runs: a smaller window holds
+        fewer bytes between the two applications (less latency behind a
+        backlog), a larger one carries more per round trip.  Shrinking takes
+        no credit back (a peer may always use what it was granted); this side
+        withholds the difference from the credit it would return next, so the
+        peer soon holds at most *size*.  Growing grants the difference at once.
+        Nothing on the wire announces it (see protocol.md, section 6).  A
+        stream that can no longer receive is left alone.
+        """
+        if not 0 <= size <= MAX_WINDOW:
+            raise LocalProtocolError(f"a stream window of {size} bytes is outside 0..2**31-1")
+        if self.state is ConnectionState.CLOSED:
+            return
+        s = self._streams.get(stream_id)
+        if s is None or (s.state, StreamInput.SEND_WINDOW) not in TRANSITIONS:
+            return
+        increment = s.window.resize(size)
+        if increment:
+            self._answer_peer(WindowUpdate(stream_id=stream_id, increment=increment))
 
     def request_data(self, stream_id: int, size: int) -> None:
         """The application waits for data on *stream_id* and has none buffered.

@@ -18,7 +18,7 @@ __all__ = ["ReceiveWindow", "SendCredit"]
 class ReceiveWindow:
     """Credit this side has granted and not yet seen used."""
 
-    __slots__ = ("_granted", "_unacknowledged", "available", "max_window")
+    __slots__ = ("_granted", "_unacknowledged", "_withheld", "available", "max_window")
 
     def __init__(self, max_window: int) -> None:
         self.max_window = max_window
@@ -27,11 +27,35 @@ class ReceiveWindow:
         self._unacknowledged = 0
         #: Credit lent by request() and not yet taken by the application.
         self._granted = 0
+        #: Bytes of a shrunk window still out (granted, in flight or buffered):
+        #: kept, not given back, when the application takes them.
+        self._withheld = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet taken by the application."""
-        return self.max_window + self._granted - self.available - self._unacknowledged
+        return self.max_window + self._granted + self._withheld - self.available - self._unacknowledged
+
+    def resize(self, max_window: int) -> int:
+        """Make the window *max_window* from now on; returns the increment to send now, or 0.
+
+        Shrinking takes nothing back: credit the peer holds stays valid.  The
+        difference is withheld instead, from the bytes the application takes
+        next, so the peer soon holds at most the new window.  Growing first
+        cancels what is still withheld, then grants the rest at once.
+        """
+        if not 0 <= max_window <= MAX_WINDOW:
+            raise ValueError(f"window {max_window} is outside 0..2**31-1")
+        change = max_window - self.max_window
+        self.max_window = max_window
+        if change < 0:
+            self._withheld -= change
+            return 0
+        cancelled = min(change, self._withheld)
+        self._withheld -= cancelled
+        increment = min(change - cancelled, MAX_WINDOW - self.available)
+        self.available += increment
+        return increment
 
     def request(self, size: int) -> int:
         """The application waits for data; returns credit to grant now, or 0.
@@ -72,7 +96,9 @@ class ReceiveWindow:
         """
         lent = min(size, self._granted)  # request()'s credit is not given back
         self._granted -= lent
-        self._unacknowledged += size - lent
+        kept = min(size - lent, self._withheld)  # a shrunk window's excess is not given back
+        self._withheld -= kept
+        self._unacknowledged += size - lent - kept
         if self._unacknowledged and (
             self._unacknowledged * 2 >= self.max_window or self.available == 0
         ):

@@ -65,6 +65,8 @@ FINISH_TIMEOUT = 120.0
 CLEANUP_TIMEOUT = 5.0
 #: SO_SNDBUF of a QEMU socketpair's sending end during post-copy (the kernel doubles it).
 POSTCOPY_SOCKET_BUFFER = 128 * 1024
+#: What a tunnel stream holds on each side during post-copy (TunnelStream.set_buffering).
+POSTCOPY_STREAM_BUFFER = 256 * 1024
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -75,19 +77,25 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def postcopy_buffers(sock: socket.socket) -> None:
-    """Shrink what the sending end *sock* of a QEMU socketpair may queue, once post-copy started.
+def postcopy_buffers(sock: socket.socket | None, stream: TunnelStream | None = None) -> None:
+    """Shrink what may queue between the two QEMUs on this side, once post-copy started.
 
     The pages the destination asks for are sent after every byte already
-    queued between the two QEMUs, and its vCPU waits meanwhile.  A unix
+    queued between the two QEMUs, and its vCPU waits meanwhile.  Two queues
+    sit on each side: the sending end *sock* of a QEMU socketpair (a unix
     stream socket's queue is bounded by the sender's SO_SNDBUF alone: 4 MiB
-    asked (8 MiB granted) per socketpair suits pre-copy's bulk, not
-    post-copy's requests.  Bytes already queued stay; nothing is lost.
+    asked, 8 MiB granted, suits pre-copy's bulk, not post-copy's requests),
+    and the tunnel *stream*: what the source daemon reads ahead of credit
+    and the window the destination grants (4 MiB by default).  Bytes
+    already queued stay; nothing is lost.
     """
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
-    except OSError:  # closed meanwhile: nothing left to shrink
-        pass
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
+        except OSError:  # closed meanwhile: nothing left to shrink
+            pass
+    if stream is not None:
+        stream.set_buffering(POSTCOPY_STREAM_BUFFER)
 
 
 async def pump_socket(stream: TunnelStream, sock: socket.socket) -> tuple[int, int]:

@@ -79,6 +79,13 @@ class StreamLink:
             if self._core.pending_output:
                 self._writer.kick()
 
+    def resize_window(self, stream_id: int, size: int) -> None:
+        """Grant *stream_id* a receive window of *size* bytes from now on."""
+        if self._health.alive:
+            self._core.resize_stream_window(stream_id, size)
+            if self._core.pending_output:
+                self._writer.kick()
+
     def request_data(self, stream_id: int, size: int | None) -> None:
         """A stream's consumer waits with nothing buffered: credit for a peer that has none (window 0).
 

@@ -122,12 +122,14 @@ class KernelPipe:
 class PipeSource:
     """A source file descriptor staged through a :class:`KernelPipe` (``send_fd``)."""
 
-    __slots__ = ("eof", "error", "fd", "limit", "pipe", "total")
+    __slots__ = ("eof", "error", "fd", "limit", "pipe", "staging", "total")
 
-    def __init__(self, fd: int, limit: int | None) -> None:
+    def __init__(self, fd: int, limit: int | None, staging: int | None = None) -> None:
         self.fd = fd
         self.limit = limit
         self.pipe = KernelPipe()
+        #: At most this many bytes wait in the pipe (None: as many as it holds).
+        self.staging = staging
         #: Bytes taken from the source so far.
         self.total = 0
         #: The source ended, or *limit* bytes were taken.
@@ -140,7 +142,9 @@ class PipeSource:
         moved_any = False
         pipe = self.pipe
         while not self.eof and self.error is None:
-            want = pipe.room if self.limit is None else min(pipe.room, self.limit - self.total)
+            want = pipe.room if self.staging is None else min(pipe.room, self.staging - pipe.level)
+            if self.limit is not None:
+                want = min(want, self.limit - self.total)
             if want <= 0:
                 self.eof = self.limit is not None and self.total >= self.limit
                 break

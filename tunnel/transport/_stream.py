@@ -77,6 +77,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_guard = ConflictGuard("another task is sending on this stream")
         self._recv_guard = ConflictGuard("another task is receiving on this stream")
         self._eof_sent = False
+        #: set_buffering(): what send_fd may read ahead of credit (None: its pipe or chunk).
+        self._staging: int | None = None
         # Page batches are compressed only when asked for and both sides set ZSTD.
         self._compressor: PageCompressor | None = PageCompressor() if compress and link.compression else None
         self._pages_raw_bytes = 0
@@ -297,7 +299,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         view = memoryview(buf)
         total = 0
         while limit is None or total < limit:
-            want = len(buf) if limit is None else min(len(buf), limit - total)
+            want = len(buf) if self._staging is None else max(1, min(len(buf), self._staging))
+            if limit is not None:
+                want = min(want, limit - total)
             try:
                 size = os.readv(fd, [view[:want]])
             except BlockingIOError:
@@ -329,7 +333,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             raise self._error
 
     async def _send_fd_spliced(self, fd: int, limit: int | None) -> int:
-        source = PipeSource(fd, limit)
+        source = PipeSource(fd, limit, self._staging)
         work = Work(None, source=source)
         self.outbox.work = work
         try:
@@ -418,6 +422,26 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     @property
     def bandwidth(self) -> int:
         return self.outbox.rate.rate
+
+    def set_buffering(self, size: int | None) -> None:
+        """Hold about *size* bytes of this stream on this side from now on, in each direction.
+
+        For a stream whose latency starts to matter more than its throughput,
+        such as QEMU's post-copy, where the destination's vCPU waits for a
+        page queued behind everything already in flight.  Sending from a file
+        descriptor, at most *size* bytes are read ahead of the peer's credit;
+        receiving, the peer is granted a window of *size* bytes
+        (``resize_stream_window``: credit it holds stays valid, less comes
+        back).  None restores the defaults.  Takes effect at once; nothing
+        queued is lost.
+        """
+        if size is not None and size <= 0:
+            raise ValueError("buffering must be positive (or None for the default)")
+        self._staging = size
+        work = self.outbox.work
+        if work is not None and work.source is not None:
+            work.source.staging = size
+        self._link.resize_window(self.stream_id, self._link.receive_window if size is None else size)
 
     async def abort(self, error_code: int = ErrorCode.CANCEL, reason: str = "aborted by the application") -> None:
         """Abort both directions; the peer's operations raise StreamAborted with *reason*."""
