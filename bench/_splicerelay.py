@@ -7,18 +7,21 @@ one blocking thread per direction, until each side's EOF (passed on with
 ``shutdown(SHUT_WR)``).  No framing, no flow control, no event loop: the
 least a process can do to carry QEMU's migration stream.
 
-``bench/qemu.py`` chains two of them between two QEMUs (mode ``relay2``),
-which is what two daemons relaying the stream cost at the very least: the
-floor under the tunnel on this machine.  It prints ``ready`` once
-listening, and its CPU seconds (user + system) when done.
+``bench/qemu.py`` and ``bench/postcopy.py`` chain two of them between two
+QEMUs (mode ``relay2``, :func:`start_relays`), which is what two daemons
+relaying the stream cost at the very least: the floor under the tunnel on
+this machine.  A relay prints ``ready`` once listening, and dies with the
+process that started it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
-import resource
+import signal
 import socket
+import subprocess
 import sys
 import threading
 
@@ -46,7 +49,34 @@ def pump(src: socket.socket, dst: socket.socket) -> None:
             pass
 
 
+async def start_relays(run_dir: str, target: str, procs: list[subprocess.Popen[bytes]]) -> str:
+    """Two relays (added to *procs*) in a chain ending at the unix socket *target*; returns the path to connect to."""
+    import trio
+
+    for name in ("relay-b", "relay-a"):  # from the destination's side: each one's target must listen first
+        listen = os.path.join(run_dir, f"{name}.sock")
+        if os.path.lexists(listen):
+            os.unlink(listen)
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), listen, target], stdout=subprocess.PIPE)
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = await trio.to_thread.run_sync(proc.stdout.readline)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"splice relay {name} did not start: {line!r}")
+        target = listen
+    return target
+
+
+def stop_relays(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def main() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: never outlive the benchmark
     listen_path, target_path = sys.argv[1], sys.argv[2]
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(listen_path)
@@ -61,8 +91,6 @@ def main() -> None:
         t.start()
     for t in threads:
         t.join()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"cpu {usage.ru_utime + usage.ru_stime:.6f}", flush=True)
 
 
 if __name__ == "__main__":

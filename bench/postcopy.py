@@ -15,6 +15,11 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   10 ms) to the job completing, the destination's ``postcopy-blocktime``
   (total time its vCPU waited for pages; also per page it asked for, as the
   number of requests varies from run to run) and the source's downtime;
+* ``relay2`` (not in the default modes): ``direct`` through two bare splice
+  relays in a chain (``_splicerelay.py``), the least two processes carrying
+  QEMU's stream can cost: ``postcopy_relay2_ratio`` and
+  ``blocktime_per_request_relay2_ratio`` (against ``direct``) are the floor
+  under ``tunnelled`` on this machine;
 * ``direct`` (not in the default modes): QEMU to QEMU over a unix socket,
   without the daemons, switched the same way (after the first pass) and
   the destination continued at ``postcopy-active`` as the daemons do; it
@@ -27,7 +32,9 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
 
 Every run checks the guest on the destination: a CORRUPT line stops the
 benchmark; a guest that shows no progress within a minute is counted in
-``guest_stuck_runs``, and what it was doing is kept in ``stuck`` (on stderr
+``guest_stuck_runs`` and left out of the blocktime medians (its vCPU stopped,
+so it waited for nothing: 0 ms, where a running guest waits about 100 ms),
+and what it was doing is kept in ``stuck`` (on stderr
 as it happens): the destination's run state, whether the program's code
 is still the ELF's bytes, whether its counters in memory still advance
 (then only its output stopped), and the top frames of QEMU's threads (gdb,
@@ -50,7 +57,7 @@ hundreds, or none): what points to a page outside the working set (most
 likely the stack's) arriving stale at the destination, in QEMU, not in
 the tunnel.  ``stack_top`` in the diagnosis records that page's last dwords.
 
-Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume,direct]
+Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume,direct,relay2]
 The last line printed is one JSON object.
 """
 
@@ -74,6 +81,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import trio
 from _common import emit, median
+from _splicerelay import start_relays, stop_relays
 from daemon_proc import daemon_process, kill_guests
 from dirtyguest import GUEST_LOG, build_kernel, guest_args, guest_mib, read_report, wait_progress
 from fault_tools import Relay
@@ -180,59 +188,68 @@ async def diagnose_stuck(execute: Execute, pid: int | None, guest_dir: str, kern
     return out
 
 
-async def direct_run(root: str, kernel: str, size: int, link: int) -> dict[str, Any]:
-    """Post-copy QEMU to QEMU, without the daemons, switched and continued as the daemons do."""
+async def direct_run(root: str, kernel: str, size: int, link: int, *, relays: bool = False) -> dict[str, Any]:
+    """Post-copy QEMU to QEMU, without the daemons, switched and continued as the daemons do.
+
+    With *relays* (mode ``relay2``), through two bare splice relays in a chain.
+    """
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     args = base_args(guest_mib(size)) + guest_args(kernel, mib=size)
+    relay_procs: list[subprocess.Popen[bytes]] = []
     async with (
         await QemuProcess.start(args, guest_dir=f"{root}/src", name="src") as src,
         await QemuProcess.start(args, guest_dir=f"{root}/dst", name="dst", incoming=True) as dst,
     ):
-        await wait_progress(os.path.join(src.guest_dir, GUEST_LOG), lines=1)
-        uri = f"unix:{root}/migrate.sock"
-        await start_incoming_uri(dst.qmp, uri, capabilities=postcopy_capabilities(blocktime=True))
-        await start_outgoing_uri(src.qmp, uri, max_bandwidth=link * MiB, capabilities=postcopy_capabilities())
-        while (status := await query_migration(src.qmp)).dirty_sync_count < 2:  # the first pass is done
-            if status.status == "completed":
-                raise SystemExit(TOO_SMALL.format(size=size, link=link))
-            await trio.sleep(0.01)
-        await start_postcopy(src.qmp)
-        switched = time.perf_counter()
-        running = False
-        while (status := await query_migration(dst.qmp)).status != "completed":
-            if status.status in ("failed", "cancelled"):
-                raise SystemExit(f"direct post-copy {status.status}: {status.error_desc}")
-            if status.status == "postcopy-active" and not running:
-                await dst.qmp.execute("cont")
-                running = True
-            await trio.sleep(0.01)
-        with trio.fail_after(60):  # the destination completed: the source follows at once
-            while (source := await query_migration(src.qmp)).status != "completed":
-                if source.status in ("failed", "cancelled"):
-                    raise SystemExit(f"direct post-copy, source side {source.status}: {source.error_desc}")
+        try:
+            await wait_progress(os.path.join(src.guest_dir, GUEST_LOG), lines=1)
+            uri = f"unix:{root}/migrate.sock"
+            await start_incoming_uri(dst.qmp, uri, capabilities=postcopy_capabilities(blocktime=True))
+            if relays:
+                uri = f"unix:{await start_relays(root, f'{root}/migrate.sock', relay_procs)}"
+            await start_outgoing_uri(src.qmp, uri, max_bandwidth=link * MiB, capabilities=postcopy_capabilities())
+            while (status := await query_migration(src.qmp)).dirty_sync_count < 2:  # the first pass is done
+                if status.status == "completed":
+                    raise SystemExit(TOO_SMALL.format(size=size, link=link))
                 await trio.sleep(0.01)
-        result: dict[str, Any] = {"postcopy_s": time.perf_counter() - switched, "blocktime_ms": status.blocktime_ms,
-                                  "postcopy_requests": source.postcopy_requests, "downtime_ms": source.downtime_ms}
-        if status.blocktime_ms is not None and source.postcopy_requests:
-            result["blocktime_per_request_ms"] = status.blocktime_ms / source.postcopy_requests
-        if not running:
-            await dst.qmp.execute("cont")
-        result["guest_progress"] = False
-        with trio.move_on_after(PROGRESS_WAIT):
-            result["guest_progress"] = (await wait_progress(os.path.join(dst.guest_dir, GUEST_LOG), lines=2)).ok
-        if not result["guest_progress"]:
+            await start_postcopy(src.qmp)
+            switched = time.perf_counter()
+            running = False
+            while (status := await query_migration(dst.qmp)).status != "completed":
+                if status.status in ("failed", "cancelled"):
+                    raise SystemExit(f"direct post-copy {status.status}: {status.error_desc}")
+                if status.status == "postcopy-active" and not running:
+                    await dst.qmp.execute("cont")
+                    running = True
+                await trio.sleep(0.01)
+            with trio.fail_after(60):  # the destination completed: the source follows at once
+                while (source := await query_migration(src.qmp)).status != "completed":
+                    if source.status in ("failed", "cancelled"):
+                        raise SystemExit(f"direct post-copy, source side {source.status}: {source.error_desc}")
+                    await trio.sleep(0.01)
+            result: dict[str, Any] = {"postcopy_s": time.perf_counter() - switched, "blocktime_ms": status.blocktime_ms,
+                                      "postcopy_requests": source.postcopy_requests, "downtime_ms": source.downtime_ms}
+            if status.blocktime_ms is not None and source.postcopy_requests:
+                result["blocktime_per_request_ms"] = status.blocktime_ms / source.postcopy_requests
+            if not running:
+                await dst.qmp.execute("cont")
+            result["guest_progress"] = False
+            with trio.move_on_after(PROGRESS_WAIT):
+                result["guest_progress"] = (await wait_progress(os.path.join(dst.guest_dir, GUEST_LOG), lines=2)).ok
+            if not result["guest_progress"]:
 
-            async def execute(command: str, arguments: dict[str, Any] | None) -> Any:
-                return await dst.qmp.execute(command, arguments)
+                async def execute(command: str, arguments: dict[str, Any] | None) -> Any:
+                    return await dst.qmp.execute(command, arguments)
 
-            result["stuck"] = await diagnose_stuck(execute, dst.pid, dst.guest_dir, kernel)
-            registers = await dst.qmp.execute("human-monitor-command", {"command-line": "info registers"})
-            result["stuck"]["registers"] = " ".join(line for line in registers.splitlines() if line.startswith(("E", "CR0")))
-            print(f"the destination guest makes no progress (direct): {result['stuck']}", file=sys.stderr)
-        log = os.path.join(dst.guest_dir, GUEST_LOG)
-        if not read_report(log).ok:
-            raise SystemExit(f"the guest found corrupt memory on the destination (direct): {read_report(log).corrupt[:4]}")
+                result["stuck"] = await diagnose_stuck(execute, dst.pid, dst.guest_dir, kernel)
+                registers = await dst.qmp.execute("human-monitor-command", {"command-line": "info registers"})
+                result["stuck"]["registers"] = " ".join(line for line in registers.splitlines() if line.startswith(("E", "CR0")))
+                print(f"the destination guest makes no progress (direct): {result['stuck']}", file=sys.stderr)
+            log = os.path.join(dst.guest_dir, GUEST_LOG)
+            if not read_report(log).ok:
+                raise SystemExit(f"the guest found corrupt memory on the destination (direct): {read_report(log).corrupt[:4]}")
+        finally:
+            stop_relays(relay_procs)
     return result
 
 
@@ -324,17 +341,20 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes if m != "precopy"}
             for r in range(rounds):
                 for mode, results in runs.items():
-                    if mode == "direct":
-                        results.append(await direct_run(f"{root}/d", kernel, size, link))
+                    if mode in ("direct", "relay2"):
+                        results.append(await direct_run(f"{root}/d", kernel, size, link, relays=mode == "relay2"))
                     else:
                         results.append(await postcopy_run(f"{root}/r", kernel, size, link, mode))
                     print(f"{size} MiB round {r + 1} {mode}: {results[-1]}", file=sys.stderr)
 
             def med(mode: str, field: str, runs: dict[str, list[dict[str, Any]]] = runs) -> float | None:
-                values = [x[field] for x in runs.get(mode, []) if x.get(field) is not None]
+                # A guest that stopped running on the destination waits for no page: its blocktime
+                # (0, or the one request it made) says nothing about the path, so it is left out.
+                values = [x[field] for x in runs.get(mode, [])
+                          if x.get(field) is not None and (x["guest_progress"] or not field.startswith("blocktime"))]
                 return round(median(values), 4) if values else None
 
-            for mode in ("native", "tunnelled", "direct"):
+            for mode in ("native", "tunnelled", "direct", "relay2"):
                 if mode in runs:
                     out[f"postcopy_{mode}_s_{key}"] = med(mode, "postcopy_s")
                     out[f"blocktime_{mode}_ms_{key}"] = med(mode, "blocktime_ms")
@@ -345,6 +365,12 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
                 out[f"postcopy_ratio_{key}"] = round(t / n, 3) if n else None
                 bn, bt = out[f"blocktime_native_ms_{key}"], out[f"blocktime_tunnelled_ms_{key}"]
                 out[f"blocktime_ratio_{key}"] = round(bt / bn, 3) if bn else None
+            if "direct" in runs and "relay2" in runs:
+                # The floor: what two bare relays cost QEMU to QEMU, measured as direct is.
+                d, r2 = out[f"postcopy_direct_s_{key}"], out[f"postcopy_relay2_s_{key}"]
+                out[f"postcopy_relay2_ratio_{key}"] = round(r2 / d, 3) if d else None
+                bd, br = out[f"blocktime_per_request_direct_ms_{key}"], out[f"blocktime_per_request_relay2_ms_{key}"]
+                out[f"blocktime_per_request_relay2_ratio_{key}"] = round(br / bd, 3) if bd and br is not None else None
             if "resume" in runs:
                 out[f"resume_s_{key}"] = med("resume", "resume_s")
             out[f"guest_stuck_runs_{key}"] = sum(not x["guest_progress"] for results in runs.values() for x in results)

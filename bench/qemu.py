@@ -90,6 +90,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import trio
 from _common import emit, median, now
+from _splicerelay import start_relays, stop_relays
 from dirtyguest import GUEST_LOG, build_kernel, guest_mib, read_report, wait_progress
 from dirtyguest import guest_args as dirty_guest_args
 
@@ -207,26 +208,6 @@ def proc_cpu_s(pid: int) -> float:
 # --------------------------------------------------------------------------- native
 
 
-async def start_relays(run_dir: str, target: str, procs: list[subprocess.Popen[bytes]]) -> str:
-    """Two bare splice relays (added to *procs*) in a chain ending at the unix socket *target*; returns where to connect."""
-    for name in ("relay-b", "relay-a"):  # from the destination's side: each one's target must listen first
-        listen = os.path.join(run_dir, f"{name}.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen)
-        proc = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_splicerelay.py"), listen, target],
-            stdout=subprocess.PIPE,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
-        )
-        procs.append(proc)
-        assert proc.stdout is not None
-        line = await trio.to_thread.run_sync(proc.stdout.readline)
-        if line.strip() != b"ready":
-            raise RuntimeError(f"splice relay {name} did not start: {line!r}")
-        target = listen
-    return target
-
-
 async def native_run(
     setup: Setup, index: int, check: bool, certs: dict[str, TLSFiles] | None = None, *, tcp: bool = False, relays: bool = False
 ) -> dict[str, float]:
@@ -279,11 +260,7 @@ async def native_run(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         finally:
-            for proc in relay_procs:
-                proc.kill()
-                proc.wait()
-                assert proc.stdout is not None
-                proc.stdout.close()
+            stop_relays(relay_procs)
     return {"seconds": seconds, "qemu_total_s": (source.total_time_ms or 0) / 1000, "qemu_cpu_s": qemu_cpu,
             "relay_cpu_s": relay_cpu, "bytes": source.transferred}
 

@@ -256,8 +256,6 @@ class Incoming:
             return
         sock = self.sock
         done = self.pump_done  # this leg's: a post-copy recovery starts a new one with its own socket
-        if self.switched:  # a recovery's new stream: post-copy from the start
-            postcopy_buffers(None, stream)
         if sock is None:  # discarded before the stream came
             await stream.abort(reason="the incoming migration was discarded")
             done.set()
@@ -370,7 +368,7 @@ class Incoming:
             return  # QEMU went away: its watcher discards it
         self.switched = True
         if self.sock is not None:  # we send to QEMU: requested pages queue behind what we already wrote
-            postcopy_buffers(self.sock, self.stream)
+            postcopy_buffers(self.sock)
         with trio.CancelScope(shield=True):
             await daemon.store.set_outcome(self.migration_id.hex(), "finished")
             await daemon.store.set_runtime(

@@ -693,7 +693,7 @@ class SourceJob:
             def postcopy_started() -> None:
                 nonlocal qemu_end
                 if qemu_end is not None:
-                    postcopy_buffers(qemu_end, stream)
+                    postcopy_buffers(qemu_end)
                     qemu_end.close()
                     qemu_end = None
 
