@@ -28,6 +28,9 @@ two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
   rounds of 2) moved a median 1786 MB/s with 256 KiB passes and reads
   against 1483 MB/s with 2 MiB passes and 1 MiB reads, at 1.12 against
   1.20 CPU s/GiB; 512 KiB passes gave 1671, 192 KiB 1608, 64 KiB 1282.
+  With 2 GiB per run (3 interleaved rounds of 2) the gain was smaller,
+  1604 against 1489 MB/s, at 1.26 against 1.22 CPU s/GiB: four times as
+  many passes cost some Python, which the cache more than repays.
 * **Reads**: the transport is read in pieces of up to ``READ_CHUNK`` (256 KiB,
   ``recv_into`` a reused buffer on a plain socket) and whatever whole
   records the BIO holds are decrypted in one pass, ``SSLObject.read(n,
