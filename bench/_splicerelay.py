@@ -57,7 +57,8 @@ async def start_relays(run_dir: str, target: str, procs: list[subprocess.Popen[b
         listen = os.path.join(run_dir, f"{name}.sock")
         if os.path.lexists(listen):
             os.unlink(listen)
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), listen, target], stdout=subprocess.PIPE)
+        # Popen returns at once; the relay says "ready" on its stdout, read in a thread.
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), listen, target], stdout=subprocess.PIPE)  # noqa: ASYNC220
         procs.append(proc)
         assert proc.stdout is not None
         line = await trio.to_thread.run_sync(proc.stdout.readline)

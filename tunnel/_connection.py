@@ -84,6 +84,7 @@ from ._frames import (
     header,
     record_frame_type,
 )
+from ._frametypes import MAX_WINDOW
 from ._reader import DataChunk, DataStart, FrameReader, Item, Preface, RecordItem
 from ._records import (
     DeviceStateRecord,
@@ -95,7 +96,6 @@ from ._records import (
 )
 from ._settings import MAGIC, PREFACE, PROTOCOL_VERSION, ZSTD_MAX_EXPANSION, Feature, Settings, negotiate_version
 from ._state import TRANSITIONS, StreamInput, StreamState
-from ._frametypes import MAX_WINDOW
 from ._windows import ReceiveWindow, SendCredit
 
 __all__ = ["Connection", "ConnectionState", "StreamInfo"]

@@ -426,9 +426,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def set_buffering(self, size: int | None) -> None:
         """Hold about *size* bytes of this stream on this side from now on, in each direction.
 
-        For a stream whose latency starts to matter more than its throughput,
-        such as QEMU's post-copy, where the destination's vCPU waits for a
-        page queued behind everything already in flight.  Sending from a file
+        For a stream whose latency comes to matter more than its throughput:
+        what is asked for next waits behind less.  (QEMU's post-copy looked
+        like one, but its total blocktime did not fall: see the daemon's
+        ``postcopy_buffers``.)  Sending from a file
         descriptor, at most *size* bytes are read ahead of the peer's credit;
         receiving, the peer is granted a window of *size* bytes
         (``resize_stream_window``: credit it holds stays valid, less comes

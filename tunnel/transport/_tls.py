@@ -15,29 +15,31 @@ Theory of operation.  The stream drives a sans-I/O ``ssl.SSLObject`` over
 two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
 
 * **Writes**: ``send_all`` and ``send_all_parts`` (the tunnel's writer: a
-  frame header and its payload) encrypt the caller's buffers in passes of
-  ``WRITE_CHUNK`` (256 KiB), one ``SSLObject.write`` per buffer or piece
-  of one, so a header leaves with the start of its payload.  OpenSSL cuts
+  frame header and its payload) cut the caller's buffers into pieces of up
+  to ``WRITE_CHUNK`` (1 MiB), one ``SSLObject.write`` each, and encrypt up
+  to 2 MiB of them in one pass, so a header leaves with its payload.  OpenSSL cuts
   that into full 16 KiB records in C, and the ciphertext leaves the outgoing
   BIO in one ``read()`` and goes to the transport in one ``send_all``.
-* **Passes that fit the cache**: a pass's plaintext, its ciphertext in the
-  BIO and the copy taken out of it are touched three times within
-  microseconds; at 256 KiB they stay in the core's L2 cache, at 2 MiB they
-  went out to memory between steps.  A 1 GiB TLS tunnel stream between two
-  processes (``bench/throughput.py --modes tls_tunnel``, 3 interleaved
-  rounds of 2) moved a median 1786 MB/s with 256 KiB passes and reads
-  against 1483 MB/s with 2 MiB passes and 1 MiB reads, at 1.12 against
-  1.20 CPU s/GiB; 512 KiB passes gave 1671, 192 KiB 1608, 64 KiB 1282.
-  With 2 GiB per run (3 interleaved rounds of 2) the gain was smaller,
-  1604 against 1489 MB/s, at 1.26 against 1.22 CPU s/GiB: four times as
-  many passes cost some Python, which the cache more than repays.
-* **Reads**: the transport is read in pieces of up to ``READ_CHUNK`` (256 KiB,
+* **Reads**: the transport is read in pieces of up to ``READ_CHUNK`` (1 MiB,
   ``recv_into`` a reused buffer on a plain socket) and whatever whole
   records the BIO holds are decrypted in one pass, ``SSLObject.read(n,
   buffer)`` straight into a reused plaintext buffer, or into the caller's
   with :meth:`TLSStream.receive_into`.  Python runs once per record only
   inside that pass (SSL_read returns at most one record), never a trio
   checkpoint or a transport read per record.
+* **Sizes chosen for migrations, not for the stream alone**: pieces of
+  256 KiB end to end (passes and reads) keep a piece's three touches
+  (socket, BIO, plaintext; 768 KiB) in the core's L2 cache (1 MiB here),
+  and a bare TLS tunnel stream between two processes moved 1839 against
+  1483 MB/s (``bench/throughput.py --modes tls_tunnel``, 1 GiB, 3 runs).
+  But a TUNNELLED QEMU migration over TLS got slower with them (1.21-1.28
+  against 1.09-1.16 s, daemon CPU 1.6 against 1.45 s per GiB; 3
+  interleaved rounds of 2): four times as many pieces cost the tunnel's
+  reader, the writer and the write to QEMU a pass of Python each, on
+  cores the two QEMUs share.  Reading 256 KiB at a time but handing the
+  caller up to its buffer's size gained the QEMU migration nothing beyond
+  noise (1.08-1.15 against 1.12-1.19 s) and the stream lost the gain.  So
+  the sizes stay at 1 MiB and 2 MiB.
 * **Threads, on request**: with ``offload_min=N`` a pass over at least N
   bytes runs in a worker thread (``trio.to_thread.run_sync``; ``THREAD_MIN``,
   64 KiB, is a sensible N).  OpenSSL releases the GIL while it encrypts or
@@ -50,8 +52,8 @@ two ``ssl.MemoryBIO``s, like ``trio.SSLStream``, but:
   1438 MB/s inline against 1187 MB/s with 64 KiB offload (medians of 5
   interleaved runs, 1.24 against 1.48 CPU s), and a tunnelled QEMU
   migration over TLS took 1.18-1.32 s against 1.53-1.70 s.  An inline
-  pass blocks the event loop for about half a millisecond per MiB (a
-  256 KiB pass at most, then the loop runs).
+  pass blocks the event loop for about half a millisecond per MiB (a 2 MiB
+  pass at most).
 * **One SSL object, one owner at a time**: OpenSSL does not allow two
   threads in one ``SSL`` at once, so every call into the ``SSLObject`` and
   its BIOs holds ``_crypto_lock``.  The event loop never blocks on it: an
@@ -93,10 +95,10 @@ __all__ = ["READ_CHUNK", "THREAD_MIN", "WRITE_CHUNK", "TLSStream", "tune_context
 
 T = TypeVar("T")
 
-#: Plaintext encrypted in one pass (one or more ``SSLObject.write``), then written in one transport write.
-WRITE_CHUNK = 256 * 1024
+#: Largest plaintext piece encrypted by one ``SSLObject.write``.
+WRITE_CHUNK = 1024 * 1024
 #: Largest transport read, and the plaintext buffer decrypted into.
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 1024 * 1024
 #: A sensible ``offload_min`` for TLSStream: passes of this many bytes or more in worker threads.
 THREAD_MIN = 64 * 1024
 #: First size of the read and plaintext buffers.  Each grows to READ_CHUNK
@@ -359,26 +361,20 @@ class TLSStream(trio.abc.Stream):
                 self._sending = False
 
     async def _send(self, *parts: Buffer) -> None:
-        """Encrypt and write *parts*, in order, in full passes of WRITE_CHUNK bytes (the last one shorter).
-
-        A pass may hold the end of one part and the start of the next, so a
-        frame header rides with the start of its payload.
-        """
+        """Encrypt and write *parts*, in order, in passes of at most 2 * WRITE_CHUNK bytes (so a header rides with a payload of up to 1 MiB)."""
         batch: list[memoryview] = []
         size = 0
         for part in parts:
             view = memoryview(part)
             if view.ndim != 1 or view.format != "B":
                 view = view.cast("B")
-            offset = 0
-            while offset < len(view):
-                piece = view[offset : offset + WRITE_CHUNK - size]
-                batch.append(piece)
-                size += len(piece)
-                offset += len(piece)
-                if size == WRITE_CHUNK:
+            for offset in range(0, len(view), WRITE_CHUNK):
+                chunk = view[offset : offset + WRITE_CHUNK]
+                if size and size + len(chunk) > 2 * WRITE_CHUNK:
                     await self._send_batch(batch, size)
                     batch, size = [], 0
+                batch.append(chunk)
+                size += len(chunk)
         if size:
             await self._send_batch(batch, size)
         else:
