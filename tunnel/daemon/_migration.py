@@ -64,7 +64,7 @@ FINISH_TIMEOUT = 120.0
 #: Bound on each clean-up step, so an unresponsive peer cannot hang a failure.
 CLEANUP_TIMEOUT = 5.0
 #: SO_SNDBUF of a QEMU socketpair's sending end during post-copy (the kernel doubles it).
-POSTCOPY_SOCKET_BUFFER = 128 * 1024
+POSTCOPY_SOCKET_BUFFER = 1024 * 1024
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -83,6 +83,13 @@ def postcopy_buffers(sock: socket.socket) -> None:
     stream socket's queue is bounded by the sender's SO_SNDBUF alone: 4 MiB
     asked (8 MiB granted) per socketpair suits pre-copy's bulk, not
     post-copy's requests.  Bytes already queued stay; nothing is lost.
+
+    How far to shrink trades the guest's waits against the time post-copy
+    takes.  ``bench/postcopy.py --size 1024`` (2 runs each, tunnelled
+    against native 0.63-0.83 s and 0-431 ms of blocktime): 128 KiB asked
+    took 1.12-1.28 s with 10-239 ms of blocktime; 1 MiB asked 0.90-0.93 s
+    with 11-69 ms; no shrinking 0.57-0.84 s with 0-511 ms (7.6 ms per page
+    request).  1 MiB it is.
 
     The tunnel stream's own buffering (4 MiB window, 1 MiB read ahead) is
     left as it is.  Shrinking it too (``TunnelStream.set_buffering``) was
