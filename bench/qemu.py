@@ -236,6 +236,7 @@ async def native_run(
                 uri = f"unix:{relay_path}"
             await set_max_bandwidth(src.qmp, UNLIMITED_BANDWIDTH)
             cpu_before = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid)
+            relay_cpu_before = sum(proc_cpu_s(p.pid) for p in relay_procs)  # their start-up is not relaying
             started = now()
             await src.qmp.execute("migrate", {"uri": uri})
             while True:
@@ -243,7 +244,7 @@ async def native_run(
                 if status.status == "completed":
                     seconds = now() - started
                     qemu_cpu = proc_cpu_s(src.pid) + proc_cpu_s(dst.pid) - cpu_before
-                    relay_cpu = sum(proc_cpu_s(p.pid) for p in relay_procs)
+                    relay_cpu = sum(proc_cpu_s(p.pid) for p in relay_procs) - relay_cpu_before
                     break
                 if status.status in ("failed", "cancelled"):
                     raise MigrationError(status)
