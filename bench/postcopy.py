@@ -15,16 +15,16 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   10 ms) to the job completing, the destination's ``postcopy-blocktime``
   (total time its vCPU waited for pages; also per page it asked for, as the
   number of requests varies from run to run) and the source's downtime;
-* ``relay2`` (not in the default modes): ``direct`` through two bare splice
-  relays in a chain (``_splicerelay.py``), the least two processes carrying
-  QEMU's stream can cost: ``postcopy_relay2_ratio`` and
-  ``blocktime_per_request_relay2_ratio`` (against ``direct``) are the floor
-  under ``tunnelled`` on this machine;
 * ``direct`` (not in the default modes): QEMU to QEMU over a unix socket,
   without the daemons, switched the same way (after the first pass) and
   the destination continued at ``postcopy-active`` as the daemons do; it
   tells whether something seen through the daemons is QEMU's own, and on a
   stuck guest it also records QEMU's view of the vCPU (``info registers``);
+* ``relay2`` (not in the default modes): ``direct`` through two bare splice
+  relays in a chain (``_splicerelay.py``), the least two processes carrying
+  QEMU's stream can cost: ``postcopy_relay2_ratio`` and
+  ``blocktime_per_request_relay2_ratio`` (against ``direct``) are the floor
+  under ``tunnelled`` on this machine;
 * ``resume``: tunnelled again, through a relay between the daemons, with
   post-copy capped at 8 MiB/s so that the cut lands in it; the relay cuts
   the connection, both QEMUs pause, and ``resume_s`` is the time from the
