@@ -93,7 +93,8 @@ def postcopy_buffers(sock: socket.socket) -> None:
 
     The tunnel stream's own buffering (4 MiB window, 1 MiB read ahead) is
     left as it is.  Shrinking it too (``TunnelStream.set_buffering``) was
-    measured (``bench/postcopy.py``, 256 MiB, 5 rounds each): at 256 KiB a
+    measured (``bench/postcopy.py``, 256 MiB, 5 rounds each, the socket
+    pairs then shrunk to 128 KiB): at 256 KiB a
     page request waited 0.8 ms instead of 3.5 ms, but the guest, running
     more, asked for more pages, its total blocktime stayed the same (about
     190 ms), and post-copy took 27% longer; at 64 KiB it took 3.4 times as
