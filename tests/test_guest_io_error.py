@@ -45,13 +45,19 @@ async def test_a_full_disk_pauses_the_guest_and_resume_retries() -> None:
         with open(image, "wb") as f:
             f.truncate(64 * MiB)  # sparse: 16384 holes, room for about 256 of them
         errors: list[OSError] = []
+        paused = trio.Event()
+
+        def on_io_error(exc: OSError) -> None:
+            errors.append(exc)
+            paused.set()
+
         guest = SimulatedGuest(image, DirtyTracker(64 * MiB // PAGE), pages_per_second=200_000, seed=1)
-        guest.on_io_error = errors.append
+        guest.on_io_error = on_io_error
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await nursery.start(guest.run)
-                while guest.io_error is None:
-                    await trio.sleep(0.01)
+                await paused.wait()
+                assert guest.io_error is not None
                 assert guest.paused
                 assert errors and errors[0].errno == errno.ENOSPC
                 written = guest.pages_dirtied

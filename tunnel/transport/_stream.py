@@ -299,7 +299,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         view = memoryview(buf)
         total = 0
         while limit is None or total < limit:
-            want = len(buf) if self._staging is None else max(1, min(len(buf), self._staging))
+            want = len(buf) if self._staging is None else min(len(buf), self._staging)
             if limit is not None:
                 want = min(want, limit - total)
             try:
