@@ -20,7 +20,13 @@ copy of the guest that can run is the destination's: a cancel is refused by
 QEMU.  If the channel breaks, both sides pause (``postcopy-paused``) with
 their memory intact; :func:`recover_incoming_fd` on the destination and
 then :func:`resume_outgoing_fd` on the source go on over a new channel
-(``postcopy-recover``, then ``postcopy-active`` again).  On the destination,
+(``postcopy-recover``, then ``postcopy-active`` again).  With
+``postcopy-preempt`` (on both sides, :func:`postcopy_capabilities`) the source sends the
+pages the destination asks for on a second connection, so they do not
+queue behind the background copy: QEMU 7.2 opens it at the switch (and again
+after each resume), after the main one, to the same ``unix:``/``tcp:``
+address, so it needs a socket URI on both sides (``fd:`` has one channel).
+On the destination,
 the ``postcopy-blocktime`` capability makes ``query-migrate`` report how
 long the vCPUs waited for pages (:attr:`MigrationStatus.blocktime_ms`).
 
@@ -51,6 +57,7 @@ __all__ = [
     "cancel",
     "pause",
     "postcopy_capabilities",
+    "query_capabilities",
     "query_migration",
     "query_parameters",
     "recover_incoming_fd",
@@ -178,6 +185,12 @@ async def set_capabilities(qmp: QMPClient, capabilities: Mapping[str, bool]) -> 
     await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
 
 
+async def query_capabilities(qmp: QMPClient) -> dict[str, bool]:
+    """``query-migrate-capabilities`` as ``{name: state}``: what this QEMU knows, and how each is set now."""
+    reply = await qmp.execute("query-migrate-capabilities")
+    return {str(item["capability"]): bool(item["state"]) for item in reply}
+
+
 async def set_parameters(qmp: QMPClient, parameters: Mapping[str, Any]) -> None:
     """``migrate-set-parameters`` with QEMU's own key names (``max-bandwidth``, ``downtime-limit``...)."""
     await qmp.execute("migrate-set-parameters", dict(parameters))
@@ -276,9 +289,18 @@ async def set_tls(qmp: QMPClient, creds_dir: str | None, *, endpoint: str = "cli
     await set_parameters(qmp, {"tls-creds": TLS_OBJECT_ID, "tls-hostname": hostname or ""})
 
 
-def postcopy_capabilities(*, blocktime: bool = False) -> dict[str, bool]:
-    """:data:`POSTCOPY`, plus ``postcopy-blocktime`` (destination statistics; it does not change the stream)."""
-    return {**POSTCOPY, "postcopy-blocktime": True} if blocktime else dict(POSTCOPY)
+def postcopy_capabilities(*, blocktime: bool = False, preempt: bool | None = None) -> dict[str, bool]:
+    """:data:`POSTCOPY`, plus ``postcopy-blocktime`` (destination statistics; it does not change the stream).
+
+    *preempt* sets ``postcopy-preempt`` either way (a QEMU keeps it from its
+    last migration); None leaves it out, for a QEMU that may not know it.
+    """
+    capabilities = dict(POSTCOPY)
+    if preempt is not None:
+        capabilities["postcopy-preempt"] = preempt
+    if blocktime:
+        capabilities["postcopy-blocktime"] = True
+    return capabilities
 
 
 async def start_postcopy(qmp: QMPClient) -> None:
