@@ -35,8 +35,11 @@ from fault_tools import Relay
 from qemu_fixtures import base_args, file_digest, requires_qemu, run_dir
 from test_daemon import Daemon, running
 
+from tunnel import DigestAlgorithm, StreamKind, TunnelError
 from tunnel.client import Client, connect
-from tunnel.daemon import DaemonError
+from tunnel.control import decode, encode
+from tunnel.daemon import PROGRAM, DaemonError, Procedure
+from tunnel.transport import TunnelStream, open_connection
 
 __all__ = ["dirty_kernel", "run_dir"]  # fixtures, imported for pytest
 
@@ -52,7 +55,7 @@ class GuestStuck(AssertionError):
     """The guest made no progress on the destination (no CORRUPT line: that fails at once)."""
 
 
-def once_more_if_stuck(test: Callable[[str, str], Awaitable[None]]) -> Callable[[str, str], Awaitable[None]]:
+def once_more_if_stuck(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """Run *test* again, once, in a fresh directory, if the destination's guest was stuck.
 
     QEMU 7.2 under TCG leaves a destination guest stuck after post-copy now
@@ -63,12 +66,12 @@ def once_more_if_stuck(test: Callable[[str, str], Awaitable[None]]) -> Callable[
     """
 
     @functools.wraps(test)
-    async def run(run_dir: str, dirty_kernel: str) -> None:
+    async def run(run_dir: str, dirty_kernel: str, **params: Any) -> None:
         first = os.path.join(run_dir, "first")
         os.mkdir(first)
         stuck: BaseException | None = None
         try:
-            await test(first, dirty_kernel)
+            await test(first, dirty_kernel, **params)
         except* GuestStuck as group:  # raised inside the daemons' nursery: it arrives in a group
             stuck = group.exceptions[0]
             while isinstance(stuck, BaseExceptionGroup):  # nested nurseries nest groups
@@ -77,7 +80,7 @@ def once_more_if_stuck(test: Callable[[str, str], Awaitable[None]]) -> Callable[
             warnings.warn(f"{test.__name__}: {stuck}; running it once more (QEMU 7.2 TCG post-copy, see once_more_if_stuck)", stacklevel=1)
             again = os.path.join(run_dir, "again")
             os.mkdir(again)
-            await test(again, dirty_kernel)
+            await test(again, dirty_kernel, **params)
 
     return run
 
@@ -87,12 +90,17 @@ def definition(kernel: str, *, write: bool = True) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def pair(root: str, *, relay: bool = False) -> AsyncIterator[tuple[Client, str, Relay | None]]:
-    """Two daemons (guests stop with them); the client of the source, the destination URI (through a relay if asked)."""
+async def pair(
+    root: str, *, relay: bool = False, preempt: tuple[bool, bool] = (True, True)
+) -> AsyncIterator[tuple[Client, str, Relay | None]]:
+    """Two daemons (guests stop with them); the client of the source, the destination URI (through a relay if asked).
+
+    *preempt*: whether the source and the destination daemon offer post-copy's preempt channel.
+    """
     src_uri, dst_uri = f"unix://{root}/src.sock", f"unix://{root}/dst.sock"
     async with (
-        running(Daemon(state_dir=f"{root}/src", listen=[src_uri])),
-        running(Daemon(state_dir=f"{root}/dst", listen=[dst_uri])),
+        running(Daemon(state_dir=f"{root}/src", listen=[src_uri], postcopy_preempt=preempt[0])),
+        running(Daemon(state_dir=f"{root}/dst", listen=[dst_uri], postcopy_preempt=preempt[1])),
         trio.open_nursery() as nursery,
     ):
         fault = None
@@ -143,9 +151,11 @@ async def switched_to_postcopy(client: Client, root: str, dst_uri: str, kernel: 
 
 
 @once_more_if_stuck
-async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dirty_kernel: str) -> None:
+@pytest.mark.parametrize("preempt", [(True, True), (False, True), (True, False)], ids=["preempt", "source-without", "destination-without"])
+async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dirty_kernel: str, preempt: tuple[bool, bool]) -> None:
+    """Switched on request; the requested pages on a stream of their own when both daemons offer it, else on the one stream."""
     with trio.fail_after(120):
-        async with pair(run_dir) as (client, dst_uri, _):
+        async with pair(run_dir, preempt=preempt) as (client, dst_uri, _):
             await client.define(definition(dirty_kernel))
             await client.start("vm")
             await wait_progress(os.path.join(run_dir, "src", "run", "vm", GUEST_LOG), lines=1)
@@ -160,6 +170,11 @@ async def test_postcopy_tunnelled_on_request_and_abort_refused(run_dir: str, dir
             await wait_job(client, phase="post-copy")
             done = await wait_job(client, status="completed")
             assert done["tunnel_bytes_received"] > 0  # QEMU's return path (the page requests) came back through the tunnel
+            assert done["postcopy_preempt"] is all(preempt)
+            if all(preempt):  # the destination asked for pages after the switch: they came on the preempt stream
+                assert done["postcopy_preempt_bytes"] > 0
+            else:
+                assert done["postcopy_preempt_bytes"] == 0
             assert done["destination_postcopy_blocktime_ms"] >= 0
             assert len(done["destination_postcopy_vcpu_blocktime_ms"]) == 1
             rows = {d["name"]: d for d in await client.list()}
@@ -228,6 +243,7 @@ async def test_postcopy_cut_twice_and_resumed_by_the_client(run_dir: str, dirty_
                         nursery.cancel_scope.cancel()
             result = await client.postcopy_resume("vm", dst_uri)
             assert result["status"] == "completed" and result["postcopy_resumes"] == 2
+            assert result["postcopy_preempt"] and result["postcopy_preempt_bytes"] > 0  # a preempt stream on each leg
             await check_destination(run_dir)
 
 
@@ -287,9 +303,41 @@ async def test_daemon_restarts_in_postcopy_paused_keep_both_qemus(run_dir: str, 
                             await client.abort("vm")
                         result = await client.postcopy_resume("vm", relay.uri)
                         assert result["status"] == "completed"
+                        assert result["postcopy_preempt"]  # the new daemons found it in QEMU and resumed both channels
                         assert qemu_pids_under(f"{run_dir}/src") == []  # confirmed: the source stopped its copy
                     assert qemu_pids_under(f"{run_dir}/dst") == pids["dst"]
                     await check_destination(run_dir)
             finally:
                 kill_guests(run_dir)
             nursery.cancel_scope.cancel()
+
+
+async def test_preempt_stream_only_where_agreed_and_after_the_main_one(run_dir: str, dirty_kernel: str) -> None:
+    """A destination takes a ``qemu-postcopy`` stream only for a migration that agreed to it, after its main stream."""
+    dst_sock = f"{run_dir}/dst.sock"
+    with trio.fail_after(60):
+        async with (
+            running(Daemon(state_dir=f"{run_dir}/dst", listen=[f"unix://{dst_sock}"])),
+            open_connection(await trio.open_unix_socket(dst_sock), client=True) as peer,
+        ):
+
+            async def prepare(name: str, preempt: bool) -> tuple[bytes, Any]:
+                migration_id = os.urandom(16)
+                request = {"definition": {**definition(dirty_kernel), "name": name}, "migration_id": migration_id.hex(),
+                           "tunnelled": True, "live": True, "postcopy": True, "postcopy_preempt": preempt}
+                return migration_id, decode(await peer.call(PROGRAM, Procedure.PREPARE, encode(request)))
+
+            async def stream(migration_id: bytes, label: str) -> TunnelStream:
+                return await peer.open_stream(kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=migration_id, label=label)
+
+            agreed, reply = await prepare("vm1", True)
+            assert reply == {"postcopy_preempt": True}
+            early = await stream(agreed, "qemu-postcopy")  # before the main stream
+            with pytest.raises(TunnelError, match="waits for a preempt channel"):
+                await early.receive_some()
+            declined, reply = await prepare("vm2", False)
+            assert reply == {}  # one stream, as without the field
+            await stream(declined, "qemu")
+            stray = await stream(declined, "qemu-postcopy")
+            with pytest.raises(TunnelError, match="waits for a preempt channel"):
+                await stray.receive_some()

@@ -157,6 +157,7 @@ def _make_daemon(args: argparse.Namespace, tls: TLSFiles | None, log: LogWriter)
             max_clients=args.max_clients,
             max_anonymous_clients=args.max_anonymous_clients,
             insecure=args.insecure,
+            postcopy_preempt=not args.no_postcopy_preempt,
             log=log,
         )
     except URIError as exc:

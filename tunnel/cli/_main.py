@@ -157,6 +157,11 @@ def _parsers() -> _Parsers:
                    help="most connections still in their TLS or tunnel handshake (default 20, as libvirt)")
     d.add_argument("--insecure", action="store_true",
                    help="allow tcp:// listeners without TLS and migrations to tcp:// peers (logged as a warning)")
+    d.add_argument("--no-postcopy-preempt", action="store_true",
+                   help="carry a tunnelled post-copy migration on one stream, where the pages the destination asks "
+                        "for wait behind the background copy (default: those pages go on a second stream, QEMU's "
+                        "postcopy-preempt channel, when both daemons and both QEMUs have it); applies to migrations "
+                        "from and to this daemon")
     d.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="least severe log lines written (default info; debug adds connection ends)")
     d.add_argument("--log-format", choices=("text", "json"), default="text",

@@ -165,6 +165,7 @@ class Daemon:
         qemu_user: str | None = None,
         shutdown_guests_on_exit: bool = False,
         insecure: bool = False,
+        postcopy_preempt: bool = True,
         log: Callable[[str], None] | LogSink | None = None,
         max_clients: int = 5000,
         max_anonymous_clients: int = 20,
@@ -205,6 +206,8 @@ class Daemon:
         self.tls = tls
         self.access = AccessPolicy(admins=allow_admin, peers=allow, read_only=allow_ro)
         self.insecure = insecure
+        #: Tunnelled post-copy asks for QEMU's preempt channel (a second stream; see _qemusock).
+        self.postcopy_preempt = postcopy_preempt
         self._log: Callable[[str], None] | LogSink = log or (lambda line: None)
         if self.qemu_uid is not None:
             # QEMU, as that user, must reach its own guest directory (which it owns) below these.

@@ -7,6 +7,11 @@ them on every path: it aborts the stream, wakes the pump waiting on the
 socket before closing it, and aborts the writer so nothing that looks
 complete is left behind.
 
+With post-copy's preempt channel (:mod:`._qemusock`) QEMU listens on a
+unix socket instead, the daemon connects to it for the main stream at once
+and again for the preempt stream when that arrives, and discards, detaches
+and recovers both.
+
 A post-copy migration past the switch is never discarded (:mod:`._postcopy`):
 :meth:`Incoming.watch_switch` resumes the guest here as soon as QEMU reports
 ``postcopy-active`` and records the outcome; a lost connection only closes
@@ -16,6 +21,7 @@ channel for the source's next connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -35,6 +41,7 @@ from ..qemu import (
     QMPConnectionClosed,
     QMPError,
     postcopy_capabilities,
+    query_capabilities,
     query_migration,
     recover_incoming_fd,
     recover_incoming_uri,
@@ -47,7 +54,17 @@ from ..qemu import (
 from ..transport import TunnelStream
 from ._imageguest import PAGE as PAGE_SIZE
 from ._jobstats import complete_jobinfo
-from ._migration import FINISH_TIMEOUT, POLL_INTERVAL, RETURN_PATH, domain_state, postcopy_buffers, pump_socket, socketpair
+from ._migration import (
+    FINISH_TIMEOUT,
+    POLL_INTERVAL,
+    POSTCOPY_STREAM_WINDOW,
+    RETURN_PATH,
+    domain_state,
+    postcopy_buffers,
+    pump_socket,
+    socketpair,
+)
+from ._qemusock import connect_qemu
 from ._rpc import public_message
 
 if TYPE_CHECKING:
@@ -74,11 +91,17 @@ class Incoming:
         verify: bool = False,
         persistent: bool = False,
         postcopy: bool = False,
+        preempt: bool = False,
     ) -> None:
         self.domain = domain
         #: Post-copy allowed (both QEMUs' capabilities); ``switched`` once QEMU reported it: from then on it is never discarded.
         self.postcopy = postcopy
         self.switched = False
+        #: The source asked for post-copy's preempt channel; ``preempt`` once QEMU listens for it (a unix socket, _qemusock).
+        self.preempt_wanted = preempt
+        self.preempt = False
+        self.preempt_stream: TunnelStream | None = None
+        self.preempt_sock: socket.socket | None = None
         #: The connection (session) this migration belongs to; None between a lost connection and POSTCOPY_RECOVER.
         self.owner: Session | None = None
         self.legs = 0
@@ -153,8 +176,8 @@ class Incoming:
                 info["status"] = "active"
         if self.postcopy:
             switched = self.switched or (self.qemu_status or "").startswith("postcopy")
-            info.update(postcopy=True, phase="post-copy" if switched else "pre-copy", postcopy_blocktime_ms=None,
-                        postcopy_vcpu_blocktime_ms=None)
+            info.update(postcopy=True, phase="post-copy" if switched else "pre-copy", postcopy_preempt=self.preempt,
+                        postcopy_blocktime_ms=None, postcopy_vcpu_blocktime_ms=None)
             info.update(self.blocktime_stats)
         if self.stream is not None:
             stats = self.stream.statistics()
@@ -195,6 +218,11 @@ class Incoming:
         process = self.domain.process
         assert isinstance(process, QemuProcess)
         capabilities = postcopy_capabilities(blocktime=True) if self.postcopy else None
+        if self.tunnelled and self.postcopy and self.preempt_wanted and "postcopy-preempt" in await query_capabilities(process.qmp):
+            await start_incoming_uri(process.qmp, self._unix_uri(), capabilities=postcopy_capabilities(blocktime=True, preempt=True))
+            self.preempt = True
+            self._connect_main()
+            return {"postcopy_preempt": True}
         if self.tunnelled:
             await self._socket_for_qemu(lambda fd: start_incoming_fd(process.qmp, fd, capabilities=capabilities or RETURN_PATH))
             return {}
@@ -224,6 +252,14 @@ class Incoming:
             postcopy_buffers(ours)
         self.sock = ours
 
+    def _connect_main(self) -> None:
+        """Our connection to QEMU's unix socket, for the main channel: QEMU takes the first one it accepts for it."""
+        assert self.uri is not None
+        sock = connect_qemu(self.uri.removeprefix("unix:"))
+        if self.switched:  # a recovery's new channel: post-copy from the start
+            postcopy_buffers(sock)
+        self.sock = sock
+
     def _unix_uri(self) -> str:
         """QEMU's incoming unix socket in the guest's directory (a leftover from an earlier leg removed)."""
         path = os.path.join(self.domain.guest_dir, "incoming.sock")
@@ -241,8 +277,19 @@ class Incoming:
                 return {"uri": self.uri, "tls": tls}
         raise DaemonError("the destination QEMU did not report its incoming TCP port")
 
+    def _postcopy_window(self) -> None:
+        """With the preempt channel, past the switch: less of the main stream in flight ahead of the requested pages.
+
+        Both streams share the daemons' connection, whose socket holds
+        whatever the main stream's window lets the source send ahead: the
+        requested pages on the preempt stream wait behind that.
+        """
+        if self.preempt and self.switched and self.stream is not None:
+            self.stream.set_buffering(POSTCOPY_STREAM_WINDOW)
+
     async def pump(self, stream: TunnelStream) -> None:
         self.stream = stream
+        self._postcopy_window()  # a recovery's new stream: post-copy from the start
         self.state = "active"
         self.stream_seen.set()
         hide = (self.domain.store.state_dir,)
@@ -267,24 +314,59 @@ class Incoming:
                 self.pump_error = public_message(exc, hide=hide)
         finally:
             if self.sock is sock:
-                self._close_sock()
+                self._close_main()
             done.set()
 
+    async def pump_preempt(self, stream: TunnelStream) -> None:
+        """Post-copy's preempt channel: a second connection to QEMU (after the main one), pumped as the main one."""
+        self.preempt_stream = stream
+        legs = self.legs
+        hide = (self.domain.store.state_dir,)
+        try:
+            if self.sock is None or self.uri is None:
+                raise DaemonError("the incoming migration has no main channel for this preempt channel")
+            self.preempt_sock = connect_qemu(self.uri.removeprefix("unix:"))
+            await pump_socket(stream, self.preempt_sock)
+        except (DaemonError, TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1),
+                contextlib.suppress(TunnelError, trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await stream.abort(reason=public_message(exc, hide=hide))
+            if self.legs == legs and self.pump_error is None:
+                self.pump_error = public_message(exc, hide=hide)
+        finally:
+            if self.legs == legs:
+                self._close_preempt()
+
     def _close_sock(self) -> None:
-        """Close our end of QEMU's socket, waking any task waiting on it first (it then sees ClosedResourceError)."""
+        """Close our ends of QEMU's sockets, waking any task waiting on one first (it then sees ClosedResourceError)."""
+        self._close_main()
+        self._close_preempt()
+
+    def _close_main(self) -> None:
         sock, self.sock = self.sock, None
         if sock is not None:
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
+    def _close_preempt(self) -> None:
+        """The preempt channel's end, on its own: it may carry the last requested pages after the main one ended."""
+        sock, self.preempt_sock, self.preempt_stream = self.preempt_sock, None, None
+        if sock is not None:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
     async def discard(self) -> None:
-        """Release what this migration holds: the stream (aborted), QEMU's socket, an uncommitted image."""
-        if self.stream is not None:
-            with trio.move_on_after(1):
-                try:
-                    await self.stream.abort(reason="the incoming migration was discarded")
-                except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        """Release what this migration holds: the streams (aborted), QEMU's sockets, an uncommitted image."""
+        for stream in (self.stream, self.preempt_stream):
+            if stream is not None:
+                with trio.move_on_after(1):
+                    try:
+                        await stream.abort(reason="the incoming migration was discarded")
+                    except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
         self._close_sock()
         if self.writer is not None and not self.writer.committed:
             await self.writer.abort("the incoming migration was discarded")
@@ -369,6 +451,7 @@ class Incoming:
         self.switched = True
         if self.sock is not None:  # we send to QEMU: requested pages queue behind what we already wrote
             postcopy_buffers(self.sock)
+        self._postcopy_window()
         with trio.CancelScope(shield=True):
             await daemon.store.set_outcome(self.migration_id.hex(), "finished")
             await daemon.store.set_runtime(
@@ -387,12 +470,13 @@ class Incoming:
     async def detach_stream(self) -> None:
         """The old channel is gone (or given up): abort its stream, close QEMU's socket so QEMU pauses."""
         stream, self.stream = self.stream, None
-        if stream is not None:
-            with trio.move_on_after(1):
-                try:
-                    await stream.abort(reason="the source resumed this post-copy migration on another connection")
-                except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+        for each in (stream, self.preempt_stream):
+            if each is not None:
+                with trio.move_on_after(1):
+                    try:
+                        await each.abort(reason="the source resumed this post-copy migration on another connection")
+                    except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
         self._close_sock()
 
     async def recover(self, source_status: str, peer_sockname: Any, *, tls: TLSFiles | None = None, owner: int | None = None) -> dict[str, Any]:
@@ -423,6 +507,12 @@ class Incoming:
         self.stream_seen = trio.Event()
         self.pump_done = trio.Event()
         self.pump_error = None
+        # The channels are as the migration started (a restarted daemon knows it from QEMU only).
+        self.preempt = self.tunnelled and (await query_capabilities(process.qmp)).get("postcopy-preempt", False)
+        if self.preempt:
+            await recover_incoming_uri(process.qmp, self._unix_uri())
+            self._connect_main()
+            return {"state": "postcopy-recover"}
         if self.tunnelled:
             await self._socket_for_qemu(lambda fd: recover_incoming_fd(process.qmp, fd, fd_name=f"recover{self.legs}"))
             return {"state": "postcopy-recover"}

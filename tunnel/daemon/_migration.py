@@ -43,6 +43,7 @@ __all__ = [
     "CLEANUP_TIMEOUT",
     "FINISH_TIMEOUT",
     "POLL_INTERVAL",
+    "POSTCOPY_STREAM_WINDOW",
     "RETURN_PATH",
     "UNLIMITED_BANDWIDTH",
     "domain_state",
@@ -65,6 +66,8 @@ FINISH_TIMEOUT = 120.0
 CLEANUP_TIMEOUT = 5.0
 #: SO_SNDBUF of a QEMU socketpair's sending end during post-copy (the kernel doubles it).
 POSTCOPY_SOCKET_BUFFER = 1024 * 1024
+#: The main stream's window on the destination once post-copy runs with the preempt channel (see postcopy_buffers).
+POSTCOPY_STREAM_WINDOW = 1024 * 1024
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

@@ -25,6 +25,7 @@ from ._imageguest import ImageGuest
 from ._incoming import Incoming
 from ._jobstats import complete_jobinfo
 from ._net import Identity
+from ._qemusock import PREEMPT_LABEL
 from ._qmpallow import check_qmp
 from ._recovery import outcome_reply
 from ._rpc import field, json_handler, public_message
@@ -527,6 +528,7 @@ class Session:
             verify=field(request, "verify", bool, False),
             persistent=persistent,
             postcopy=field(request, "postcopy", bool, False),
+            preempt=field(request, "postcopy_preempt", bool, False) and daemon.postcopy_preempt,
         )
         if incoming.postcopy and domain.is_image:
             raise DaemonError("a memory-image guest has no post-copy")
@@ -563,10 +565,18 @@ class Session:
 
     async def on_stream(self, stream: TunnelStream) -> None:
         incoming = self.prepared.get(stream.migration_id)
-        if incoming is None or not incoming.tunnelled or incoming.stream_seen.is_set():
+        assert self.daemon._nursery is not None
+        if incoming is not None and stream.label == PREEMPT_LABEL:  # post-copy's second channel, after the main one
+            if not incoming.preempt or incoming.stream is None or incoming.sock is None or incoming.preempt_stream is not None:
+                await stream.abort(reason="no tunnelled post-copy migration with this id waits for a preempt channel on this connection")
+                return
+            incoming.preempt_stream = stream
+            self.daemon._nursery.start_soon(incoming.pump_preempt, stream)
+            return
+        if incoming is None or not incoming.tunnelled or incoming.stream is not None or incoming.stream_seen.is_set():
             await stream.abort(reason="no prepared tunnelled migration with this id on this connection")
             return
-        assert self.daemon._nursery is not None
+        incoming.stream = stream  # now, not when the pump starts: a preempt stream may follow at once
         self.daemon._nursery.start_soon(incoming.pump, stream)
 
     async def finish(self, request: JSON) -> JSON:

@@ -38,13 +38,14 @@ from .. import DigestAlgorithm, RPCError, StreamKind, TunnelError
 from ..control import PROGRAM, DaemonError, Procedure, connect, decode, encode, error_of
 from ..endpoints import EndpointError, MemoryImageReader, PrecopyPolicy, Progress, image_digest, send_from
 from ..qemu import (
-    POSTCOPY,
     POSTCOPY_STATES,
     MigrationError,
     MigrationStatus,
     QemuError,
     QemuProcess,
     QMPError,
+    postcopy_capabilities,
+    query_capabilities,
     query_migration,
     resume_outgoing_fd,
     resume_outgoing_uri,
@@ -70,6 +71,7 @@ from ._migration import (
     socketpair,
 )
 from ._postcopy import PostcopyControl, ResumeRequest
+from ._qemusock import MAIN_LABEL, PREEMPT_LABEL, QemuListener
 from ._recovery import cancel_and_resume, settle_source
 
 if TYPE_CHECKING:
@@ -86,6 +88,8 @@ FINISH_WAIT = FINISH_TIMEOUT + 15.0
 DISCARD_TIMEOUT = 5.0
 #: How long QEMU may take to leave a state it can no longer be in (the switch requested, the channel closed).
 SETTLE_WAIT = 10.0
+#: How long QEMU may take to connect to this daemon's migration socket (post-copy with preempt).
+CONNECT_TIMEOUT = 10.0
 #: QEMU states before the switch could have taken effect.
 PRE_SWITCH = ("setup", "active", "pre-switchover", "device", "wait-unplug")
 #: What a failed attempt to resume a post-copy migration may raise.
@@ -157,6 +161,9 @@ class SourceJob:
         self.timeout_action = timeout_action
         self.timeout_suspended = False
         self.timeout_postcopy = False
+        #: Post-copy's requested pages on a stream of their own (QEMU's preempt channel), and those streams (one per leg).
+        self.preempt = False
+        self.preempt_streams: list[TunnelStream] = []
         #: QEMU's auto-converge capability (throttles the vCPUs of a guest that dirties memory faster than it goes).
         self.auto_converge = auto_converge
         #: ("xbzrle",) for QEMU guests, ("zstd",) for memory-image guests, or none.
@@ -289,6 +296,8 @@ class SourceJob:
             info["phase"] = self.postcopy.phase()
             info["postcopy_breaks"] = self.postcopy.breaks
             info["postcopy_resumes"] = self.postcopy.resumes
+            info["postcopy_preempt"] = self.preempt
+            info["postcopy_preempt_bytes"] = sum(each.statistics().bytes_sent for each in self.preempt_streams)
             # The switch --timeout asked for, once it happened (pre-copy may have completed first).
             info["timeout_postcopy"] = self.timeout_postcopy and self.postcopy.switched
         info.update(self.destination_stats)
@@ -474,6 +483,7 @@ class SourceJob:
                             "verify": self.verify,
                             "persistent": self.persistent,
                             "postcopy": self.postcopy.enabled,
+                            "postcopy_preempt": await self._preempt_wanted(process),
                         },
                     )
                     self.phase = "transfer"
@@ -659,8 +669,11 @@ class SourceJob:
         bandwidth = self._bandwidth_bytes()
         self.transfer_started = time.monotonic()
         # Source-only capabilities go both ways every time (see _capabilities); post-copy's the destination sets too.
-        capabilities = {**self._capabilities(), **(POSTCOPY if self.postcopy.enabled else {})}
+        preempt = self.tunnelled and self.postcopy.enabled and bool(prepared.get("postcopy_preempt"))
+        capabilities = self._capabilities()
         if self.postcopy.enabled:  # 0: no limit, QEMU's own default for post-copy
+            known = await query_capabilities(qmp)
+            capabilities.update(postcopy_capabilities(preempt=preempt if "postcopy-preempt" in known else None))
             await set_parameters(qmp, {"max-postcopy-bandwidth": self.postcopy_bandwidth_mib * MiB})
         if not self.tunnelled:
             await self._set_tls(qmp, bool(prepared.get("tls")))
@@ -669,69 +682,147 @@ class SourceJob:
             return
         assert peer is not None
 
-        async def start(fd: int) -> None:
-            await start_outgoing_fd(qmp, fd, max_bandwidth=bandwidth, capabilities={**RETURN_PATH, **capabilities})
+        async def start(channel: int | str) -> None:
+            if isinstance(channel, str):
+                await start_outgoing_uri(qmp, channel, max_bandwidth=bandwidth, capabilities={**RETURN_PATH, **capabilities})
+            else:
+                await start_outgoing_fd(qmp, channel, max_bandwidth=bandwidth, capabilities={**RETURN_PATH, **capabilities})
 
-        await self._tunnel(peer, qmp, start)
+        await self._tunnel(peer, qmp, start, preempt=preempt)
 
-    async def _tunnel(self, peer: TunnelConnection, qmp: Any, start: Callable[[int], Awaitable[None]]) -> None:
-        """QEMU's channel through a new stream of *peer*: *start* gives QEMU its end of a socketpair; until QEMU completes."""
+    async def _preempt_wanted(self, process: QemuProcess | ImageGuest) -> bool:
+        """Ask the destination for post-copy's preempt channel?  Tunnelled post-copy, and a QEMU that has it."""
+        if not (self.tunnelled and self.postcopy.enabled and self.daemon.postcopy_preempt) or not isinstance(process, QemuProcess):
+            await trio.lowlevel.checkpoint()
+            return False
+        return "postcopy-preempt" in await query_capabilities(process.qmp)
+
+    async def _tunnel(
+        self, peer: TunnelConnection, qmp: Any, start: Callable[[int | str], Awaitable[None]], *, preempt: bool = False
+    ) -> None:
+        """QEMU's channels through new streams of *peer*, until QEMU completed and they ended.
+
+        Without *preempt*, *start* gives QEMU its end of a socketpair (an fd).
+        With it, *start* gives QEMU a ``unix:`` URI this daemon listens on, and
+        QEMU connects there: its main channel now, post-copy's preempt
+        channel at the switch (:mod:`._qemusock`); each gets a stream.
+        """
         stream = await peer.open_stream(
-            kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label="qemu"
+            kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label=MAIN_LABEL
         )
         self.stream = stream
-        ours, theirs = socketpair()
+        self.preempt = preempt
+        listener: QemuListener | None = None
+        theirs: socket.socket | None = None
+        ours: socket.socket | None = None
         try:
-            await start(theirs.fileno())
-            # QEMU holds its own copy now.  With post-copy allowed, our copy stays open until the switch: it is
-            # QEMU's socket, whose send buffer is then shrunk (postcopy_buffers).  While it is open the pump
-            # cannot see QEMU's EOF, so it closes once QEMU completed at the latest.
-            qemu_end: socket.socket | None = theirs if self.postcopy.enabled else None
-            if qemu_end is None:
-                theirs.close()
-
-            def postcopy_started() -> None:
-                nonlocal qemu_end
-                if qemu_end is not None:
-                    postcopy_buffers(qemu_end)
-                    qemu_end.close()
-                    qemu_end = None
-
-            # Errors are collected, not raised inside the nursery, so callers see
-            # one exception (never a group) whichever side failed first.
-            pump_errors: list[BaseException] = []
-            failures: list[BaseException] = []
-            pump_done = trio.Event()
-            async with trio.open_nursery() as nursery:
-
-                async def pump() -> None:
-                    try:
-                        await pump_socket(stream, ours)
-                    except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        pump_errors.append(exc)
-                        nursery.cancel_scope.cancel()
-                    finally:
-                        pump_done.set()
-
-                nursery.start_soon(pump)
-                try:
-                    self._note(await self._wait_qemu(qmp, on_postcopy=postcopy_started))
-                    theirs.close()  # QEMU completed without a switch: the pump needs its EOF
-                    # QEMU closes its end once done, which ends the pump; bound the wait.
-                    with trio.move_on_after(FINISH_TIMEOUT):
-                        await pump_done.wait()
-                    if not pump_done.is_set():
-                        failures.append(DaemonError("the migration stream did not end after QEMU completed"))
-                except QemuError as exc:
-                    failures.append(exc)
-                nursery.cancel_scope.cancel()
-            if failures:
-                raise failures[0]
-            if pump_errors:
-                raise pump_errors[0]
+            if preempt:
+                process = self.domain.process
+                assert isinstance(process, QemuProcess)
+                listener = QemuListener(os.path.join(self.domain.guest_dir, "migrate-out.sock"), pid=process.pid,
+                                        owner=self.daemon.qemu_uid)
+                await start(listener.uri)
+                ours = await self._accept_main(qmp, listener)
+            else:
+                ours, theirs = socketpair()
+                await start(theirs.fileno())
+                # QEMU holds its own copy now.  With post-copy allowed, our copy stays open until the switch: it is
+                # QEMU's socket, whose send buffer is then shrunk (postcopy_buffers).  While it is open the pump
+                # cannot see QEMU's EOF, so it closes once QEMU completed at the latest.
+                if not self.postcopy.enabled:
+                    theirs.close()
+                    theirs = None
+            await self._pump_until_done(peer, qmp, stream, ours, theirs, listener)
         finally:
-            theirs.close()
-            ours.close()
+            for sock in (theirs, ours):
+                if sock is not None:
+                    sock.close()
+            if listener is not None:
+                listener.close()
+
+    async def _accept_main(self, qmp: Any, listener: QemuListener) -> socket.socket:
+        """QEMU's main channel on *listener*, or an error once QEMU gave up or did not connect in time."""
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            while True:
+                with trio.move_on_after(POLL_INTERVAL * 10):
+                    return await listener.accept()
+                status = await query_migration(qmp)
+                if status.status in ("failed", "cancelled", "postcopy-paused"):
+                    raise MigrationError(status)
+        raise DaemonError(f"QEMU did not connect to this daemon's migration socket within {CONNECT_TIMEOUT:.0f} s")
+
+    async def _pump_until_done(
+        self,
+        peer: TunnelConnection,
+        qmp: Any,
+        stream: TunnelStream,
+        ours: socket.socket,
+        theirs: socket.socket | None,
+        listener: QemuListener | None,
+    ) -> None:
+        """Pump QEMU's channel(s) until QEMU completed and every channel it opened ended; raise the first failure."""
+        qemu_end = theirs
+
+        def postcopy_started() -> None:
+            nonlocal qemu_end
+            if qemu_end is not None:
+                postcopy_buffers(qemu_end)
+                qemu_end.close()
+                qemu_end = None
+
+        # Errors are collected, not raised inside the nursery, so callers see
+        # one exception (never a group) whichever side failed first.
+        pump_errors: list[BaseException] = []
+        failures: list[BaseException] = []
+        pumps_done = [trio.Event()]
+        async with trio.open_nursery() as nursery:
+
+            async def pump(stream: TunnelStream, sock: socket.socket, done: trio.Event) -> None:
+                try:
+                    await pump_socket(stream, sock)
+                except (TunnelError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    pump_errors.append(exc)
+                    nursery.cancel_scope.cancel()
+                finally:
+                    done.set()
+
+            async def preempt_channel(listener: QemuListener) -> None:
+                sock = await listener.accept()  # at the switch: QEMU connects no other
+                listener.close()
+                done = trio.Event()
+                pumps_done.append(done)  # before the first await below: a completion waits for this pump too
+                try:
+                    preempt = await peer.open_stream(
+                        kind=StreamKind.BYTES, digest=DigestAlgorithm.NONE, migration_id=self.migration_id, label=PREEMPT_LABEL
+                    )
+                    self.preempt_streams.append(preempt)
+                    await pump(preempt, sock, done)
+                except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    pump_errors.append(exc)
+                    nursery.cancel_scope.cancel()
+                finally:
+                    done.set()
+                    sock.close()
+
+            nursery.start_soon(pump, stream, ours, pumps_done[0])
+            if listener is not None:
+                nursery.start_soon(preempt_channel, listener)
+            try:
+                self._note(await self._wait_qemu(qmp, on_postcopy=postcopy_started))
+                postcopy_started()  # QEMU completed without a switch: the pump needs its EOF
+                # QEMU closes its channels once done, which ends the pumps; bound the wait.
+                with trio.move_on_after(FINISH_TIMEOUT):
+                    for done in pumps_done:  # a preempt channel accepted meanwhile is waited for too
+                        await done.wait()
+                if not all(done.is_set() for done in pumps_done):
+                    failures.append(DaemonError("the migration stream did not end after QEMU completed"))
+            except QemuError as exc:
+                failures.append(exc)
+            nursery.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+        if pump_errors:
+            raise pump_errors[0]
 
     def _capabilities(self) -> dict[str, bool]:
         """Source-only QEMU capabilities, set both ways every time: a QEMU keeps them from its last migration."""
@@ -886,11 +977,16 @@ class SourceJob:
                 if status.status == "postcopy-paused":
                     if self.tunnelled:
 
-                        async def start(fd: int) -> None:
-                            await resume_outgoing_fd(qmp, fd)
+                        async def start(channel: int | str) -> None:
+                            if isinstance(channel, str):
+                                await resume_outgoing_uri(qmp, channel)
+                            else:
+                                await resume_outgoing_fd(qmp, channel)
                             self._resumed()
 
-                        await self._tunnel(peer, qmp, start)
+                        # The channels are as the migration started: QEMU's capability says which.
+                        preempt = (await query_capabilities(qmp)).get("postcopy-preempt", False)
+                        await self._tunnel(peer, qmp, start, preempt=preempt)
                     else:
                         await resume_outgoing_uri(qmp, reply["uri"])
                         self._resumed()
