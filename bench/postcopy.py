@@ -14,7 +14,12 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   from the switch (the job's phase turning ``post-copy``, polled every
   10 ms) to the job completing, the destination's ``postcopy-blocktime``
   (total time its vCPU waited for pages; also per page it asked for, as the
-  number of requests varies from run to run) and the source's downtime;
+  number of requests varies from run to run) and the source's downtime.
+  ``tunnelled`` carries the pages the destination asks for on a stream of
+  their own (QEMU's ``postcopy-preempt`` channel), the daemons' default;
+* ``single`` (not in the default modes): ``tunnelled`` with the source
+  daemon started ``--no-postcopy-preempt``, so those pages wait behind the
+  background copy on QEMU's one channel, as before the preempt channel;
 * ``direct`` (not in the default modes): QEMU to QEMU over a unix socket,
   without the daemons, switched the same way (after the first pass) and
   the destination continued at ``postcopy-active`` as the daemons do; it
@@ -31,7 +36,7 @@ max-bandwidth, standing in for a link slower than the dirtying), so:
   client's ``migrate --postcopy-resume`` to the job transferring again.
 
 Every run checks the guest on the destination: a CORRUPT line stops the
-benchmark; a guest that shows no progress within a minute is counted in
+benchmark; a guest that shows no progress within 20 s is counted in
 ``guest_stuck_runs`` and left out of the blocktime medians (its vCPU stopped,
 so it waited for nothing: 0 ms, where a running guest waits about 100 ms),
 and what it was doing is kept in ``stuck`` (on stderr
@@ -57,7 +62,7 @@ hundreds, or none): what points to a page outside the working set (most
 likely the stack's) arriving stale at the destination, in QEMU, not in
 the tunnel.  ``stack_top`` in the diagnosis records that page's last dwords.
 
-Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume,direct,relay2]
+Usage: python bench/postcopy.py [--size MiB[,MiB...]] [--rounds N] [--link MiB/s] [--modes precopy,native,tunnelled,resume,single,direct,relay2]
 The last line printed is one JSON object.
 """
 
@@ -107,7 +112,7 @@ TOO_SMALL = ("pre-copy completed before the switch to post-copy ({size} MiB at -
 #: Runs a QMP command on the destination QEMU, returns its ``return`` value.
 Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 #: How long the destination's guest gets to show progress after the migration.
-PROGRESS_WAIT = 60.0
+PROGRESS_WAIT = 20.0
 
 
 def definition(kernel: str, size: int) -> dict[str, Any]:
@@ -263,7 +268,8 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
     try:
         async with (
             trio.open_nursery() as nursery,
-            daemon_process(root, "src", "--listen", f"unix://{src_sock}", *allow),
+            daemon_process(root, "src", "--listen", f"unix://{src_sock}", *allow,
+                           *(("--no-postcopy-preempt",) if mode == "single" else ())),
             daemon_process(root, "dst", "--listen", f"unix://{dst_sock}", *allow),
         ):
             await nursery.start(relay.run)
@@ -300,6 +306,7 @@ async def postcopy_run(root: str, kernel: str, size: int, link: int, mode: str) 
                     result["blocktime_ms"] = done.get("destination_postcopy_blocktime_ms")
                     result["downtime_ms"] = done.get("downtime_ms")
                     result["postcopy_requests"] = done.get("postcopy_requests")
+                    result["preempt_bytes"] = done.get("postcopy_preempt_bytes")
                     if result["blocktime_ms"] is not None and result["postcopy_requests"]:
                         # blocktime grows with the number of pages the guest asked for, which varies from run to run
                         result["blocktime_per_request_ms"] = result["blocktime_ms"] / result["postcopy_requests"]
@@ -354,7 +361,7 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
                           if x.get(field) is not None and (x["guest_progress"] or not field.startswith("blocktime"))]
                 return round(median(values), 4) if values else None
 
-            for mode in ("native", "tunnelled", "direct", "relay2"):
+            for mode in ("native", "tunnelled", "single", "direct", "relay2"):
                 if mode in runs:
                     out[f"postcopy_{mode}_s_{key}"] = med(mode, "postcopy_s")
                     out[f"blocktime_{mode}_ms_{key}"] = med(mode, "blocktime_ms")
@@ -365,6 +372,11 @@ async def main(sizes: list[int], rounds: int, link: int, modes: list[str], wait:
                 out[f"postcopy_ratio_{key}"] = round(t / n, 3) if n else None
                 bn, bt = out[f"blocktime_native_ms_{key}"], out[f"blocktime_tunnelled_ms_{key}"]
                 out[f"blocktime_ratio_{key}"] = round(bt / bn, 3) if bn else None
+            if "native" in runs and "single" in runs:
+                n, bn = out[f"postcopy_native_s_{key}"], out[f"blocktime_native_ms_{key}"]
+                t, bt = out[f"postcopy_single_s_{key}"], out[f"blocktime_single_ms_{key}"]
+                out[f"postcopy_single_ratio_{key}"] = round(t / n, 3) if n else None
+                out[f"blocktime_single_ratio_{key}"] = round(bt / bn, 3) if bn and bt is not None else None
             if "direct" in runs and "relay2" in runs:
                 # The floor: what two bare relays cost QEMU to QEMU, measured as direct is.
                 d, r2 = out[f"postcopy_direct_s_{key}"], out[f"postcopy_relay2_s_{key}"]
