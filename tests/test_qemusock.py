@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tunnel.control import DaemonError
-from tunnel.daemon._qemusock import QemuListener, connect_qemu
+from tunnel.daemon._qemusock import QemuListener, connect_qemu, qemu_end
 
 CONNECT_AND_SEND = """
 import socket, sys
@@ -64,3 +64,26 @@ async def test_listener_replaces_a_leftover_socket_and_connect_reports_a_missing
     listener.close()
     with pytest.raises(DaemonError, match="cannot connect to the incoming QEMU's migration socket"):
         connect_qemu(path)
+
+
+async def test_qemu_end_is_the_other_process_own_socket(tmp_path: os.PathLike[str]) -> None:
+    """What the daemon sizes on the source: the child's own end of its connection, not a socket like it."""
+    path = os.path.join(tmp_path, "out.sock")
+    listener = QemuListener(path, pid=-1)
+    child = subprocess.Popen([sys.executable, "-c", CONNECT_AND_SEND, path], stdin=subprocess.DEVNULL)
+    try:
+        listener.pid = child.pid
+        with trio.fail_after(10):
+            conn = await listener.accept()
+        end = await trio.to_thread.run_sync(qemu_end, child.pid, path)
+        assert end is not None  # the tests run as root, who may ptrace the child
+        with conn, end:
+            assert conn.recv(64) == b"from the child"
+            end.sendall(b"written through the duplicate")  # the child's socket: it arrives on our side of it
+            assert conn.recv(64) == b"written through the duplicate"
+            conn.sendall(b"x")
+        assert qemu_end(child.pid, os.path.join(tmp_path, "elsewhere.sock")) is None
+    finally:
+        listener.close()
+        child.kill()
+        child.wait()

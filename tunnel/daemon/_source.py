@@ -71,7 +71,8 @@ from ._migration import (
     socketpair,
 )
 from ._postcopy import PostcopyControl, ResumeRequest
-from ._qemusock import MAIN_LABEL, PREEMPT_LABEL, QemuListener
+from ._qemusock import BUFFER as QEMU_SOCKET_BUFFER
+from ._qemusock import MAIN_LABEL, PREEMPT_LABEL, QemuListener, qemu_end
 from ._recovery import cancel_and_resume, settle_source
 
 if TYPE_CHECKING:
@@ -723,6 +724,10 @@ class SourceJob:
                                         owner=self.daemon.qemu_uid)
                 await start(listener.uri)
                 ours = await self._accept_main(qmp, listener)
+                # QEMU's end, sized as a socketpair's and shrunk at the switch as for fd: (see _qemusock).
+                theirs = await trio.to_thread.run_sync(qemu_end, process.pid, listener.path)
+                if theirs is not None:
+                    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, QEMU_SOCKET_BUFFER)
             else:
                 ours, theirs = socketpair()
                 await start(theirs.fileno())
