@@ -257,6 +257,31 @@ async def test_qemu_user_runs_guests_unprivileged(run_dir: str) -> None:
                 await client.destroy("vm1")
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to switch QEMU to another user")
+async def test_postcopy_with_an_unprivileged_qemu(run_dir: str) -> None:
+    """Post-copy needs userfaultfd in the destination QEMU: refused with what to change, or done (preempt sockets and all)."""
+    os.chmod(run_dir, 0o711)
+    with open("/proc/sys/vm/unprivileged_userfaultfd", encoding="ascii") as f:
+        allowed = f.read().strip() == "1"
+    src, dst = f"{run_dir}/src.sock", f"{run_dir}/dst.sock"
+    with trio.fail_after(90):
+        async with (
+            daemon_process(run_dir, "src", "--listen", f"unix://{src}", "--qemu-user", "nobody"),
+            daemon_process(run_dir, "dst", "--listen", f"unix://{dst}", "--qemu-user", "nobody"),
+            connect(f"unix://{src}") as client,
+        ):
+            await client.define({"name": "vm1", "qemu": base_args()})
+            await client.start("vm1")
+            migrate = client.migrate("vm1", f"unix://{dst}", p2p=True, tunnelled=True, live=True, postcopy=True)
+            if allowed:
+                result = await migrate
+                assert result["status"] == "completed" and result["postcopy_preempt"]
+            else:
+                with pytest.raises(DaemonError, match=r"cannot do post-copy: it needs userfaultfd.*vm\.unprivileged_userfaultfd=1"):
+                    await migrate
+                assert (await client.list())[0]["state"] == "running"
+
+
 async def test_concurrent_starts_give_one_qemu(run_dir: str) -> None:
     sock = f"{run_dir}/d.sock"
     with trio.fail_after(90):

@@ -197,6 +197,20 @@ class Incoming:
     async def prepare(
         self, peer_sockname: Any, *, images_dir: str, tls: TLSFiles | None = None, owner: int | None = None
     ) -> dict[str, Any]:
+        """:meth:`_prepare`; QEMU's refusal of post-copy said with what the operator can do about it."""
+        try:
+            return await self._prepare(peer_sockname, images_dir=images_dir, tls=tls, owner=owner)
+        except QMPError as exc:
+            if self.postcopy and "Postcopy is not supported" in exc.desc:
+                raise DaemonError(
+                    "the destination QEMU cannot do post-copy: it needs userfaultfd, which the kernel gives a QEMU "
+                    "run as an unprivileged user (--qemu-user) only with sysctl vm.unprivileged_userfaultfd=1"
+                ) from None
+            raise
+
+    async def _prepare(
+        self, peer_sockname: Any, *, images_dir: str, tls: TLSFiles | None, owner: int | None
+    ) -> dict[str, Any]:
         """Ready the destination; for a native migration return QEMU's endpoint.
 
         The data channel is as private as the connection that prepared it: a
