@@ -752,7 +752,7 @@ class SourceJob:
                 with trio.move_on_after(POLL_INTERVAL * 10):
                     return await listener.accept()
                 status = await query_migration(qmp)
-                if status.status in ("failed", "cancelled", "postcopy-paused"):
+                if status.status in ("failed", "cancelled"):  # a resume that cannot connect stays paused: the timeout ends it
                     raise MigrationError(status)
         raise DaemonError(f"QEMU did not connect to this daemon's migration socket within {CONNECT_TIMEOUT:.0f} s")
 
