@@ -98,11 +98,13 @@ async def test_timeout_postcopy_switches_and_jobinfo_shows_phase_and_blocktime(r
             text = (await tunnel(*d, "domjobinfo", "vm")).stdout.decode()
             assert "Operation:              incoming migration" in text and "Phase:                  post-copy" in text, text
             assert f"Blocktime:              {info['postcopy_blocktime_ms']} ms" in text, text
+            assert "Requested pages on:     their own stream (postcopy-preempt)\n" in text, text
             as_json = json.loads((await tunnel(*d, "domjobinfo", "--completed", "--json", "vm")).stdout)
             assert as_json["postcopy_blocktime_ms"] == info["postcopy_blocktime_ms"]
             text = (await tunnel(*c, "domjobinfo", "--completed", "vm")).stdout.decode()
             assert "Phase:                  post-copy" in text and "Post-copy by timeout:   yes" in text, text
             assert "Destination blocktime:  " in text
+            assert "Requested pages on:     their own stream (postcopy-preempt), " in text, text
             # the guest goes on at the destination and never saw a wrong page
             report = await wait_progress(os.path.join(run_dir, "dst", "run", "vm", GUEST_LOG), lines=3)
             assert report.progress[-1][2] > report.progress[0][2]

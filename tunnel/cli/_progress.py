@@ -99,6 +99,11 @@ def _postcopy_rows(info: dict[str, Any], incoming: bool) -> list[tuple[str, str]
         ("Blocktime" if incoming else "Destination blocktime", _ms(info.get(f"{key}postcopy_blocktime_ms"))),
         ("vCPU blocktime" if incoming else "Dest. vCPU blocktime", ", ".join(_ms(v) for v in vcpus) if vcpus else "-"),
     ]
+    if info.get("postcopy_preempt") is not None:  # where the pages the destination asked for travelled
+        where = "their own stream (postcopy-preempt)" if info["postcopy_preempt"] else "the migration's one stream"
+        if info["postcopy_preempt"] and not incoming:
+            where += f", {info.get('postcopy_preempt_bytes') or 0} bytes"
+        rows.append(("Requested pages on", where))
     if not incoming:
         rows.append(("Post-copy requests", str(info["postcopy_requests"]) if info.get("postcopy_requests") is not None else "-"))
         if info.get("postcopy_breaks"):
