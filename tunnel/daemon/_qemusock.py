@@ -22,8 +22,8 @@ connection on a stream of its own (labels :data:`MAIN_LABEL` and
   ``bench/postcopy.py --size 256`` (6 rounds each; native 0.18-0.20 s):
   QEMU's default buffer took 0.29 s median from the switch (0.62 ms per
   page request), 4 MiB shrunk to 1 MiB 0.235 s (1.5 ms per request, the
-  QEMUs busier on 2 cores), shrunk to 256 KiB 0.255 s (0.9 ms, but three
-  times as many requests, as the guest waited longer for the rest).
+  QEMUs busier on 2 cores), shrunk to 256 KiB 0.259 s (0.9 ms, but twice
+  as many requests, as the guest waited longer for the rest).
 * Destination: QEMU listens (``migrate-incoming``/``migrate-recover``
   ``unix:PATH``) and the daemon connects (:func:`connect_qemu`).  QEMU takes
   the first connection for the main channel, so the daemon connects it first,
@@ -52,7 +52,7 @@ PREEMPT_LABEL = "qemu-postcopy"
 #: Socket buffers of the daemon's ends, as the socketpairs of ``fd:`` migrations (see ``socketpair``).
 BUFFER = 4 * MiB
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
-#: pidfd_getfd(2), the same number on every architecture (Linux >= 5.6).
+#: pidfd_getfd(2): the same number on every architecture but alpha (Linux >= 5.6).
 _SYS_PIDFD_GETFD = 438
 
 
