@@ -374,16 +374,17 @@ class Incoming:
 
     async def discard(self) -> None:
         """Release what this migration holds: the streams (aborted), QEMU's sockets, an uncommitted image."""
-        for stream in (self.stream, self.preempt_stream):
-            if stream is not None:
-                with trio.move_on_after(1):
-                    try:
-                        await stream.abort(reason="the incoming migration was discarded")
-                    except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+        await self._abort_streams(self.stream, "the incoming migration was discarded")
         self._close_sock()
         if self.writer is not None and not self.writer.committed:
             await self.writer.abort("the incoming migration was discarded")
+
+    async def _abort_streams(self, main: TunnelStream | None, reason: str) -> None:
+        """Abort *main* and the preempt stream, each bounded: a broken connection cannot hang a clean-up."""
+        for stream in (main, self.preempt_stream):
+            if stream is not None:
+                with trio.move_on_after(1), contextlib.suppress(TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.abort(reason=reason)
 
     async def finish(self, daemon: Daemon) -> str:
         """Wait until the guest is loaded; record that it arrived; resume it if it ran on the source; return its state.
@@ -484,13 +485,7 @@ class Incoming:
     async def detach_stream(self) -> None:
         """The old channel is gone (or given up): abort its stream, close QEMU's socket so QEMU pauses."""
         stream, self.stream = self.stream, None
-        for each in (stream, self.preempt_stream):
-            if each is not None:
-                with trio.move_on_after(1):
-                    try:
-                        await each.abort(reason="the source resumed this post-copy migration on another connection")
-                    except (TunnelError, trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
+        await self._abort_streams(stream, "the source resumed this post-copy migration on another connection")
         self._close_sock()
 
     async def recover(self, source_status: str, peer_sockname: Any, *, tls: TLSFiles | None = None, owner: int | None = None) -> dict[str, Any]:
