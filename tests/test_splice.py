@@ -128,6 +128,7 @@ async def test_set_buffering_bounds_what_waits_between_source_and_sink(
     read = [0]
     reading = threading.Event()
     reading.set()
+    filled = threading.Event()  # the sink has read 8 MiB: the stream runs at full speed
 
     def feed() -> None:
         with contextlib.suppress(OSError):
@@ -143,6 +144,8 @@ async def test_set_buffering_bounds_what_waits_between_source_and_sink(
             if not chunk:
                 return
             read[0] += len(chunk)
+            if read[0] >= 8 * 1024 * 1024:
+                filled.set()
 
     threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
     for t in threads:
@@ -169,8 +172,7 @@ async def test_set_buffering_bounds_what_waits_between_source_and_sink(
 
             nursery.start_soon(send)
             nursery.start_soon(receive)
-            while read[0] < 8 * 1024 * 1024:
-                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(filled.wait, abandon_on_cancel=True)
             reading.clear()  # the sink stops reading (after the read in progress)
             last, still = -1, 0
             while still < 5:  # settled: nothing taken from the source for 5 polls
